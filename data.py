@@ -1,0 +1,901 @@
+"""
+Game transcripts and their ground-truth board states: the first stage of the pipeline.
+
+Reads:  nothing (Othello, random chess), the Stockfish binary (--source stockfish), or a .pgn file.
+Writes: data/<game>/train.pt and data/<game>/val.pt  -- dict(tokens [N, T] uint8, itos, pad_id,
+        config, format, version, n_skipped); data/<game>/labels.pt -- board-state properties of
+        the held-out games that evaluate.py scores SAEs on (the first n_label_games val games).
+Run:    python data.py --game othello            (60-move synthetic games, ~50k games/s)
+        python data.py --game chess --source random|stockfish|PATH.pgn
+
+Othello: a bitboard engine vectorised over a batch of games with numpy (one uint64 per side per
+game), so one Python step advances every game by one move. Square s = 8 * rank + file (a1 = 0,
+h8 = 63). Tokens: the 60 playable squares (ids 0..59) plus a pad token (id 60).
+Chess: PGN text in the paper's format ';1.e4 e5 2.Nf3 ...' over its 32-character vocabulary, plus
+a pad token (id 32) for games shorter than the context; python-chess is the rules engine.
+"""
+import dataclasses
+import hashlib
+import multiprocessing
+import multiprocessing.util
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import chess
+import chess.engine
+import chess.pgn
+
+FORMAT_VERSION = 1
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file...): printed as one line, exit code 2."""
+
+
+class DataError(UserError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Config handling shared by every script: one dataclass of defaults, overridable as --key=value.
+
+def parse_config(cfg, argv, script):
+    """Override dataclass `cfg` in place from ['--key=value' | '--key', 'value', ...].
+    Values are converted to the type of the default; unknown keys are an error."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith('--'):
+            raise UserError(f"{script}: unexpected argument {arg!r}; options look like --key=value")
+        key, eq, val = arg[2:].partition('=')
+        key = key.replace('-', '_')
+        if key not in fields:
+            raise UserError(f"{script}: unknown option --{key}; known: " + ' '.join(f'--{k}' for k in fields))
+        default = getattr(cfg, key)
+        if not eq:  # --key value, or a bare --flag for booleans
+            if isinstance(default, bool) and (i + 1 == len(argv) or argv[i + 1].startswith('--')):
+                val = 'true'
+            elif i + 1 < len(argv):
+                i += 1
+                val = argv[i]
+            else:
+                raise UserError(f"{script}: option --{key} needs a value")
+        setattr(cfg, key, _convert(val, default, key, script))
+        i += 1
+    return cfg
+
+
+def _convert(val, default, key, script):
+    try:
+        if isinstance(default, bool):
+            if val.lower() in ('1', 'true', 'yes', 'on'):
+                return True
+            if val.lower() in ('0', 'false', 'no', 'off'):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(float(val)) if 'e' in val.lower() else int(val)
+        if isinstance(default, float):
+            return float(val)
+        return val
+    except ValueError:
+        raise UserError(f"{script}: --{key}={val!r} is not a valid {type(default).__name__}") from None
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file beside `path`, then rename: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def file_digest(path):
+    """Short sha256 of a file: an SAE records the model file it read, so stale SAEs are caught."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_file(path, kind, hint):
+    """torch.load a plain-data file (weights_only: no pickled code runs) and check its format tag.
+    `kind` is the expected 'format' field; `hint` the command that (re)makes the file."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `{hint}`")
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:
+        raise UserError(f"{path} is corrupt or not a boardgame-saes file: delete it and run `{hint}`") from None
+    if not isinstance(obj, dict) or obj.get('format') != kind:
+        raise UserError(f"{path} is not a {kind} file: run `{hint}`")
+    if obj.get('version') != FORMAT_VERSION:
+        raise UserError(f"{path} has format version {obj.get('version')}, this code reads {FORMAT_VERSION}: run `{hint}`")
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Othello: bitboards, vectorised over games
+
+U64 = np.uint64
+BIT = U64(1) << np.arange(64, dtype=U64)  # BIT[s] is the bitboard of square s
+FULL = U64(0xFFFFFFFFFFFFFFFF)
+NOT_FILE_A = U64(0xFEFEFEFEFEFEFEFE)  # after a shift towards file h, bits that wrapped land on file a
+NOT_FILE_H = U64(0x7F7F7F7F7F7F7F7F)
+# the 8 directions as (shift, mask to apply after shifting); +8 is one rank up, +1 one file right
+DIRECTIONS = [(8, FULL), (-8, FULL), (1, NOT_FILE_A), (-1, NOT_FILE_H),
+              (9, NOT_FILE_A), (7, NOT_FILE_H), (-7, NOT_FILE_A), (-9, NOT_FILE_H)]
+OTHELLO_SQUARES = [s for s in range(64) if s not in (27, 28, 35, 36)]  # token id -> square
+OTHELLO_ITOS = ['abcdefgh'[s % 8] + str(s // 8 + 1) for s in OTHELLO_SQUARES] + ['<pad>']
+OTHELLO_PAD = 60
+SQUARE_TO_TOKEN = np.full(64, -1, np.int64)
+SQUARE_TO_TOKEN[OTHELLO_SQUARES] = np.arange(60)
+START_BLACK = BIT[28] | BIT[35]  # e4, d5; Black moves first
+START_WHITE = BIT[27] | BIT[36]  # d4, e5
+
+
+def _shift(b, s, mask):
+    return ((b << U64(s)) if s > 0 else (b >> U64(-s))) & mask
+
+
+def othello_legal(own, opp):
+    """Bitboard of legal moves for the side owning `own`: empty squares that close a line of
+    opponent discs against an own disc, found by flooding 'opponent' runs from own discs."""
+    empty = ~(own | opp)
+    moves = np.zeros_like(own)
+    for s, m in DIRECTIONS:
+        run = _shift(own, s, m) & opp
+        for _ in range(5):  # a run of opponent discs is at most 6 long
+            run |= _shift(run, s, m) & opp
+        moves |= _shift(run, s, m) & empty
+    return moves
+
+
+def othello_flips(own, opp, move):
+    """Discs flipped when the side `own` plays bitboard `move` (0 = no move flips nothing)."""
+    flipped = np.zeros_like(own)
+    for s, m in DIRECTIONS:
+        run = _shift(move, s, m) & opp
+        for _ in range(5):
+            run |= _shift(run, s, m) & opp
+        # the run is flipped only if an own disc closes it
+        flipped |= np.where(_shift(run, s, m) & own, run, U64(0))
+    return flipped
+
+
+def to_planes(b):
+    """(N,) uint64 bitboards -> (N, 64) bool."""
+    return (b[..., None] & BIT) != 0
+
+
+def othello_games(n_games, seed, chunk=8192):
+    """n random games (each move uniform among the legal ones), as token ids [n, 60] uint8,
+    padded with OTHELLO_PAD after the game ends. A side with no move passes (no token).
+    Made in chunks (the arrays stay in cache), chunk i seeded by (seed, i): reproducible."""
+    return np.concatenate([_othello_chunk(min(chunk, n_games - i), np.random.default_rng([seed, i // chunk]))
+                           for i in range(0, n_games, chunk)] or [np.zeros((0, 60), np.uint8)])
+
+
+def _othello_chunk(n_games, rng):
+    own = np.full(n_games, START_BLACK)  # the side to move
+    opp = np.full(n_games, START_WHITE)
+    tokens = np.full((n_games, 60), OTHELLO_PAD, np.uint8)
+    alive = np.ones(n_games, bool)
+    for t in range(60):
+        legal = othello_legal(own, opp)
+        stuck = alive & (legal == 0)
+        if stuck.any():  # pass: the other side moves, if it can; else the game is over
+            own, opp = np.where(stuck, opp, own), np.where(stuck, own, opp)
+            legal = np.where(stuck, othello_legal(own, opp), legal)
+            alive &= legal != 0
+            if not alive.any():
+                break
+        # pick the r-th legal square, r uniform in [0, number of legal moves)
+        legal_planes = to_planes(legal)  # (n, 64)
+        r = (rng.random(n_games) * legal_planes.sum(1)).astype(np.int64)
+        square = (np.cumsum(legal_planes, 1) > r[:, None]).argmax(1)
+        move = np.where(alive, BIT[square], U64(0))
+        flipped = othello_flips(own, opp, move)
+        own, opp = opp & ~flipped, own | flipped | move  # the other side is to move next
+        tokens[:, t] = np.where(alive, SQUARE_TO_TOKEN[square], OTHELLO_PAD)
+    return tokens
+
+
+def othello_states(tokens):
+    """Replay token sequences [N, T] and return the board after each position's move, as bool
+    [N, T, 64] tensors, relative to the player to move next (passes handled):
+      mine, theirs  - discs of the player to move next / of the other player
+      legal         - that player's legal moves (empty after the game ends)
+      flipped       - discs flipped by the move just played
+    Positions at or after a pad token repeat the final board (the game is over: no legal moves).
+    Raises DataError on an illegal move."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    N, T = tokens.shape
+    out = {k: np.zeros((N, T, 64), bool) for k in ('mine', 'theirs', 'legal', 'flipped')}
+    own = np.full(N, START_BLACK)
+    opp = np.full(N, START_WHITE)
+    done = np.zeros(N, bool)
+    for t in range(T):
+        tok = tokens[:, t]
+        done |= tok == OTHELLO_PAD
+        square = np.asarray(OTHELLO_SQUARES + [0])[np.clip(tok, 0, 60)]
+        move = np.where(done, U64(0), BIT[square])
+        legal = othello_legal(own, opp)
+        stuck = ~done & (legal == 0)  # the side to move must pass before this move
+        own, opp = np.where(stuck, opp, own), np.where(stuck, own, opp)
+        legal = np.where(stuck, othello_legal(own, opp), legal)
+        bad = ~done & ((legal & move) == 0)
+        if bad.any():
+            g = int(np.nonzero(bad)[0][0])
+            raise DataError(f"illegal Othello move {OTHELLO_ITOS[tokens[g, t]]} at game {g}, position {t}")
+        flipped = othello_flips(own, opp, move)
+        own, opp = np.where(done, own, opp & ~flipped), np.where(done, opp, own | flipped | move)
+        # who moves next? `own` now, unless it has no move and the other side does
+        nxt_legal = othello_legal(own, opp)
+        other_legal = othello_legal(opp, own)
+        pass_next = (nxt_legal == 0) & (other_legal != 0)
+        mine, theirs = np.where(pass_next, opp, own), np.where(pass_next, own, opp)
+        legal_next = np.where(pass_next, other_legal, nxt_legal)
+        out['mine'][:, t] = to_planes(mine)
+        out['theirs'][:, t] = to_planes(theirs)
+        out['legal'][:, t] = to_planes(legal_next)  # empty once neither side can move
+        out['flipped'][:, t] = to_planes(flipped)
+    return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def othello_perft(depth):
+    """Leaf counts at depths 1..depth from the start (a pass counts as a move, as in the
+    standard tables), by expanding every position one level at a time."""
+    own, opp = np.array([START_BLACK]), np.array([START_WHITE])
+    counts = []
+    for _ in range(depth):
+        legal = othello_legal(own, opp)
+        must_pass = (legal == 0) & (othello_legal(opp, own) != 0)
+        node, square = np.nonzero(to_planes(legal))
+        move = BIT[square]
+        flipped = othello_flips(own[node], opp[node], move)
+        own, opp = (np.concatenate([opp[node] & ~flipped, opp[must_pass]]),
+                    np.concatenate([own[node] | flipped | move, own[must_pass]]))
+        counts.append(len(own))
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Chess  (CHESS_SECTION: transcripts, PGN import, board-state properties)
+
+CHESS_CHARS = ' #+-.0123456789;=BKNOQRabcdefghx'  # the paper's 32-character vocabulary
+CHESS_PAD_ID = len(CHESS_CHARS)                     # 32: one extra token beyond the characters
+CHESS_ITOS = list(CHESS_CHARS) + ['<pad>']
+
+
+# -----------------------------------------------------------------------------
+# transcripts
+
+def moves_to_transcript(sans):
+    """SAN moves from the start position -> ';1.e4 e5 2.Nf3 Nc6 3.Bb5'."""
+    parts = [';']
+    for i, san in enumerate(sans):
+        if i % 2 == 0:
+            parts.append(f'{" " if i else ""}{i // 2 + 1}.{san}')
+        else:
+            parts.append(f' {san}')
+    return ''.join(parts)
+
+def _scan_transcript(transcript):
+    """
+    Walk a transcript and yield its events in order:
+      ('dot', i, None, None)       a move number's '.' at character i (White to move there)
+      ('move', i, san, complete)   a SAN move starting at character i; complete is False when the
+                                   move is the last thing in the string (it may have been cut)
+    Robust to a transcript cut anywhere: a trailing '12' (number without its dot) is ignored.
+    """
+    n = len(transcript)
+    for m in re.finditer(r'[^ ]+', transcript):
+        start, tok = m.start(), m.group()
+        if tok.startswith(';'):
+            start, tok = start + 1, tok[1:]
+        complete = m.end() < n  # followed by a space, so nothing of it was cut off
+        if '.' in tok:
+            num, _, san = tok.partition('.')
+            dot = start + len(num)
+            yield ('dot', dot, None, None)
+            if san:
+                yield ('move', dot + 1, san, complete)
+        elif tok and not tok.isdigit():
+            yield ('move', start, tok, complete)
+
+def transcript_to_moves(transcript, last_is_complete=False):
+    """
+    Parse a transcript back into SAN moves, checking each is legal (raises DataError if not).
+    A cut can leave a different legal move ('O-O' from 'O-O-O', 'Nf3' from 'Nf3+'), so the last
+    move is dropped unless the caller knows the transcript was not cut (last_is_complete=True).
+    """
+    board, sans = chess.Board(), []
+    for kind, i, san, complete in _scan_transcript(transcript):
+        if kind != 'move' or not (complete or last_is_complete):
+            continue
+        try:
+            move = board.parse_san(san)
+        except ValueError as e:
+            raise DataError(f'illegal or unparseable move {san!r} at character {i} of transcript') from e
+        sans.append(san)
+        board.push(move)
+    return sans
+
+def _game_over(board, moves):
+    # the automatic game ends (no claims needed): mate, stalemate, dead position, 75 moves, fivefold
+    return (not moves or board.is_insufficient_material() or board.halfmove_clock >= 150
+            or board.is_fivefold_repetition())
+
+def _play(board, pick_move, max_chars):
+    """
+    Play from the start position, choosing moves with pick_move(board, legal_moves), until the
+    game is over or the transcript reaches max_chars. Returns the transcript cut to max_chars.
+    The length is tracked as we go so we never build more text than needed.
+    """
+    parts, length, ply = [';'], 1, 0
+    while length < max_chars:
+        moves = list(board.legal_moves)
+        if _game_over(board, moves):
+            break
+        move = pick_move(board, moves)
+        san = board.san(move)
+        part = (f'{" " if ply else ""}{ply // 2 + 1}.{san}' if ply % 2 == 0 else f' {san}')
+        parts.append(part)
+        length += len(part)
+        board.push(move)
+        ply += 1
+    return ''.join(parts)[:max_chars]
+
+def random_game(seed, max_chars):
+    """
+    One game of uniformly random legal moves, as a transcript of at most max_chars characters.
+    We stop once the text is long enough and cut it here to exactly max_chars (mid-move is fine);
+    a game that ends earlier gives a shorter transcript. Same seed -> same game.
+    """
+    rng = random.Random(seed)
+    return _play(chess.Board(), lambda board, moves: rng.choice(moves), max_chars)
+
+# -----------------------------------------------------------------------------
+# stockfish games
+
+STOCKFISH_MISSING = "stockfish not found: install it with `apt-get install -y stockfish` (or pass --source random)"
+_ENGINES = {}  # (pid, path) -> SimpleEngine: one engine per process, reused across games
+
+def find_stockfish(engine_path='stockfish'):
+    """Resolve the engine binary: a path, a name on PATH, or Debian's /usr/games. Else DataError."""
+    candidates = [engine_path]
+    if os.path.basename(engine_path) == engine_path:  # a bare name: also look where Debian puts it
+        candidates += [os.path.join(d, engine_path) for d in ('/usr/games', '/usr/local/games')]
+    for c in candidates:
+        found = shutil.which(c)
+        if found:
+            return found
+    raise DataError(STOCKFISH_MISSING)
+
+def _engine(engine_path):
+    # keyed by pid: an engine (and its reader thread) does not survive a fork, so a pool worker
+    # must open its own; it is then reused for every game the worker plays.
+    key = (os.getpid(), engine_path)
+    if key not in _ENGINES:
+        path = find_stockfish(engine_path)
+        engine = chess.engine.SimpleEngine.popen_uci(path)
+        engine.configure({'Threads': 1, 'Hash': 16})  # one thread: node-limited search is deterministic
+        _ENGINES[key] = engine
+        # quit it when the process exits: the engine's thread would otherwise keep a pool worker
+        # alive at pool.join() (multiprocessing runs these finalizers in workers and at exit)
+        multiprocessing.util.Finalize(engine, _quit_engine, args=(engine,), exitpriority=10)
+    return _ENGINES[key]
+
+def _quit_engine(engine):
+    try:
+        engine.quit()
+    except chess.engine.EngineError:
+        pass  # already quit (close_engines, then the exit finalizer)
+
+def close_engines():
+    """Quit the engines this process opened."""
+    for key in [k for k in _ENGINES if k[0] == os.getpid()]:
+        _quit_engine(_ENGINES.pop(key))
+
+def stockfish_game(seed, max_chars, engine_path='stockfish'):
+    """
+    One Stockfish-vs-Stockfish game as a transcript of at most max_chars characters (cut here,
+    like random_game). Games differ through the seed:
+      - the opening: the first 2-8 plies are uniformly random legal moves;
+      - the strength: each side searches a node budget drawn log-uniformly in [1k, 50k];
+      - mistakes: each move is replaced by a random legal move with probability eps ~ U(0, 0.1).
+    We vary strength with node limits and our own seeded mistakes rather than 'Skill Level',
+    because Stockfish seeds its skill randomness from the clock; with Threads=1, a fresh hash per
+    game ('ucinewgame') and node limits, the same seed gives the same game.
+    The engine stays open for the next game in this process: call close_engines() when done, as
+    python-chess's engine thread would otherwise keep the interpreter from exiting (chess_games
+    does this for you; pool workers close theirs when they exit).
+    """
+    rng = random.Random(seed)
+    engine = _engine(engine_path)
+    n_random = rng.randint(2, 8)
+    nodes = {color: int(round(10 ** rng.uniform(3, np.log10(50_000)))) for color in (chess.WHITE, chess.BLACK)}
+    eps = rng.uniform(0.0, 0.1)
+    game_id = object()  # a new game object makes python-chess send ucinewgame (a fresh hash)
+
+    def pick(board, moves):
+        # draw from rng on every move, whatever happens, so the random stream stays aligned
+        u, random_move = rng.random(), rng.choice(moves)
+        if board.ply() < n_random or u < eps:
+            return random_move
+        result = engine.play(board, chess.engine.Limit(nodes=nodes[board.turn]), game=game_id)
+        return result.move if result.move in moves else random_move
+
+    return _play(chess.Board(), pick, max_chars)
+
+# -----------------------------------------------------------------------------
+# PGN files
+
+def _pgn_game_to_transcript(game):
+    """A parsed PGN game -> transcript, or None when the game must be skipped."""
+    if game.errors:  # python-chess records bad/illegal moves here instead of raising
+        return None
+    headers = game.headers
+    if headers.get('Variant', 'Standard').lower() not in ('standard', 'chess', 'from position'):
+        return None
+    board = game.board()
+    if type(board) is not chess.Board or board.chess960 or board.fen() != chess.STARTING_FEN:
+        return None  # variants and games set up from a FEN
+    sans = []
+    for move in game.mainline_moves():
+        if not board.is_legal(move):
+            return None
+        sans.append(board.san(move))
+        board.push(move)
+    if not sans:
+        return None
+    return moves_to_transcript(sans)
+
+def pgn_games(path, n_games, max_chars, progress=print):
+    """
+    Stream up to n_games standard games from a .pgn file (one game in memory at a time) and return
+    (transcripts cut to max_chars, number of games skipped). Skipped: games with an unparseable or
+    illegal move, with no moves, variants, and games starting from a FEN.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f'PGN file not found: {path}')
+    out, skipped = [], 0
+    with open(path, encoding='utf-8-sig', errors='replace') as f:
+        while len(out) < n_games:
+            game = chess.pgn.read_game(f)
+            if game is None:
+                break
+            transcript = _pgn_game_to_transcript(game)
+            if transcript is None:
+                skipped += 1
+            else:
+                out.append(transcript[:max_chars])
+    if not out:
+        raise DataError(f'no valid games in PGN file {path} ({skipped} skipped)')
+    progress(f'pgn: {len(out)} games from {path}, {skipped} skipped')
+    return out, skipped
+
+# -----------------------------------------------------------------------------
+# many games, in parallel
+
+def chess_game_seed(seed, i):
+    """Seed of game i: depends only on (seed, i), so results do not depend on the worker count."""
+    return int.from_bytes(hashlib.sha256(f'chess:{seed}:{i}'.encode()).digest()[:8], 'little')
+
+def _random_job(args):
+    seed, max_chars = args
+    return random_game(seed, max_chars)
+
+def _stockfish_job(args):
+    seed, max_chars, engine_path = args
+    return stockfish_game(seed, max_chars, engine_path)
+
+def _map_with_progress(fn, jobs, workers, progress, what, min_parallel=64):
+    """[fn(j) for j in jobs], in a Pool of `workers` processes for big inputs, in order, printing
+    a progress line every ~10% with the rate."""
+    n, out, t0 = len(jobs), [], time.time()
+    step, next_report = max(1, n // 10), max(1, n // 10)
+
+    def report(done):
+        rate = done / max(time.time() - t0, 1e-9)
+        progress(f'{what}: {done}/{n} ({rate:.1f}/s)')
+
+    if workers <= 1 or n < min_parallel:
+        results = map(fn, jobs)
+        pool = None
+    else:
+        pool = multiprocessing.Pool(workers)
+        results = pool.imap(fn, jobs, chunksize=max(1, min(64, n // (workers * 20))))
+    try:
+        for r in results:
+            out.append(r)
+            if len(out) >= next_report:
+                report(len(out))
+                next_report += step
+    finally:
+        if pool is not None:
+            pool.close()  # let workers exit normally, running their finalizers (engine quit)
+            pool.join()
+    return out
+
+def chess_games(n_games, source, seed, max_chars, workers=2, progress=print, engine_path='stockfish'):
+    """
+    n_games transcripts (each at most max_chars characters) and the number of games skipped.
+    source: 'random' (uniform legal moves), 'stockfish', or a path to a .pgn file (seed unused).
+    Game i uses chess_game_seed(seed, i), so the same seed gives the same games for any `workers`.
+    """
+    if source == 'random':
+        jobs = [(chess_game_seed(seed, i), max_chars) for i in range(n_games)]
+        return _map_with_progress(_random_job, jobs, workers, progress, 'random games'), 0
+    if source == 'stockfish':
+        find_stockfish(engine_path)  # fail here with a clear message, not inside a worker
+        jobs = [(chess_game_seed(seed, i), max_chars, engine_path) for i in range(n_games)]
+        try:
+            return _map_with_progress(_stockfish_job, jobs, workers, progress, 'stockfish games'), 0
+        finally:
+            close_engines()  # engines opened here, in the main process (small n or workers=1)
+    if source.endswith('.pgn') or os.path.exists(source):
+        return pgn_games(source, n_games, max_chars, progress=progress)
+    raise DataError(f"unknown chess source {source!r}: use 'random', 'stockfish' or a .pgn file")
+
+# -----------------------------------------------------------------------------
+# board state properties at the '.' characters
+
+# 12 piece classes: white P N B R Q K, then black p n b r q k
+CHESS_PIECE_SYMBOLS = 'PNBRQKpnbrqk'
+CHESS_PIECE_NAMES = [f'{s}@{chess.square_name(sq)}' for sq in range(64) for s in CHESS_PIECE_SYMBOLS]
+
+def _piece_class(piece):
+    return (0 if piece.color == chess.WHITE else 6) + piece.piece_type - 1
+
+# (square, class) pairs of the initial position: a piece on its own starting square counts as
+# blank, so features that only say "nothing has moved yet" do not score.
+_START_SQUARE_CLASSES = {(sq, _piece_class(p)) for sq, p in chess.Board().piece_map().items()}
+
+CHESS_STRATEGY_SIZES = {
+    'attacked_by_black': 64, 'white_legal_dest': 64, 'in_check': 1, 'can_give_check': 1,
+    'has_queen': 1, 'can_capture_queen': 1, 'bishop_pair': 1, 'castling_any': 1,
+    'castling_kingside': 1, 'castling_queenside': 1, 'fork': 1, 'pin': 1, 'en_passant': 1,
+    'ambiguous_move': 1,
+}
+CHESS_STRATEGY_NAMES = {k: ([f'{k}@{chess.square_name(sq)}' for sq in range(64)] if g == 64 else [k])
+                        for k, g in CHESS_STRATEGY_SIZES.items()}
+
+# piece values for the fork rule; the king as an attacker is worth more than anything
+_FORK_VALUE = {chess.PAWN: 1, chess.KNIGHT: 3, chess.BISHOP: 3, chess.ROOK: 5, chess.QUEEN: 9, chess.KING: 100}
+
+def _mask_to_bits(mask):
+    """A python-chess 64-bit square set -> bool array [64] indexed by square (a1=0 .. h8=63)."""
+    return np.unpackbits(np.frombuffer(mask.to_bytes(8, 'little'), dtype=np.uint8), bitorder='little').astype(bool)
+
+def chess_piece_state(board):
+    """bool [64*12], square-major: entry sq*12+c is True when class c stands on sq, except on its
+    own starting square (there the square counts as blank, all zeros)."""
+    out = np.zeros(64 * 12, dtype=bool)
+    for sq, piece in board.piece_map().items():
+        c = _piece_class(piece)
+        if (sq, c) not in _START_SQUARE_CLASSES:
+            out[sq * 12 + c] = True
+    return out
+
+def _has_fork(board, black_attacks):
+    """
+    fork: some White piece attacks two or more Black pieces (the king excluded: with White to
+    move it cannot be attacked) that are each worth more than the attacker (P1 N3 B3 R5 Q9) or
+    undefended (no Black piece attacks their square). Pins on the attacker are ignored.
+    """
+    black = board.occupied_co[chess.BLACK] & ~board.kings
+    for sq in chess.SquareSet(board.occupied_co[chess.WHITE]):
+        value = _FORK_VALUE[board.piece_type_at(sq)]
+        hits = 0
+        for target in chess.SquareSet(board.attacks_mask(sq) & black):
+            if _FORK_VALUE[board.piece_type_at(target)] > value or not (black_attacks >> target) & 1:
+                hits += 1
+                if hits >= 2:
+                    return True
+    return False
+
+def chess_strategy_state(board):
+    """The 14 strategy properties of a White-to-move position: dict name -> bool array [G_k]."""
+    assert board.turn == chess.WHITE
+    white, black = board.occupied_co[chess.WHITE], board.occupied_co[chess.BLACK]
+    moves = list(board.legal_moves)
+    # squares attacked by Black: union of every Black piece's attack set (the same squares that
+    # board.is_attacked_by(BLACK, sq) reports, defended own pieces included)
+    black_attacks = 0
+    for sq in chess.SquareSet(black):
+        black_attacks |= board.attacks_mask(sq)
+    dest = 0
+    for m in moves:
+        dest |= chess.BB_SQUARES[m.to_square]
+    black_queens = board.queens & black
+    white_bishops = board.bishops & white
+    # ambiguous: two White pieces of one type (pawns excluded: pawn SAN names the file anyway)
+    # can legally move to one square, i.e. a move whose SAN needs a disambiguating file or rank
+    seen, ambiguous = {}, False
+    for m in moves:
+        pt = board.piece_type_at(m.from_square)
+        if pt == chess.PAWN:
+            continue
+        key = (pt, m.to_square)
+        if key in seen and seen[key] != m.from_square:
+            ambiguous = True
+            break
+        seen[key] = m.from_square
+    bits = {
+        'in_check': board.is_check(),
+        'can_give_check': any(board.gives_check(m) for m in moves),
+        'has_queen': bool(board.queens & white),
+        'can_capture_queen': any(black_queens >> m.to_square & 1 for m in moves),
+        # the bishop pair: White has bishops on both square colours
+        'bishop_pair': bool(white_bishops & chess.BB_LIGHT_SQUARES) and bool(white_bishops & chess.BB_DARK_SQUARES),
+        'castling_any': board.has_castling_rights(chess.WHITE),
+        'castling_kingside': board.has_kingside_castling_rights(chess.WHITE),
+        'castling_queenside': board.has_queenside_castling_rights(chess.WHITE),
+        'fork': _has_fork(board, black_attacks),
+        # pin: some White piece is absolutely pinned to the White king
+        'pin': any(board.is_pinned(chess.WHITE, sq) for sq in chess.SquareSet(white & ~board.kings)),
+        'en_passant': board.has_legal_en_passant(),
+        'ambiguous_move': ambiguous,
+    }
+    out = {'attacked_by_black': _mask_to_bits(black_attacks), 'white_legal_dest': _mask_to_bits(dest)}
+    for k, v in bits.items():
+        out[k] = np.array([bool(v)])
+    return {k: out[k] for k in CHESS_STRATEGY_SIZES}
+
+def _labels_job(args):
+    """Labels for a chunk of games; game indices are relative to the chunk."""
+    transcripts, max_chars, max_positions = args
+    games, poss, pieces = [], [], []
+    strategy = {k: [] for k in CHESS_STRATEGY_SIZES}
+    for g, transcript in enumerate(transcripts):
+        board, count = chess.Board(), 0
+        for kind, i, san, complete in _scan_transcript(transcript[:max_chars]):
+            if count >= max_positions:
+                break
+            if kind == 'dot':
+                if board.turn != chess.WHITE:
+                    raise DataError(f'game {g}: move number at character {i} but Black is to move')
+                games.append(g)
+                poss.append(i)
+                pieces.append(chess_piece_state(board))
+                for k, v in chess_strategy_state(board).items():
+                    strategy[k].append(v)
+                count += 1
+            elif complete:  # an incomplete last move has no '.' after it: it never matters
+                try:
+                    board.push_san(san)
+                except ValueError as e:
+                    raise DataError(f'game {g}: illegal or unparseable move {san!r} at character {i}') from e
+    P = len(games)
+    return {
+        'game': np.array(games, dtype=np.int64),
+        'pos': np.array(poss, dtype=np.int64),
+        'piece': np.array(pieces, dtype=bool).reshape(P, 64 * 12),
+        'strategy': {k: np.array(v, dtype=bool).reshape(P, CHESS_STRATEGY_SIZES[k]) for k, v in strategy.items()},
+    }
+
+def chess_labels(transcripts, max_chars=256, max_positions=20, workers=1):
+    """
+    Board state properties at the first max_positions '.' characters (index < max_chars) of
+    each game. The board there is the position after all moves before the '.' (White to move).
+    Returns numpy arrays, P = number of positions in all games:
+      game [P] int64, pos [P] int64 (character index of the '.'),
+      piece [P, 768] bool (square-major x 12 classes 'PNBRQKpnbrqk', start-square pieces blank),
+      piece_names [768], strategy {name: bool [P, G_k]}, strategy_names {name: [G_k] names}.
+    workers > 1 labels chunks of games in a process pool (worth it for big inputs).
+    """
+    transcripts = list(transcripts)
+    n_chunks = 1 if workers <= 1 or len(transcripts) < 200 else workers * 4
+    bounds = np.linspace(0, len(transcripts), n_chunks + 1).astype(int)
+    jobs = [(transcripts[a:b], max_chars, max_positions) for a, b in zip(bounds[:-1], bounds[1:])]
+    if n_chunks == 1:
+        parts = [_labels_job(jobs[0])]
+    else:
+        with multiprocessing.Pool(workers) as pool:
+            parts = pool.map(_labels_job, jobs)
+    for part, a in zip(parts, bounds[:-1]):
+        part['game'] += a  # chunk-relative -> global game index
+    return {
+        'game': np.concatenate([p['game'] for p in parts]),
+        'pos': np.concatenate([p['pos'] for p in parts]),
+        'piece': np.concatenate([p['piece'] for p in parts]),
+        'piece_names': list(CHESS_PIECE_NAMES),
+        'strategy': {k: np.concatenate([p['strategy'][k] for p in parts]) for k in CHESS_STRATEGY_SIZES},
+        'strategy_names': {k: list(v) for k, v in CHESS_STRATEGY_NAMES.items()},
+    }
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+_CHESS_STOI = np.full(256, -1, dtype=np.int64)  # byte -> token id, -1 outside the vocabulary
+_CHESS_STOI[np.frombuffer(CHESS_CHARS.encode(), dtype=np.uint8)] = np.arange(len(CHESS_CHARS))
+
+def encode_chess(transcripts, T, pad_id=CHESS_PAD_ID):
+    """Transcripts -> LongTensor [N, T] of indices into CHESS_CHARS, cut to T and padded with pad_id."""
+    out = np.full((len(transcripts), T), pad_id, dtype=np.int64)
+    for n, t in enumerate(transcripts):
+        ids = _CHESS_STOI[np.frombuffer(t[:T].encode('latin-1', errors='replace'), dtype=np.uint8)]
+        if (ids < 0).any():
+            bad = sorted({c for c in t[:T] if c not in CHESS_CHARS})
+            raise DataError(f'transcript {n} has characters outside the chess vocabulary: {bad}')
+        out[n, :len(ids)] = ids
+    return torch.from_numpy(out)
+
+def decode_chess(ids):
+    """Token ids (list, array or 1-D tensor) -> string; pad tokens are dropped."""
+    ids = ids.tolist() if hasattr(ids, 'tolist') else list(ids)
+    return ''.join(CHESS_CHARS[i] for i in ids if i != CHESS_PAD_ID)
+
+# -----------------------------------------------------------------------------
+# legal-move checks for generated text
+
+def move_boundaries(transcript):
+    """Character indices where a move's SAN begins: just after each '.' (White's moves) and just
+    after the space that follows a White move (Black's moves). Only indices inside the string."""
+    return [i for kind, i, _, _ in _scan_transcript(transcript) if kind == 'move']
+
+def is_legal_continuation(prefix, generated, strict=False):
+    """
+    prefix: a transcript ending at a move boundary (just after 'N.' or after the space that
+    follows a White move); generated: text the model wrote after it. True when the move text
+    (generated up to the first space) is a legal SAN move in the position after the prefix's
+    moves. python-chess's parse_san is lenient (a missing or wrong '+' is accepted, as with the
+    paper's push_san check); strict=True also requires exactly python-chess's SAN.
+    Raises DataError if the prefix itself does not replay legally.
+    """
+    board = chess.Board()
+    for san in transcript_to_moves(prefix, last_is_complete=prefix.endswith(' ')):
+        board.push_san(san)
+    text = generated.split(' ', 1)[0]
+    if board.turn == chess.WHITE and not prefix.endswith('.'):
+        # the model must first write the move number, e.g. '2.'
+        number = f'{board.fullmove_number}.'
+        if not text.startswith(number):
+            return False
+        text = text[len(number):]
+    if not text:
+        return False
+    try:
+        move = board.parse_san(text)
+    except ValueError:
+        return False
+    if not move:  # '--' / '0000' parse as a null move, which is not a chess move
+        return False
+    return board.san(move) == text if strict else True
+
+
+# ----------------------------------------------------------------------------------------------
+# Board-state labels for the games evaluation scores SAEs on
+
+def make_labels(game, tokens, max_chars=256, workers=2):
+    """Board-state properties at every scored position of `tokens` [N, T].
+    Returns dict(game [P], pos [P], sets): the activation read at tokens[game, pos] is scored
+    against sets[name] bool [P, G]; a nested dict is a set of equally weighted properties.
+    Othello: every position before the last token (the LM's inputs), mine/theirs relative to the
+    player to move next (empty dropped) and legal-move squares. Chess: the '.' characters
+    (White to move), the first 20 per game within max_chars; piece planes and strategy set."""
+    if game == 'othello':
+        states = othello_states(tokens[:, :-1].long())
+        valid = tokens[:, :-1] != OTHELLO_PAD  # (N, T-1); a position exists once its move was played
+        g, p = valid.nonzero(as_tuple=True)
+        sets = {'mine_theirs': torch.cat([states['mine'], states['theirs']], -1)[g, p],  # (P, 128)
+                'legal': states['legal'][g, p]}  # (P, 64)
+        names = {'mine_theirs': [f'mine@{s}' for s in SQUARE_NAMES] + [f'theirs@{s}' for s in SQUARE_NAMES],
+                 'legal': [f'legal@{s}' for s in SQUARE_NAMES]}
+        return {'game': g, 'pos': p, 'sets': sets, 'names': names}
+    transcripts = [decode_chess(row) for row in tokens]
+    lab = chess_labels(transcripts, max_chars=min(max_chars, tokens.shape[1] - 1), workers=workers)
+    sets = {'piece': torch.from_numpy(lab['piece']),
+            'strategy': {k: torch.from_numpy(v) for k, v in lab['strategy'].items()}}
+    names = {'piece': lab['piece_names'], 'strategy': lab['strategy_names']}
+    return {'game': torch.from_numpy(lab['game']), 'pos': torch.from_numpy(lab['pos']), 'sets': sets, 'names': names}
+
+
+SQUARE_NAMES = ['abcdefgh'[s % 8] + str(s // 8 + 1) for s in range(64)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage: make, save and load the data sets
+
+@dataclass
+class DataConfig:
+    game: str = 'othello'      # othello | chess
+    n_games: int = 0           # training games (0: the game's default below)
+    n_val: int = 0             # held-out games (0: the game's default below)
+    source: str = 'random'     # chess: random | stockfish | PATH.pgn   (Othello: always random)
+    max_chars: int = 256       # chess: characters kept per game (the LM's context + 1)
+    n_label_games: int = 2000  # held-out games labelled with board states (evaluate.py: half train, half test)
+    seed: int = 1337
+    workers: int = 2           # processes for chess generation and labelling
+    data_dir: str = 'data'
+
+
+DEFAULT_GAMES = {'othello': (500_000, 4000), 'chess': (20_000, 3000)}  # (train, val)
+
+
+def data_paths(game, data_dir='data'):
+    d = os.path.join(data_dir, game)
+    return {k: os.path.join(d, f'{k}.pt') for k in ('train', 'val', 'labels')}
+
+
+def prepare(cfg, log=print):
+    """Make train/val token sets and the labels of the first n_label_games val games."""
+    if cfg.game not in DEFAULT_GAMES:
+        raise UserError(f"unknown game {cfg.game!r}: use --game othello or --game chess")
+    n_train = cfg.n_games or DEFAULT_GAMES[cfg.game][0]
+    n_val = cfg.n_val or DEFAULT_GAMES[cfg.game][1]
+    t0 = time.time()
+    n_skipped = 0
+    if cfg.game == 'othello':
+        if cfg.source != 'random':
+            raise UserError("Othello games are always synthetic: drop --source (or use --game chess)")
+        tokens = torch.from_numpy(othello_games(n_train + n_val, cfg.seed))
+        itos, pad_id = OTHELLO_ITOS, OTHELLO_PAD
+    else:
+        games, n_skipped = chess_games(n_train + n_val, cfg.source, cfg.seed, cfg.max_chars,
+                                       workers=cfg.workers, progress=log)
+        if len(games) < n_train + n_val:  # a short PGN file: keep ~10% for validation
+            n_val = max(1, len(games) // 10) if len(games) > 1 else 0
+            n_train = len(games) - n_val
+            if n_train < 1 or n_val < 1:
+                raise DataError(f"{cfg.source}: only {len(games)} usable games; need at least 2")
+        itos, pad_id = CHESS_ITOS, CHESS_PAD_ID
+        tokens = encode_chess(games, cfg.max_chars, pad_id).to(torch.uint8)
+    log(f"data: {len(tokens)} {cfg.game} games in {time.time() - t0:.1f}s "
+        f"({len(tokens) / max(time.time() - t0, 1e-9):,.0f} games/s)" + (f", {n_skipped} skipped" if n_skipped else ""))
+    meta = dict(format='boardgame-saes/data', version=FORMAT_VERSION, game=cfg.game, itos=itos,
+                pad_id=pad_id, config=dataclasses.asdict(cfg), n_skipped=n_skipped)
+    paths = data_paths(cfg.game, cfg.data_dir)
+    t0 = time.time()
+    val = tokens[n_train:]
+    labels = make_labels(cfg.game, val[:cfg.n_label_games], cfg.max_chars, cfg.workers)
+    log(f"data: board states of {min(len(val), cfg.n_label_games)} val games "
+        f"({len(labels['pos'])} positions) in {time.time() - t0:.1f}s")
+    # write the labels last: their presence means the whole set is complete
+    for p in paths.values():
+        if os.path.exists(p):
+            os.remove(p)
+    atomic_save({**meta, 'tokens': tokens[:n_train].clone()}, paths['train'])
+    atomic_save({**meta, 'tokens': val.clone()}, paths['val'])
+    atomic_save({**meta, 'format': 'boardgame-saes/labels', **labels}, paths['labels'])
+    log(f"data: wrote {paths['train']} ({n_train} games), {paths['val']} ({len(val)}), {paths['labels']}")
+    return paths
+
+
+def load_data(game, split, data_dir='data'):
+    """Load data/<game>/<split>.pt (split: train | val | labels), checking format and game."""
+    path = data_paths(game, data_dir)[split]
+    hint = f"python data.py --game {game}"
+    kind = 'boardgame-saes/labels' if split == 'labels' else 'boardgame-saes/data'
+    obj = load_file(path, kind, hint)
+    if obj.get('game') != game:
+        raise DataError(f"{path} holds {obj.get('game')} data, not {game}: run `{hint}`")
+    return obj
+
+
+def main(argv):
+    cfg = parse_config(DataConfig(), argv, 'data.py')
+    print(f"data.py config: {dataclasses.asdict(cfg)}")
+    prepare(cfg)
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,415 @@
+"""
+Score every SAE with the paper's metrics, beside the baselines, and print the paper's table.
+
+Reads:  out/<game>/model.pt, out/<game>/model_random.pt, out/<game>/saes/*.pt,
+        out/<game>/saes_random/*.pt (all from train.py), data/<game>/{val,labels}.pt (data.py)
+Writes: out/<game>/results.json (one row per SAE and baseline), out/<game>/results.md,
+        out/<game>/pareto.png (when matplotlib is installed)
+Run:    python evaluate.py --game othello
+        python evaluate.py --game chess --feature p_anneal_coef1:17   (what does feature 17 encode?)
+
+The held-out games labelled by data.py are split: the first n_train games score coverage and
+label the features for board reconstruction, the next n_test games are the test set (the
+paper: 1000 and 1000). Coverage averages over the elements that occur at least once in the
+split (the paper's code divides by every element, so its numbers are lower: see README).
+"""
+import dataclasses
+import glob
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import chess
+import data as D
+import metrics
+import sae as S
+from model import choose_device, load_checkpoint
+
+
+@dataclass
+class EvalConfig:
+    game: str = 'othello'
+    out_dir: str = 'out'
+    data_dir: str = 'data'
+    device: str = 'auto'
+    n_train: int = 1000        # labelled held-out games that label the features (coverage: these)
+    n_test: int = 1000         # labelled held-out games that reconstruction is scored on
+    n_unsup_games: int = 200   # test games for L0, variance explained, loss recovered, dead features
+    batch_size: int = 64
+    probe_steps: int = 300
+    feature: str = ''          # NAME:INDEX -> explain one feature instead of the table
+    top_boards: int = 3        # boards shown for --feature
+
+
+def set_names(labels):
+    """The BSP sets of a labels file in a fixed order (Othello: mine_theirs, legal; chess: piece, strategy)."""
+    return list(labels['sets'])
+
+
+def per_set(fn, sets_a, *rest):
+    """Apply fn to each BSP set; a nested set (a dict of properties) scores the mean over its
+    properties, each property weighted equally (the paper's strategy set)."""
+    out = {}
+    for name, a in sets_a.items():
+        if isinstance(a, dict):
+            scores = [fn(a[k], *(r[name][k] for r in rest)) for k in a]
+            out[name] = ({k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+                         if isinstance(scores[0], dict) else sum(scores) / len(scores))
+        else:
+            out[name] = fn(a, *(r[name] for r in rest))
+    return out
+
+
+def select(sets, mask):
+    return {k: select(v, mask) if isinstance(v, dict) else v[mask] for k, v in sets.items()}
+
+
+@torch.no_grad()
+def features_at(fn, tokens, games, positions, batch_size, device):
+    """fn(x) -> (B, T, k) evaluated on the given games; returns the rows at (games, positions): (P, k)."""
+    out = []
+    for i in range(0, len(games), batch_size * 64):
+        g, p = games[i:i + batch_size * 64], positions[i:i + batch_size * 64]
+        uniq, inverse = torch.unique(g, return_inverse=True)
+        acts = torch.cat([fn(tokens[uniq[j:j + batch_size]].long().to(device)).float().cpu()
+                          for j in range(0, len(uniq), batch_size)])  # (U, T, k)
+        out.append(acts[inverse, p])
+    return torch.cat(out)
+
+
+def encode_all(sae, x, batch=8192):
+    """SAE features of x (N, d) in batches: (N, d_sae)."""
+    with torch.no_grad():
+        return torch.cat([sae.encode(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def score_features(acts_train, acts_test, lab_train, lab_test):
+    """Coverage (train split) and board reconstruction (test F1, t chosen on train) per BSP set."""
+    cov = per_set(lambda lab: metrics.coverage(acts_train, lab), lab_train)
+    rec = per_set(lambda ltr, lte: metrics.board_reconstruction(acts_train, ltr, acts_test, lte), lab_train, lab_test)
+    row = {}
+    for name in cov:
+        row[f'coverage_{name}'] = cov[name]
+        row[f'reconstruction_{name}'] = rec[name]
+    return row
+
+
+class Evaluation:
+    """Everything shared by the table and --feature: labels split into train/test, the models,
+    and residual-stream activations at the labelled positions (computed once per model)."""
+
+    def __init__(self, cfg, log=print):
+        self.cfg, self.log = cfg, log
+        game = cfg.game
+        self.dir = os.path.join(cfg.out_dir, game)
+        labels = D.load_data(game, 'labels', cfg.data_dir)
+        val = D.load_data(game, 'val', cfg.data_dir)
+        self.model, self.ckpt = load_checkpoint(os.path.join(self.dir, 'model.pt'), game, cfg.device)
+        self.models = {'trained': self.model}
+        random_path = os.path.join(self.dir, 'model_random.pt')
+        if os.path.exists(random_path):
+            self.models['random'] = load_checkpoint(random_path, game, cfg.device)[0]
+        for m in self.models.values():
+            m.eval()
+        T = self.model.config.block_size + 1
+        self.tokens = val['tokens'][:, :T]
+        self.pad_id = val['pad_id']
+        n_labelled = int(labels['game'].max()) + 1
+        n_train = min(cfg.n_train, n_labelled // 2)
+        n_test = min(cfg.n_test, n_labelled - n_train)
+        if n_train < cfg.n_train or n_test < cfg.n_test:
+            log(f"note: data/{game}/labels.pt labels {n_labelled} games; using {n_train} train + {n_test} test "
+                f"(more: python data.py --game {game} --n_label_games={cfg.n_train + cfg.n_test})")
+        self.n_train, self.n_test = n_train, n_test
+        in_context = labels['pos'] < T - 1
+        g = labels['game']
+        masks = {'train': in_context & (g < n_train), 'test': in_context & (g >= n_train) & (g < n_train + n_test)}
+        self.where = {k: (g[m], labels['pos'][m]) for k, m in masks.items()}  # (games, positions) per split
+        self.labels = {k: select(labels['sets'], m) for k, m in masks.items()}
+        self.names = labels['names']
+        unsup = self.tokens[n_train:n_train + min(cfg.n_unsup_games, n_test)]
+        self.unsup_tokens = unsup  # (n, T) whole games for the unsupervised metrics
+        self._cache = {}
+        log(f"eval: {game}, {len(self.where['train'][0])} train / {len(self.where['test'][0])} test positions "
+            f"from {n_train} / {n_test} held-out games; sets: {', '.join(labels['sets'])}")
+
+    def activations(self, kind, layer, what='resid'):
+        """(train (P, k), test (P, k), unsup (N, k)) activations of model `kind` after block `layer`
+        (what='resid') or of its MLP neurons (what='mlp')."""
+        key = (kind, layer, what)
+        if key not in self._cache:
+            m = self.models[kind]
+            fn = (lambda x: m.residual(x, layer)) if what == 'resid' else (lambda x: m.mlp_hidden(x, layer))
+            split = [features_at(fn, self.tokens, *self.where[s], self.cfg.batch_size, self.cfg.device)
+                     for s in ('train', 'test')]
+            x = self.unsup_tokens[:, :-1].long()
+            with torch.no_grad():
+                u = torch.cat([fn(x[i:i + self.cfg.batch_size].to(self.cfg.device)).float().cpu()
+                               for i in range(0, len(x), self.cfg.batch_size)])
+            self._cache[key] = (*split, u[x != self.pad_id])
+        return self._cache[key]
+
+
+def load_saes(ev):
+    """Every SAE under out/<game>/saes*/ that was trained on the current model files."""
+    found = []
+    for sub, kind in (('saes', 'trained'), ('saes_random', 'random')):
+        for path in sorted(glob.glob(os.path.join(ev.dir, sub, '*.pt'))):
+            sae = S.load(path, ev.cfg.game)
+            model_file = os.path.join(ev.dir, 'model.pt' if kind == 'trained' else 'model_random.pt')
+            if kind not in ev.models or sae.meta.get('model', {}).get('sha256') != D.file_digest(model_file):
+                ev.log(f"skip {path}: trained on another {os.path.basename(model_file)}; "
+                       f"re-run `python train.py --game {ev.cfg.game} --stage sae`")
+                continue
+            found.append((kind, sae.to(ev.cfg.device)))
+    if not found:
+        raise D.UserError(f"no SAEs for the current model under {ev.dir}/saes/: run `python train.py --game {ev.cfg.game}`")
+    return found
+
+
+def evaluate(cfg, log=print):
+    """Score every SAE and the baselines. Returns the rows of the results table."""
+    ev = Evaluation(cfg, log)
+    saes = load_saes(ev)
+    layer = saes[0][1].meta['layer']
+    rows = []
+    t0 = time.time()
+    for i, (kind, sae) in enumerate(saes):
+        t = time.time()
+        x_train, x_test, x_unsup = ev.activations(kind, sae.meta['layer'])
+        x_hat, f = [], []
+        with torch.no_grad():
+            for j in range(0, len(x_unsup), 8192):
+                xh, ff = sae(x_unsup[j:j + 8192])
+                x_hat.append(xh)
+                f.append(ff)
+        x_hat, f = torch.cat(x_hat), torch.cat(f)
+
+        def reconstruct(resid, sae=sae):  # (B, T, d) -> (B, T, d)
+            return sae(resid.reshape(-1, resid.shape[-1]).float())[0].view_as(resid).to(resid.dtype)
+
+        row = {'name': sae.meta['name'], 'arch': sae.cfg['arch'], 'model': kind, 'layer': sae.meta['layer'],
+               'd_sae': sae.cfg['d_sae'], 'l0': metrics.l0(f),
+               'frac_var_explained': metrics.explained_variance(x_unsup, x_hat),
+               'loss_recovered': metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), sae.meta['layer'],
+                                                        reconstruct, cfg.batch_size),
+               'dead_fraction': metrics.dead_fraction(f)}
+        row.update(score_features(encode_all(sae, x_train), encode_all(sae, x_test), ev.labels['train'], ev.labels['test']))
+        rows.append(row)
+        log(f"[{i + 1}/{len(saes)}] {kind:7s} {row['name']:24s} L0 {row['l0']:6.1f} | FVE {row['frac_var_explained']:.3f} | "
+            + ' | '.join(f"{k.replace('reconstruction', 'rec').replace('coverage', 'cov')} {v:.3f}"
+                         for k, v in row.items() if k.startswith(('coverage', 'reconstruction')))
+            + f" ({time.time() - t:.1f}s)")
+    # baselines: the layer's MLP neurons as a dictionary, and a linear probe on the residual stream
+    m_train, m_test, m_unsup = ev.activations('trained', layer, 'mlp')
+    rows.append({'name': 'mlp_neurons', 'arch': 'mlp', 'model': 'trained', 'layer': layer, 'd_sae': m_train.shape[1],
+                 'l0': metrics.l0(m_unsup > 0), 'frac_var_explained': None, 'loss_recovered': None,
+                 'dead_fraction': metrics.dead_fraction(m_unsup.clamp_min(0)),
+                 **score_features(m_train, m_test, ev.labels['train'], ev.labels['test'])})
+    for kind in ev.models:
+        x_train, x_test, _ = ev.activations(kind, layer)
+        probe = per_set(lambda ltr, lte: metrics.linear_probe(x_train, ltr, x_test, lte, steps=cfg.probe_steps),
+                        ev.labels['train'], ev.labels['test'])
+        row = {'name': f'linear_probe_{kind}' if kind != 'trained' else 'linear_probe', 'arch': 'probe', 'model': kind,
+               'layer': layer, 'd_sae': None, 'l0': None, 'frac_var_explained': None, 'loss_recovered': None,
+               'dead_fraction': None}
+        for name, p in probe.items():
+            row[f'coverage_{name}'] = None
+            row[f'reconstruction_{name}'] = p['f1_micro']
+            row[f'probe_accuracy_{name}'] = p['accuracy']
+        rows.append(row)
+    log(f"eval: {len(rows)} rows in {time.time() - t0:.1f}s")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+PAPER = {  # best per architecture in the paper (its coverage normalisation): PAPER.md
+    'othello': 'p-annealing rec 0.95 (L0 63), cov 0.45; standard rec 0.95 (L0 457), cov 0.40; gated rec 0.91, cov 0.52; '
+               'topk rec 0.87, cov 0.49; random-init model rec 0.08, cov 0.27; MLP neurons rec 0.82, cov 0.55',
+    'chess': 'p-annealing rec ~0.85 (L0 ~25), cov ~0.48; standard/gated rec ~0.80-0.83, cov ~0.45; topk rec ~0.82, '
+             'cov ~0.45; random-init model rec 0.005, cov 0.11; MLP neurons rec 0.56, cov 0.26',
+}
+
+
+def fmt(v):
+    return '' if v is None else (f'{v:.1f}' if isinstance(v, float) and abs(v) >= 10 else
+                                 f'{v:.3f}' if isinstance(v, float) else str(v))
+
+
+def score(row):
+    """Rank rows by mean board reconstruction over the BSP sets."""
+    recs = [v for k, v in row.items() if k.startswith('reconstruction_') and v is not None]
+    return sum(recs) / len(recs) if recs else -1.0
+
+
+def markdown_table(rows, sets):
+    cols = ['name', 'model', 'l0', 'frac_var_explained', 'loss_recovered', 'dead_fraction']
+    cols += [f'{m}_{s}' for s in sets for m in ('coverage', 'reconstruction')]
+    head = ['name', 'model', 'L0', 'var. expl.', 'loss rec.', 'dead'] + [
+        f'{m} {s}' for s in sets for m in ('cov.', 'rec.')]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    lines += ['| ' + ' | '.join(fmt(r.get(c)) for c in cols) + ' |' for r in rows]
+    return '\n'.join(lines)
+
+
+def report(cfg, rows, sets, seconds):
+    best = {}
+    for r in rows:  # best per (architecture, model); baselines are single rows already
+        key = (r['arch'], r['model'])
+        if key not in best or score(r) > score(best[key]):
+            best[key] = r
+    best_rows = sorted(best.values(), key=lambda r: (r['model'] != 'trained', r['arch'] in ('mlp', 'probe'), -score(r)))
+    all_rows = sorted(rows, key=lambda r: (r['model'] != 'trained', r['arch'], r['l0'] or 0))
+    return '\n'.join([
+        f'# {cfg.game}: SAE evaluation',
+        '',
+        f'Coverage on the train split, board reconstruction on the test split (threshold chosen on train); '
+        f'coverage averages over the elements that occur at least once (the paper divides by all, so its '
+        f'numbers are lower). Probe rows: micro-F1 of a linear probe in the reconstruction columns. '
+        f'{seconds:.0f}s to evaluate.',
+        '',
+        '## Best per architecture (by mean reconstruction)',
+        '',
+        markdown_table(best_rows, sets),
+        '',
+        f'Paper (best per architecture): {PAPER[cfg.game]}.',
+        '',
+        '## All',
+        '',
+        markdown_table(all_rows, sets),
+        ''])
+
+
+def plot(path, rows, sets):
+    """L0 against coverage, reconstruction and loss recovered; one colour per architecture."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = [f'coverage_{s}' for s in sets] + [f'reconstruction_{s}' for s in sets] + ['loss_recovered']
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    archs = sorted({r['arch'] for r in rows if r['arch'] not in ('mlp', 'probe')})
+    colours = dict(zip(archs, plt.rcParams['axes.prop_cycle'].by_key()['color'] * 3))
+    for ax, key in zip(axes, panels):
+        for arch in archs:
+            for kind, marker in (('trained', 'o'), ('random', 'x')):
+                pts = sorted((r['l0'], r[key]) for r in rows if r['arch'] == arch and r['model'] == kind
+                             and r.get(key) is not None)
+                if pts:
+                    ax.plot(*zip(*pts), marker=marker, color=colours[arch], ls='-' if kind == 'trained' else ':',
+                            label=f'{arch}' + (' (random model)' if kind == 'random' else ''))
+        for r in rows:  # baselines as horizontal lines
+            if r['arch'] in ('mlp', 'probe') and r.get(key) is not None:
+                ax.axhline(r[key], color='k' if r['arch'] == 'probe' else 'grey',
+                           ls='--' if r['model'] == 'trained' else ':', lw=1, label=r['name'])
+        ax.set_xscale('log')
+        ax.set_xlabel('L0')
+        ax.set_title(key.replace('_', ' '))
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# --feature NAME:INDEX: what one feature encodes
+
+def board_diagram(ev, split, i):
+    """Text diagram of the board at labelled position i of a split."""
+    g, p = (int(v[i]) for v in ev.where[split])
+    if ev.cfg.game == 'othello':
+        planes = ev.labels[split]['mine_theirs'][i]  # (128,) mine then theirs
+        legal = ev.labels[split]['legal'][i]
+        rows = []
+        for rank in range(7, -1, -1):
+            rows.append(f'{rank + 1} ' + ' '.join('X' if planes[8 * rank + f] else 'O' if planes[64 + 8 * rank + f]
+                                                  else '*' if legal[8 * rank + f] else '.' for f in range(8)))
+        return (f'game {g}, move {p + 1} (X: the player to move, O: the other, *: legal moves)\n'
+                + '\n'.join(rows) + '\n  a b c d e f g h')
+    text = D.decode_chess(ev.tokens[g])
+    board = chess.Board()
+    for san in D.transcript_to_moves(text[:p + 1], last_is_complete=True):
+        board.push_san(san)
+    return f'game {g}, character {p}: ...{text[max(0, p - 40):p + 1]}\n{board}'
+
+
+def explain_feature(cfg, log=print):
+    name, _, index = cfg.feature.rpartition(':')
+    if not name or not index.isdigit():
+        raise D.UserError(f"--feature wants NAME:INDEX, e.g. --feature=p_anneal_coef1:17 (got {cfg.feature!r})")
+    ev = Evaluation(cfg, log)
+    index = int(index)
+    for sub, kind in (('saes', 'trained'), ('saes_random', 'random')):
+        path = os.path.join(ev.dir, sub, f'{name}.pt')
+        if os.path.exists(path):
+            break
+    else:
+        names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ev.dir, 'saes*', '*.pt')))
+        raise D.UserError(f"no SAE named {name!r} under {ev.dir}/saes*/; have: {', '.join(names) or 'none'}")
+    sae = S.load(path, cfg.game).to(cfg.device)
+    if not 0 <= index < sae.cfg['d_sae']:
+        raise D.UserError(f"{name} has {sae.cfg['d_sae']} features: INDEX must be in 0..{sae.cfg['d_sae'] - 1}")
+    x_train = ev.activations(kind, sae.meta['layer'])[0]
+    acts = encode_all(sae, x_train)[:, index]  # (P,)
+    print(f"{name}:{index} ({kind} model): fires on {(acts > 0).float().mean().item():.1%} of "
+          f"{len(acts)} train positions, max activation {acts.max().item():.3f}")
+    if acts.max() <= 0:
+        print("the feature never fires on these positions (dead here)")
+        return
+    best = []
+    for set_name, lab in ev.labels['train'].items():
+        props = lab if isinstance(lab, dict) else {None: lab}
+        for prop, l in props.items():
+            s = metrics.single_feature_scores(acts, l)
+            names = ev.names[set_name][prop] if isinstance(ev.names[set_name], dict) else ev.names[set_name]
+            for g in s['f1'].argsort(descending=True)[:3].tolist():
+                best.append((s['f1'][g].item(), s['precision'][g].item(), s['recall'][g].item(),
+                             s['threshold'][g].item(), f'{set_name}/{names[g]}'))
+    print('best-matching board-state elements (F1, precision, recall at the best threshold t x max):')
+    for f1, prec, rec, t, el in sorted(best, reverse=True)[:5]:
+        print(f'  {el:32s} F1 {f1:.3f} | precision {prec:.3f} | recall {rec:.3f} | t {t:.1f}')
+    print(f'boards where it fires most:')
+    for i in acts.argsort(descending=True)[:cfg.top_boards].tolist():
+        print(f'activation {acts[i].item():.3f}, ' + board_diagram(ev, 'train', i) + '\n')
+
+
+def main(argv):
+    cfg = D.parse_config(EvalConfig(), argv, 'evaluate.py')
+    if cfg.game not in ('othello', 'chess'):
+        raise D.UserError(f"unknown game {cfg.game!r}: use --game othello or --game chess")
+    cfg.device = choose_device(cfg.device)
+    print(f"evaluate.py config: {dataclasses.asdict(cfg)}")
+    if cfg.feature:
+        explain_feature(cfg)
+        return
+    t0 = time.time()
+    rows = evaluate(cfg)
+    sets = list(D.load_data(cfg.game, 'labels', cfg.data_dir)['sets'])
+    text = report(cfg, rows, sets, time.time() - t0)
+    print(text)
+    out = os.path.join(cfg.out_dir, cfg.game)
+    tmp = os.path.join(out, 'results.json.tmp')
+    with open(tmp, 'w') as f:
+        json.dump({'config': dataclasses.asdict(cfg), 'sets': sets, 'rows': rows}, f, indent=1)
+    os.replace(tmp, os.path.join(out, 'results.json'))
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(out, 'results.md'))
+    wrote = ['results.json', 'results.md'] + (['pareto.png'] if plot(os.path.join(out, 'pareto.png'), rows, sets) else [])
+    print(f"wrote {', '.join(os.path.join(out, w) for w in wrote)}")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (D.UserError, S.SAEFileError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,471 @@
+"""Every evaluation formula in one place (see PAPER.md, "Metrics").
+
+Used by train.py (L0, explained variance, dead features while training) and by evaluate.py
+(everything, including the board-game metrics and the linear-probe baseline).
+
+Supervised metrics, on SAE feature activations `acts` [N, F] and board-state-property (BSP)
+labels `labels` bool [N, G] (N positions, F features, G BSP elements):
+    coverage              best single-feature F1 per element, averaged, best threshold
+    board_reconstruction  rebuild the board from features labelled on train, micro-F1 on test
+    linear_probe          supervised upper baseline: one logistic regression per element
+Unsupervised metrics:
+    l0, dead_fraction, explained_variance (+ streaming VarianceExplained), loss_recovered
+
+Threshold convention (as in the paper's code): `max_f` is feature f's largest activation over
+the (train) split; features with max_f <= 0 are dead and never fire; at threshold fraction t
+feature f fires at position n when acts[n, f] > t * max_f.  The comparison is done in float64.
+
+Counting is done with one sparse x dense matrix product per threshold over the 0/1 firing
+pattern (float32 values, exact for counts below 2**24), so no loop runs over features.
+"""
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import data as D
+
+DEFAULT_THRESHOLDS = tuple(i / 10 for i in range(10))  # 0.0, 0.1, ..., 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# F1 helpers
+# ---------------------------------------------------------------------------------------------
+
+def f1_from_counts(tp, n_pred, n_true):
+    """F1 = 2 TP / (#predicted + #true) = 2 TP / (2 TP + FP + FN), elementwise; 0 where both
+    counts are 0.  Tensors (any broadcastable shapes) in, float64 tensor out."""
+    tp, n_pred, n_true = (torch.as_tensor(v, dtype=torch.float64) for v in (tp, n_pred, n_true))
+    denom = n_pred + n_true
+    return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(denom))
+
+
+def micro_f1(pred, labels) -> float:
+    """Micro-F1 of bool predictions vs bool labels, pooling TP/FP/FN over every entry.
+    pred, labels: bool [N, G].  Returns 0.0 when nothing is predicted and nothing is true."""
+    count = torch.count_nonzero  # exact int64 counts, much faster than bool.sum() on CPU
+    return f1_from_counts(count(pred & labels), count(pred), count(labels)).item()
+
+
+def per_element_f1(pred, labels):
+    """F1 per element (column).  pred, labels: bool [N, G] -> float64 [G] (0 where an element
+    is never predicted and never true)."""
+    count = torch.count_nonzero
+    return f1_from_counts(count(pred & labels, dim=0), count(pred, dim=0), count(labels, dim=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Firing patterns (sparse)
+# ---------------------------------------------------------------------------------------------
+
+def _check_thresholds(thresholds):
+    """Thresholds as a sorted tuple of floats >= 0 (default 0.0, 0.1, ..., 0.9)."""
+    thresholds = DEFAULT_THRESHOLDS if thresholds is None else thresholds
+    thresholds = tuple(sorted(set(float(t) for t in thresholds)))
+    assert 0 < len(thresholds) < 256 and thresholds[0] >= 0, "need 1..255 thresholds, all >= 0"
+    return thresholds
+
+
+def _firing_entries(acts, max_f, thresholds):
+    """The sparse firing pattern of acts [N, F] at every threshold, in one structure.
+
+    Only entries with act > 0 on a live feature (max_f > 0) can fire at some t >= 0.  For each
+    such entry, level = number of thresholds it passes (act > t * max_f, in float64).  As the
+    thresholds are sorted ascending, the entry fires at thresholds[k] iff level > k.
+    Returns (rows [nnz], cols [nnz], level [nnz]) sorted by row (position) then column.
+    """
+    can_fire = (acts > 0) & (max_f > 0)  # [N, F] bool
+    rows, cols = can_fire.nonzero(as_tuple=True)  # [nnz] each, row-major order
+    vals = acts[rows, cols].double()  # [nnz]
+    max_at = max_f.double()[cols]  # [nnz]
+    level = torch.zeros_like(rows, dtype=torch.uint8)
+    for t in thresholds:
+        level += vals > t * max_at
+    return rows, cols, level
+
+
+def _by_feature(entries):
+    """The same entries sorted by column (feature) then row."""
+    rows, cols, level = entries
+    cols, order = torch.sort(cols, stable=True)
+    return rows[order], cols, level[order]
+
+
+def _ones_csr(major, minor, shape):
+    """Sparse CSR matrix of ones with entries (major[i], minor[i]); `major` must be sorted."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=major.device)
+    crow[1:] = torch.bincount(major, minlength=shape[0]).cumsum(0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+        warnings.simplefilter("ignore")
+        ones = torch.ones(minor.numel(), device=minor.device)
+        return torch.sparse_csr_tensor(crow, minor, ones, size=shape, check_invariants=False)
+
+
+def _counts_per_threshold(entries_by_feature, labels_f, n_feat, n_thresholds):
+    """Yield (k, tp, n_fire) for k = n_thresholds-1 down to 0, where at threshold k
+        tp[f, g]  = #positions where f fires and g is true   (= fires^T @ labels)  [F, G]
+        n_fire[f] = #positions where f fires                                        [F]
+    as float64.  Entries fire at k iff level > k, so the counts at k are those at k + 1 plus
+    the entries with level == k + 1: each entry enters one sparse matmul only once.
+    labels_f: float32 [N, G] (0/1; float32 sums are exact below 2**24).
+    tp and n_fire are updated in place between yields: copy them to keep them."""
+    rows, cols, level = entries_by_feature
+    n_pos = labels_f.shape[0]
+    tp = torch.zeros(n_feat, labels_f.shape[1], dtype=torch.float64, device=labels_f.device)
+    n_fire = torch.zeros(n_feat, dtype=torch.float64, device=labels_f.device)
+    for k in reversed(range(n_thresholds)):
+        new = (level == k + 1).nonzero().squeeze(1)  # entries whose highest passed t is k
+        r, c = rows[new], cols[new]
+        tp += _ones_csr(c, r, (n_feat, n_pos)) @ labels_f  # [F, N] @ [N, G], exact integers
+        n_fire += torch.bincount(c, minlength=n_feat)
+        yield k, tp, n_fire
+
+
+def _predict_board(entries, k, feature_labels, n_pos):
+    """Predicted board at threshold k: OR of the labels of all firing features.
+    entries sorted by row, feature_labels bool [F, G] -> pred bool [n_pos, G]."""
+    rows, cols, level = entries
+    labelled = feature_labels.any(1)  # [F]
+    fire = ((level > k) & labelled[cols]).nonzero().squeeze(1)  # firing entries of labelled f
+    fires = _ones_csr(rows[fire], cols[fire], (n_pos, feature_labels.shape[0]))  # [N, F]
+    return (fires @ feature_labels.float()) > 0  # [N, G]
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage
+# ---------------------------------------------------------------------------------------------
+
+def coverage_details(acts, labels, thresholds=None) -> dict:
+    """Coverage with the per-threshold detail (see `coverage` for the formula).
+
+    Returns {'coverage': float, 'threshold': float (the t achieving it, lowest on ties),
+             'thresholds': tuple (sorted), 'per_threshold': list[float] (C(t) per threshold),
+             'element_f1': float64 [G] best F1 per element at the chosen t (nan if absent),
+             'element_feature': int64 [G] the feature achieving it (-1 if absent)}.
+    """
+    thresholds = _check_thresholds(thresholds)
+    acts, labels = acts.float(), labels.bool()
+    n_feat = acts.shape[1]
+    max_f = acts.amax(0)  # [F]
+    entries = _by_feature(_firing_entries(acts, max_f, thresholds))
+    n_true = torch.count_nonzero(labels, dim=0).double()  # [G]
+    present = n_true > 0  # [G] elements that occur at least once
+    per_t, best = [0.0] * len(thresholds), None
+    for k, tp, n_fire in _counts_per_threshold(entries, labels.float(), n_feat, len(thresholds)):
+        # F1 = 2 TP / (n_fire + n_true); absent elements get a dummy denominator (excluded below)
+        half_f1 = tp / (n_fire[:, None] + n_true.clamp_min(1)[None, :])  # [F, G]
+        f1_best = 2 * half_f1.amax(0)  # [G]; dead features have F1 0 (never fire)
+        per_t[k] = f1_best[present].mean().item() if present.any() else 0.0
+        if best is None or per_t[k] >= best[0]:  # k runs downwards: ties go to the lowest t
+            best = (per_t[k], thresholds[k], f1_best, half_f1.argmax(0))
+    score, t, f1_best, feat_best = best
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    return {"coverage": score, "threshold": t, "thresholds": thresholds, "per_threshold": per_t,
+            "element_f1": torch.where(present, f1_best, nan),
+            "element_feature": torch.where(present, feat_best, torch.full_like(feat_best, -1))}
+
+
+def coverage(acts, labels, thresholds=None) -> float:
+    """Coverage of a set of BSP elements by single features, on one split.
+
+    acts: float [N, F] feature activations; labels: bool [N, G] BSP elements.
+    max_f = max_n acts[n, f]; features with max_f <= 0 are dead and skipped.
+    For each t in thresholds (default 0.0, 0.1, ..., 0.9):
+        fires_f(n) = acts[n, f] > t * max_f
+        F1(f, g)   = 2 TP / (2 TP + FP + FN) of the classifier fires_f against labels[:, g]
+        C(t)       = mean over elements g occurring at least once of max_f F1(f, g)
+    coverage = max_t C(t).   (0.0 if no element occurs; best F1 is 0 if no feature is live.)
+    """
+    return coverage_details(acts, labels, thresholds)["coverage"]
+
+
+def single_feature_scores(acts, labels, thresholds=None) -> dict:
+    """How well one feature classifies each element: for each element g, the threshold t (of the
+    grid, as a fraction of max_f = max acts) with the best F1 of "acts > t * max_f" against g.
+    acts: float [N]; labels: bool [N, G].
+    Returns {'f1', 'precision', 'recall', 'threshold'}: float64 [G] each, at each element's best t
+    (precision = TP / fired, recall = TP / true; 0 where undefined)."""
+    thresholds = _check_thresholds(thresholds)
+    acts, labels = acts.double(), labels.bool()
+    max_f = acts.max()
+    n_true = torch.count_nonzero(labels, dim=0).double()  # [G]
+    best = None
+    for t in thresholds:
+        fires = (acts > t * max_f) if max_f > 0 else torch.zeros_like(acts, dtype=torch.bool)  # [N]
+        tp = torch.count_nonzero(labels & fires[:, None], dim=0).double()  # [G]
+        n_fire = torch.count_nonzero(fires).double()
+        f1 = f1_from_counts(tp, n_fire, n_true)
+        cur = {'f1': f1, 'precision': tp / n_fire.clamp_min(1), 'recall': tp / n_true.clamp_min(1),
+               'threshold': torch.full_like(f1, t)}
+        if best is None:
+            best = cur
+        else:
+            better = f1 > best['f1']  # strict: ties keep the lower threshold
+            best = {k: torch.where(better, cur[k], best[k]) for k in best}
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Board reconstruction
+# ---------------------------------------------------------------------------------------------
+
+def reconstruction_details(acts_train, labels_train, acts_test, labels_test, thresholds=None,
+                           min_precision=0.95, min_true_positives=10) -> dict:
+    """Board reconstruction with per-threshold detail (see `board_reconstruction`).
+
+    Returns {'f1': float (test micro-F1 at the chosen t), 'threshold': float (chosen on train),
+             'thresholds': tuple (sorted), 'train_f1': list[float], 'test_f1': list[float]
+             (micro-F1 at each threshold), 'feature_labels': bool [F, G] at the chosen t}.
+    ('test_f1' lets one reproduce the paper's choice of t on test: max(test_f1).)
+    """
+    thresholds = _check_thresholds(thresholds)
+    acts_train, acts_test = acts_train.float(), acts_test.float()
+    labels_train, labels_test = labels_train.bool(), labels_test.bool()
+    n_feat, n_thr = acts_train.shape[1], len(thresholds)
+    max_f = acts_train.amax(0)  # [F], from train only
+    train = _firing_entries(acts_train, max_f, thresholds)  # sorted by position
+    test = _firing_entries(acts_test, max_f, thresholds)  # same max_f, same thresholds
+    train_f1, test_f1, feature_labels = [0.0] * n_thr, [0.0] * n_thr, [None] * n_thr
+    counts = _counts_per_threshold(_by_feature(train), labels_train.float(), n_feat, n_thr)
+    for k, tp, n_fire in counts:  # tp [F, G], n_fire [F] on train
+        precision = tp / n_fire.clamp_min(1)[:, None]  # P(g | f fires), [F, G]
+        lab = (precision >= min_precision) & (tp >= min_true_positives)  # [F, G] bool
+        train_f1[k] = micro_f1(_predict_board(train, k, lab, acts_train.shape[0]), labels_train)
+        test_f1[k] = micro_f1(_predict_board(test, k, lab, acts_test.shape[0]), labels_test)
+        feature_labels[k] = lab
+    i = max(range(n_thr), key=lambda k: (train_f1[k], -k))  # best train F1, lowest t on ties
+    return {"f1": test_f1[i], "threshold": thresholds[i], "thresholds": thresholds,
+            "train_f1": train_f1, "test_f1": test_f1, "feature_labels": feature_labels[i]}
+
+
+def board_reconstruction(acts_train, labels_train, acts_test, labels_test,
+                         thresholds=None) -> float:
+    """Board reconstruction micro-F1 on the test split, threshold chosen on the train split.
+
+    acts_*: float [N_*, F]; labels_*: bool [N_*, G].  max_f comes from the train split.
+    For each t in thresholds (default 0.0, 0.1, ..., 0.9), with fires_f(n) = acts[n,f] > t*max_f:
+        on train, feature f gets label g iff P(g | f fires) >= 0.95 and TP(f, g) >= 10
+        predicted board at n: pred[n, g] = OR over firing features f of label(f, g)
+        micro-F1 = 2 TP / (2 TP + FP + FN), pooled over all positions x elements
+    t* = argmax_t micro-F1 on train (lowest t on ties); returns micro-F1 on test at t*.
+    """
+    return reconstruction_details(acts_train, labels_train, acts_test, labels_test,
+                                  thresholds)["f1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Unsupervised metrics
+# ---------------------------------------------------------------------------------------------
+
+def l0(f) -> float:
+    """L0 = mean over rows of the number of non-zero features.  f: [..., F]."""
+    return (f != 0).sum(-1, dtype=torch.float64).mean().item()
+
+
+def dead_fraction(acts) -> float:
+    """Fraction of features that never fire (act > 0) anywhere in the set.  acts: [..., F]."""
+    alive = (acts > 0).reshape(-1, acts.shape[-1]).any(0)  # [F]
+    return 1.0 - alive.double().mean().item()
+
+
+class VarianceExplained:
+    """Streaming fraction of variance explained, over the whole set:
+        FVE = 1 - sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mean(x)||^2
+    mean(x) is the mean over the whole set (per dimension).  float64 accumulators; the total
+    variance is merged batch by batch (Chan et al.) so it stays exact-ish for large means.
+    Usage: ve = VarianceExplained(); ve.update(x, x_hat) per batch; ve.compute() -> float.
+    x, x_hat: [..., d] (any leading shape).
+    """
+
+    def __init__(self):
+        self.n = 0
+        self.mean = None  # [d] float64
+        self.m2 = None  # [d] float64, sum of squared deviations from self.mean
+        self.sse = None  # [] float64, sum ||x - x_hat||^2
+
+    @torch.no_grad()
+    def update(self, x, x_hat):
+        x = x.reshape(-1, x.shape[-1]).double()  # [n, d]
+        x_hat = x_hat.reshape(-1, x_hat.shape[-1]).double()  # [n, d]
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        sse = (x - x_hat).pow(2).sum()
+        mean_b = x.mean(0)  # [d]
+        m2_b = (x - mean_b).pow(2).sum(0)  # [d]
+        if self.n == 0:
+            self.n, self.mean, self.m2, self.sse = n_b, mean_b, m2_b, sse
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta.pow(2) * (self.n * n_b / n)
+        self.sse = self.sse + sse
+        self.n = n
+
+    def compute(self) -> float:
+        """1 - SSE / total variance; nan if nothing was seen or x is constant."""
+        if self.n == 0:
+            return float("nan")
+        total = self.m2.sum().item()
+        return 1.0 - self.sse.item() / total if total > 0 else float("nan")
+
+
+def explained_variance(x, x_hat) -> float:
+    """FVE = 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 over the whole set (float64).
+    x, x_hat: [..., d].  Same numbers as one VarianceExplained update."""
+    ve = VarianceExplained()
+    ve.update(x, x_hat)
+    return ve.compute()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss recovered
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def cross_entropies(model, tokens, layer, reconstruct, batch_size=64) -> dict:
+    """Token-weighted mean next-token cross-entropy over all non-pad targets, three ways:
+        'clean': the unmodified model
+        'zero':  residual stream after block `layer` replaced by zeros
+        'sae':   residual stream after block `layer` replaced by reconstruct(resid)
+    tokens: int64 [N, T+1]; x = tokens[:, :-1], y = tokens[:, 1:].  reconstruct maps
+    (B, T, d) -> (B, T, d).  Sums and counts are accumulated in float64 across batches.
+    Returns {'clean': float, 'zero': float, 'sae': float}.
+    """
+    device = next(model.parameters()).device
+    pad_id = getattr(model.config, "pad_id", None)
+    ignore = -100 if pad_id is None else pad_id
+    sums = {"clean": 0.0, "zero": 0.0, "sae": 0.0}
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, tokens.shape[0], batch_size):
+            batch = tokens[i:i + batch_size].to(device)
+            x, y = batch[:, :-1], batch[:, 1:]  # [B, T] each
+
+            def ce_sum(logits):  # logits [B, T, V] -> summed CE over non-pad targets
+                v = logits.shape[-1]
+                return F.cross_entropy(logits.float().reshape(-1, v), y.reshape(-1),
+                                       ignore_index=ignore, reduction="sum").double().item()
+
+            resid = model.residual(x, layer)  # [B, T, d]
+            sums["clean"] += ce_sum(model(x, y)[0])
+            sums["zero"] += ce_sum(model.forward_from(torch.zeros_like(resid), layer, y)[0])
+            sums["sae"] += ce_sum(model.forward_from(reconstruct(resid), layer, y)[0])
+            count += int((y != ignore).sum())
+    finally:
+        model.train(was_training)
+    return {k: (s / count if count else float("nan")) for k, s in sums.items()}
+
+
+def loss_recovered(model, tokens, layer, reconstruct, batch_size=64) -> float:
+    """Loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), with the CEs of
+    `cross_entropies` (1 = reconstruction as good as the clean model, 0 = as bad as zeros)."""
+    ce = cross_entropies(model, tokens, layer, reconstruct, batch_size)
+    gap = ce["zero"] - ce["clean"]
+    return (ce["zero"] - ce["sae"]) / gap if gap != 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe (supervised baseline)
+# ---------------------------------------------------------------------------------------------
+
+def linear_probe(x_train, labels_train, x_test, labels_test, steps=300, lr=3e-2,
+                 weight_decay=0.0, batch_size=None, seed=0) -> dict:
+    """One logistic-regression probe per BSP element, trained jointly as one linear layer.
+
+    x_*: float [N_*, d] activations; labels_*: bool [N_*, G].  Inputs are standardised with
+    the train mean/std.  logits = x W + b, W [d, G]; loss = mean BCE-with-logits; AdamW for
+    `steps` steps (full batch if batch_size is None, else random minibatches).  Predicted
+    element g at n iff logit > 0.  Scores on test:
+        'f1_micro': micro-F1 pooled over positions x elements
+        'accuracy': fraction of positions x elements predicted correctly
+        'f1_mean':  mean per-element F1 over elements that occur in the test split
+    Returns {'f1_micro': float, 'accuracy': float, 'f1_mean': float}.
+    """
+    x_train, x_test = x_train.float(), x_test.float()
+    y_train = labels_train.float()  # [N, G]
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # [d]
+    z_train, z_test = (x_train - mean) / std, (x_test - mean) / std
+    d, n_el = x_train.shape[1], y_train.shape[1]
+    probe = torch.nn.Linear(d, n_el).to(x_train.device)
+    with torch.no_grad():  # convex problem: start from zero weights and the base-rate bias
+        probe.weight.zero_()
+        rate = y_train.mean(0).clamp(1e-4, 1 - 1e-4)
+        probe.bias.copy_(torch.log(rate / (1 - rate)))
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ in range(steps):
+            if batch_size is None:
+                zb, yb = z_train, y_train
+            else:
+                idx = torch.randint(0, z_train.shape[0], (batch_size,), generator=gen)
+                idx = idx.to(x_train.device)
+                zb, yb = z_train[idx], y_train[idx]
+            loss = F.binary_cross_entropy_with_logits(probe(zb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        pred = probe(z_test) > 0  # [N_test, G]
+    labels_test = labels_test.bool()
+    present = labels_test.any(0)  # [G]
+    f1_el = per_element_f1(pred, labels_test)
+    return {"f1_micro": micro_f1(pred, labels_test),
+            "accuracy": (pred == labels_test).double().mean().item(),
+            "f1_mean": f1_el[present].mean().item() if present.any() else 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM itself
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def legal_move_rate(model, game, tokens, device='cpu', batch_size=64, max_move_chars=8) -> float:
+    """Fraction of the model's greedy next moves that are legal, on held-out games `tokens` [N, T+1].
+    Othello: at every position whose next move exists, the top-1 token must be a legal square
+      for the player to move next (passes handled by data.othello_states).
+    Chess: at every move boundary (where a move's SAN begins) of the first T - max_move_chars
+      characters, the model greedily writes characters until a space; the text must be a legal
+      move (with its move number before a White move) in the position the prefix reached,
+      checked with python-chess.
+    legal_move_rate = legal predictions / predictions."""
+    model.eval()
+    tokens = tokens.long()
+    if game == 'othello':
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        legal = D.othello_states(x)['legal']  # (N, T, 64) for the player to move next
+        n_legal = n_total = 0
+        for i in range(0, len(x), batch_size):
+            pred = model(x[i:i + batch_size].to(device))[0].argmax(-1).cpu()  # (b, T)
+            has_next = y[i:i + batch_size] != D.OTHELLO_PAD
+            square = torch.as_tensor(D.OTHELLO_SQUARES + [0])[pred]  # pad -> a dummy square
+            ok = legal[i:i + batch_size].gather(-1, square[..., None])[..., 0] & (pred != D.OTHELLO_PAD)
+            n_legal += (ok & has_next).sum().item()
+            n_total += has_next.sum().item()
+        return n_legal / max(n_total, 1)
+    # chess: one row per (game, boundary); rows are decoded in parallel, sorted by prefix length
+    T = model.config.block_size
+    rows = []  # (game index, prefix length)
+    texts = [D.decode_chess(r) for r in tokens]
+    for g, text in enumerate(texts):
+        rows += [(g, b) for b in D.move_boundaries(text[:T - max_move_chars]) if b > 1]
+    rows.sort(key=lambda r: r[1])
+    n_legal = 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        L = max(b for _, b in chunk) + max_move_chars
+        buf = tokens[[g for g, _ in chunk], :L].clone()  # (b, L): the true text, overwritten as we decode
+        pos = torch.tensor([b for _, b in chunk])  # next position to write, per row
+        for _ in range(max_move_chars):
+            logits = model(buf[:, :int(pos.max())].to(device))[0]
+            nxt = logits[torch.arange(len(chunk)), pos - 1].argmax(-1).cpu()
+            buf[torch.arange(len(chunk)), pos] = nxt
+            pos = pos + 1
+        for (g, b), row in zip(chunk, buf):
+            generated = D.decode_chess(row[b:])
+            n_legal += D.is_legal_continuation(texts[g][:b], generated)
+    return n_legal / max(len(rows), 1)

@@ -1,0 +1,180 @@
+"""
+The game transformer: a small GPT in nanoGPT's spirit (pre-LayerNorm blocks, causal
+self-attention through scaled_dot_product_attention, GELU MLP, weight-tied head).
+
+Reads/writes: out/<game>/model.pt through save_checkpoint / load_checkpoint (train.py writes it,
+evaluate.py and the SAE stage read it). Used by: python train.py --game chess
+
+Beyond a normal GPT it exposes the residual stream for interpretability:
+  residual(idx, layer)          -> the residual stream after block `layer` (0-based), (B, T, d)
+  forward_from(resid, layer)    -> the rest of the forward pass from a given residual stream,
+                                   so the stream can be replaced by zeros or an SAE's reconstruction
+  mlp_hidden(idx, layer)        -> the GELU outputs of block `layer`'s MLP (a baseline dictionary)
+"""
+import math
+import os
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from data import UserError, atomic_save, load_file
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 61
+    block_size: int = 59   # context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    pad_id: int = 60       # targets equal to pad_id are ignored by the loss
+    dropout: float = 0.0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        x = x + self.drop(self.attn(self.ln_1(x)))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (as nanoGPT)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        for name, p in self.named_parameters():
+            if name.endswith('proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def n_params(self):
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+    def embed(self, idx):
+        T = idx.shape[1]
+        assert T <= self.config.block_size, f"sequence of {T} tokens exceeds the context {self.config.block_size}"
+        return self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, d)
+
+    def head(self, x, targets):
+        """Final LayerNorm, logits (B, T, vocab) and the mean cross-entropy over non-pad targets."""
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=self.config.pad_id)
+        return logits, loss
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x, targets)
+
+    def residual(self, idx, layer):
+        """Residual stream after block `layer` (0-based): (B, T, d)."""
+        x = self.embed(idx)
+        for block in self.blocks[:layer + 1]:
+            x = block(x)
+        return x
+
+    def forward_from(self, resid, layer, targets=None):
+        """Run blocks layer+1.. on `resid` (B, T, d), the stream after block `layer`."""
+        x = resid
+        for block in self.blocks[layer + 1:]:
+            x = block(x)
+        return self.head(x, targets)
+
+    def mlp_hidden(self, idx, layer):
+        """The GELU activations inside block `layer`'s MLP: (B, T, 4d)."""
+        x = self.residual(idx, layer - 1) if layer > 0 else self.embed(idx)
+        block = self.blocks[layer]
+        x = x + block.attn(block.ln_1(x))
+        return F.gelu(block.mlp.fc(block.ln_2(x)))
+
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95)):
+        # decay matrices only; biases, LayerNorm and embeddings' positions are not decayed
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def choose_device(name='auto'):
+    """The one place a device is picked: cuda, then mps, then cpu, unless `name` says which."""
+    if name != 'auto':
+        return name
+    if torch.cuda.is_available():
+        return 'cuda'
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'
+
+
+def save_checkpoint(path, model, game, extra):
+    """Atomically write the model's config, weights and `extra` (train config, step, metrics)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save({'format': 'boardgame-saes/model', 'version': 1, 'game': game,
+                 'model_config': asdict(model.config), 'model': state, **extra}, path)
+
+
+def load_checkpoint(path, game=None, device='cpu'):
+    """Rebuild the exact model from its checkpoint. Returns (model, checkpoint dict)."""
+    hint = f"python train.py --game {game or '<game>'} --stage lm"
+    ckpt = load_file(path, 'boardgame-saes/model', hint)
+    if game is not None and ckpt.get('game') != game:
+        raise UserError(f"{path} is a {ckpt.get('game')} model, not {game}: run `{hint}`")
+    model = GPT(GPTConfig(**ckpt['model_config']))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device), ckpt

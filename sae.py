@@ -1,0 +1,602 @@
+"""
+Sparse autoencoders (SAEs): one small class per architecture, all with one interface.
+
+Used by `python train.py --game chess --stage sae` (trains SAEs on residual-stream activations
+saved by the model stage) and by evaluate.py (loads them and encodes activations into features).
+Reads nothing by itself; `save` writes one `.pt` file per SAE and `load` rebuilds any SAE from
+that file alone.
+
+Architectures (see PAPER.md):
+    standard      ReLU SAE with an L1 penalty
+    gated         Gated SAE (Rajamanoharan et al. 2024), L1 on the gate path + auxiliary loss
+    p_anneal      standard, with the paper's p-annealing of an Lp^p penalty
+    gated_anneal  gated, with p-annealing of the gate's penalty
+    topk          TopK SAE with AuxK loss (Gao et al. 2024)
+    batch_topk    BatchTopK: top k*B over the whole batch in training, a tracked threshold after
+    jumprelu      JumpReLU with straight-through estimators (Rajamanoharan et al. 2024b)
+
+Conventions shared by every architecture:
+- Parameters W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc (d_sae,), b_dec (d_in,); plain
+  tensors, no hidden transposes. Decoder rows W_dec[i] are kept at unit norm.
+- Raw activations x are scaled by one scalar buffer `act_scale` so that E||x||^2 = d_in.
+  encode(x) works on x * act_scale, decode(f) divides its output by act_scale, so
+  decode(encode(x)) lives in RAW space. b_dec and all features live in the normalised space.
+- loss(x, step) takes RAW activations and computes everything in the normalised space, in fp32.
+  MSE is the squared error SUMMED over the d_in dimensions, averaged over the batch:
+  mse = mean_b ||x_b - x_hat_b||^2 (normalised units; E||x||^2 = d_in, so the zero
+  reconstruction scores about d_in). Penalties are per-row sums averaged over the batch too.
+- stats: dict of python floats with the same keys for every architecture (STATS_KEYS).
+- Training step: loss.backward(); sae.before_optimizer_step(); opt.step();
+  sae.after_optimizer_step(step). `train_sae` below does exactly this.
+"""
+
+import math
+import os
+import tempfile
+from collections import deque
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FILE_FORMAT = 'boardgame-saes/sae'
+FILE_VERSION = 1
+STATS_KEYS = ('loss', 'mse', 'sparsity_loss', 'aux_loss', 'l0', 'frac_var_explained', 'p', 'coef')
+
+
+def act_scale_for(x):
+    """The scalar s with E||s * x||^2 = d_in, from a sample x (N, d_in). Computed in float64."""
+    x = x.detach().to(torch.float64)
+    mean_sq_norm = x.pow(2).sum(-1).mean().item()
+    if not mean_sq_norm > 0:
+        raise ValueError('act_scale_for: the activation sample is all zeros (or not finite)')
+    return math.sqrt(x.shape[-1] / mean_sq_norm)
+
+
+def lp_sum(acts, p):
+    """sum_i acts_i^p per row, for acts >= 0. (B, d_sae) -> (B,)
+    For p < 1 the derivative p * a^(p-1) is infinite at a = 0; zeros contribute nothing to the
+    value, and clamping before the power keeps their (masked-out) gradient finite, not NaN."""
+    if p == 1.0:
+        return acts.sum(-1)
+    active = acts > 0
+    return torch.where(active, acts.clamp_min(1e-12).pow(p), torch.zeros_like(acts)).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the base class: parameters, normalisation, encode/decode, the shared loss and the decoder norm
+
+class SAE(nn.Module):
+    arch = None
+    DEFAULT_COEF = 5.0  # sparsity coefficient; a sweep variable, this is only a starting point
+
+    def __init__(self, d_in, d_sae, *, coef=None, total_steps=None):
+        super().__init__()
+        coef = self.DEFAULT_COEF if coef is None else float(coef)
+        # everything needed to rebuild this SAE: the constructor's keyword arguments
+        self.cfg = dict(arch=self.arch, d_in=d_in, d_sae=d_sae, coef=coef, total_steps=total_steps)
+        # decoder rows: random unit directions; encoder starts as the decoder's transpose (a copy)
+        W_dec = torch.randn(d_sae, d_in)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec.T.clone())       # (d_in, d_sae)
+        self.W_dec = nn.Parameter(W_dec)                 # (d_sae, d_in)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))    # (d_sae,)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))     # (d_in,) in normalised space
+        self.register_buffer('act_scale', torch.tensor(1.0))
+        # training state that changes during training (p-annealing); saved in the file too
+        self.p = 1.0
+        self.coef = coef
+        self.n_anneal_done = 0
+        self.meta = {}
+
+    # --- normalisation ---
+
+    def set_act_scale(self, x_sample):
+        """Set act_scale from a raw sample (N, d_in) so that E||x * act_scale||^2 = d_in."""
+        self.act_scale.fill_(act_scale_for(x_sample))
+
+    @torch.no_grad()
+    def init_b_dec(self, x_sample, method='geometric_median', n_iter=50):
+        """Set b_dec to the mean or geometric median of a RAW sample, in normalised space.
+        Call after set_act_scale. Geometric median by Weiszfeld iterations in float64."""
+        x = x_sample.detach().to(torch.float64) * self.act_scale.item()  # (N, d_in)
+        centre = x.mean(0)
+        if method == 'geometric_median':
+            for _ in range(n_iter):
+                weights = 1.0 / (x - centre).norm(dim=-1).clamp_min(1e-8)  # (N,)
+                centre = (weights[:, None] * x).sum(0) / weights.sum()
+        elif method != 'mean':
+            raise ValueError(f"init_b_dec: method must be 'mean' or 'geometric_median', got {method!r}")
+        self.b_dec.copy_(centre.to(self.b_dec.dtype))
+
+    # --- encode / decode (public ones take and return RAW activations) ---
+
+    def encode(self, x):
+        """x (B, d_in) raw -> f (B, d_sae)."""
+        return self._encode_n(x.float() * self.act_scale)
+
+    def decode(self, f):
+        """f (B, d_sae) -> x_hat (B, d_in) raw."""
+        return self._decode_n(f.float()) / self.act_scale
+
+    def forward(self, x):
+        f = self.encode(x)
+        return self.decode(f), f
+
+    def _pre_acts(self, x):
+        # x normalised (B, d_in) -> encoder pre-activations (B, d_sae)
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def _decode_n(self, f):
+        # f (B, d_sae) -> normalised reconstruction (B, d_in)
+        return f @ self.W_dec + self.b_dec
+
+    def _encode_n(self, x):
+        raise NotImplementedError
+
+    def _train_forward(self, x):
+        """x normalised (B, d_in) -> (f, x_hat, sparsity_loss, aux_loss); may update buffers."""
+        raise NotImplementedError
+
+    def _penalty(self, acts):
+        # acts >= 0 (B, d_sae). L1 = sum_i |f_i|; decoder rows are unit norm, so no norm weighting
+        return self.coef * acts.sum(-1).mean()
+
+    # --- the loss ---
+
+    def loss(self, x, step):
+        """x RAW activations (B, d_in) -> (loss, stats). All maths in fp32, normalised space."""
+        x = x.float() * self.act_scale                      # (B, d_in)
+        f, x_hat, sparsity_loss, aux_loss = self._train_forward(x)
+        sq_err = (x - x_hat).pow(2).sum(-1)                 # (B,)
+        mse = sq_err.mean()
+        loss = mse + sparsity_loss + aux_loss
+        with torch.no_grad():
+            total_var = (x - x.mean(0)).pow(2).sum()
+            fve = 1 - sq_err.sum() / total_var.clamp_min(1e-12)
+            l0 = (f != 0).float().sum(-1).mean()
+            # one device->host copy for all the stats
+            values = torch.stack([loss, mse, sparsity_loss, aux_loss, l0, fve]).tolist()
+        stats = dict(zip(STATS_KEYS[:6], values), p=float(self.p), coef=float(self.coef))
+        return loss, stats
+
+    # --- keeping decoder rows at unit norm ---
+
+    @torch.no_grad()
+    def before_optimizer_step(self):
+        """Remove the gradient component along each decoder row (it would only change the norm)."""
+        if self.W_dec.grad is None:
+            return
+        rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)          # (d_sae, d_in)
+        parallel = (self.W_dec.grad * rows).sum(dim=1, keepdim=True)      # (d_sae, 1)
+        self.W_dec.grad -= parallel * rows
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step):
+        """Renormalise decoder rows to unit norm (subclasses add annealing updates)."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+
+    def extra_repr(self):
+        return ', '.join(f'{k}={v}' for k, v in self.cfg.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# standard and gated
+
+class StandardSAE(SAE):
+    """f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec, L1 penalty."""
+    arch = 'standard'
+
+    def _encode_n(self, x):
+        return F.relu(self._pre_acts(x))                     # (B, d_sae)
+
+    def _train_forward(self, x):
+        f = self._encode_n(x)
+        x_hat = self._decode_n(f)
+        return f, x_hat, self._penalty(f), x.new_zeros(())
+
+
+class GatedSAE(SAE):
+    """Gated SAE. The gate and magnitude paths share W_enc; the magnitude path scales it per
+    feature by exp(r_mag). b_enc is the gate bias (b_gate), b_mag the magnitude bias.
+        pi_gate = (x - b_dec) W_enc + b_enc,  pi_mag = (x - b_dec) W_enc * exp(r_mag) + b_mag
+        f = 1[pi_gate > 0] * ReLU(pi_mag)
+    Training loss: mse + coef * sum ReLU(pi_gate) + ||x - (ReLU(pi_gate) W_dec + b_dec)||^2 with
+    the decoder detached in that auxiliary term (it trains the gate path to reconstruct)."""
+    arch = 'gated'
+
+    def __init__(self, d_in, d_sae, **kw):
+        super().__init__(d_in, d_sae, **kw)
+        self.r_mag = nn.Parameter(torch.zeros(d_sae))    # (d_sae,)
+        self.b_mag = nn.Parameter(torch.zeros(d_sae))    # (d_sae,)
+
+    def _gate_and_mag(self, x):
+        shared = (x - self.b_dec) @ self.W_enc           # (B, d_sae)
+        pi_gate = shared + self.b_enc
+        pi_mag = shared * torch.exp(self.r_mag) + self.b_mag
+        return pi_gate, pi_mag
+
+    def _encode_n(self, x):
+        pi_gate, pi_mag = self._gate_and_mag(x)
+        return (pi_gate > 0).float() * F.relu(pi_mag)    # (B, d_sae)
+
+    def _train_forward(self, x):
+        pi_gate, pi_mag = self._gate_and_mag(x)
+        f = (pi_gate > 0).float() * F.relu(pi_mag)
+        x_hat = self._decode_n(f)
+        gate_acts = F.relu(pi_gate)                      # (B, d_sae)
+        x_hat_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+        aux_loss = (x - x_hat_gate).pow(2).sum(-1).mean()
+        return f, x_hat, self._penalty(gate_acts), aux_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# p-annealing (the paper's method), as a mixin over standard and gated
+
+class PAnnealing:
+    """Penalty coef * sum_i f_i^p. p starts at 1; n_anneal_steps updates at steps evenly spread
+    from anneal_start to the final step (total_steps - 1) set p to the values of
+    linspace(1, p_end, n_anneal_steps) in turn (as in the paper's code: the first update keeps
+    p = 1, the last sets p_end on the final step, so the last trained p is about 0.29 for 10
+    updates and p_end = 0.2). At each update the coefficient is rescaled so the penalty value is
+    continuous: coef <- coef * mean(L_p) / mean(L_p_next), means over the last history_len
+    batches before the update. Updates run in after_optimizer_step(step), so loss(x, step) uses
+    the p set by updates at earlier steps: see p_at(step)."""
+
+    def _init_anneal(self, anneal_start, p_end, n_anneal_steps, history_len):
+        if self.cfg['total_steps'] is None:
+            raise ValueError(f'{self.arch}: p-annealing needs total_steps')
+        self.cfg.update(anneal_start=anneal_start, p_end=p_end, n_anneal_steps=n_anneal_steps,
+                        history_len=history_len)
+        self.lp_history = deque(maxlen=history_len)  # (mean L_p, mean L_p_next) per batch
+        self._schedule = self.p_schedule()
+        self._loss_step = 0
+
+    def anneal_start_step(self):
+        # a float is a fraction of training, an int a step
+        start, total = self.cfg['anneal_start'], self.cfg['total_steps']
+        return int(round(start * total)) if isinstance(start, float) else int(start)
+
+    def p_schedule(self):
+        """List of (step, p) updates: after the optimiser step `step`, p becomes `p`."""
+        n, last = self.cfg['n_anneal_steps'], self.cfg['total_steps'] - 1
+        first = min(self.anneal_start_step(), last)
+        steps = torch.linspace(first, last, n, dtype=torch.float64).round().long().tolist()
+        ps = torch.linspace(1.0, self.cfg['p_end'], n, dtype=torch.float64).tolist()
+        return list(zip(steps, ps))
+
+    def p_at(self, step):
+        """The p that loss(x, step) uses: set by the last update at an earlier step."""
+        p = 1.0
+        for update_step, update_p in self._schedule:
+            if update_step < step:
+                p = update_p
+        return p
+
+    def loss(self, x, step):
+        self._loss_step = step  # _penalty needs it to know when to keep history
+        return super().loss(x, step)
+
+    def _penalty(self, acts):
+        lp = lp_sum(acts, self.p).mean()
+        if self.training and self.n_anneal_done < len(self._schedule):
+            next_step, next_p = self._schedule[self.n_anneal_done]
+            # keep history only in the window just before the next update (saves a pow per step)
+            if next_step - self._loss_step < self.cfg['history_len']:
+                with torch.no_grad():
+                    self.lp_history.append((lp.detach(), lp_sum(acts.detach(), next_p).mean()))
+        return self.coef * lp
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step):
+        super().after_optimizer_step(step)
+        schedule = self._schedule
+        # `while`, not `if`: on very short runs several updates can fall on one step; the
+        # later ones then find no history and keep coef (their p never trains anyway)
+        while self.n_anneal_done < len(schedule) and schedule[self.n_anneal_done][0] <= step:
+            p_next = schedule[self.n_anneal_done][1]
+            if self.lp_history and p_next != self.p:
+                lp_now = torch.stack([h[0] for h in self.lp_history]).mean().item()
+                lp_next = torch.stack([h[1] for h in self.lp_history]).mean().item()
+                if lp_next > 0:
+                    self.coef = self.coef * lp_now / lp_next
+            self.p = p_next
+            self.n_anneal_done += 1
+            self.lp_history.clear()  # the next update compares against a different p_next
+
+
+class PAnnealSAE(PAnnealing, StandardSAE):
+    arch = 'p_anneal'
+
+    def __init__(self, d_in, d_sae, *, anneal_start=0.2, p_end=0.2, n_anneal_steps=10,
+                 history_len=10, **kw):
+        StandardSAE.__init__(self, d_in, d_sae, **kw)
+        self._init_anneal(anneal_start, p_end, n_anneal_steps, history_len)
+
+
+class GatedAnnealSAE(PAnnealing, GatedSAE):
+    arch = 'gated_anneal'
+
+    def __init__(self, d_in, d_sae, *, anneal_start=0.2, p_end=0.2, n_anneal_steps=10,
+                 history_len=10, **kw):
+        GatedSAE.__init__(self, d_in, d_sae, **kw)
+        self._init_anneal(anneal_start, p_end, n_anneal_steps, history_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# TopK and BatchTopK
+
+class TopKSAE(SAE):
+    """Keep the k largest of ReLU((x - b_dec) W_enc + b_enc) per row; no sparsity penalty (coef
+    is unused and 0). AuxK loss (Gao et al. 2024): latents that have not fired for dead_tokens
+    training rows are 'dead'; the top aux_k of their pre-activations reconstruct the residual
+    x - x_hat (detached), giving them gradient. The aux MSE is divided by the residual's variance
+    (scale free) and weighted by aux_coef."""
+    arch = 'topk'
+    DEFAULT_COEF = 0.0
+
+    def __init__(self, d_in, d_sae, *, k=32, aux_k=None, aux_coef=1 / 32, dead_tokens=10_000_000, **kw):
+        super().__init__(d_in, d_sae, **kw)
+        aux_k = d_in // 2 if aux_k is None else aux_k
+        self.cfg.update(k=k, aux_k=aux_k, aux_coef=aux_coef, dead_tokens=dead_tokens)
+        self.register_buffer('tokens_since_fired', torch.zeros(d_sae, dtype=torch.long))
+
+    def _relu_pre(self, x):
+        return F.relu(self._pre_acts(x))                 # (B, d_sae)
+
+    def _keep_topk_per_row(self, acts):
+        values, indices = acts.topk(self.cfg['k'], dim=-1)               # (B, k)
+        return torch.zeros_like(acts).scatter(-1, indices, values)       # (B, d_sae)
+
+    def _encode_n(self, x):
+        return self._keep_topk_per_row(self._relu_pre(x))
+
+    def _select_train(self, acts):
+        return self._keep_topk_per_row(acts)
+
+    def _train_forward(self, x):
+        acts = self._relu_pre(x)                         # (B, d_sae)
+        f = self._select_train(acts)
+        x_hat = self._decode_n(f)
+        if self.training:  # dead-latent bookkeeping counts training rows only
+            fired = (f > 0).any(0).detach()              # (d_sae,)
+            self.tokens_since_fired += x.shape[0]
+            self.tokens_since_fired[fired] = 0
+        return f, x_hat, x.new_zeros(()), self._aux_loss(x, x_hat, acts)
+
+    def _aux_loss(self, x, x_hat, acts):
+        dead = self.tokens_since_fired >= self.cfg['dead_tokens']       # (d_sae,)
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return x.new_zeros(())
+        residual = (x - x_hat).detach()                                  # (B, d_in)
+        dead_acts = acts * dead                                          # (B, d_sae)
+        values, indices = dead_acts.topk(min(self.cfg['aux_k'], n_dead), dim=-1)
+        aux_f = torch.zeros_like(acts).scatter(-1, indices, values)
+        residual_hat = aux_f @ self.W_dec                                # (B, d_in), no bias
+        aux_mse = (residual - residual_hat).pow(2).sum(-1).mean()
+        residual_var = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return self.cfg['aux_coef'] * aux_mse / residual_var
+
+
+class BatchTopKSAE(TopKSAE):
+    """Training (loss) keeps the k*B largest activations over the whole batch (B rows), so rows
+    share a budget of k on average. That is undefined for one row, so encode() (inference)
+    keeps activations above a threshold: an exponential moving average (decay threshold_decay)
+    of the smallest activation kept in each training batch. Before any training step has set
+    it (threshold < 0) encode falls back to top-k per row. encode_batch(x) exposes the
+    training-time selection."""
+    arch = 'batch_topk'
+
+    def __init__(self, d_in, d_sae, *, threshold_decay=0.99, **kw):
+        super().__init__(d_in, d_sae, **kw)
+        self.cfg.update(threshold_decay=threshold_decay)
+        self.register_buffer('threshold', torch.tensor(-1.0))  # normalised units; < 0 = unset
+
+    def _keep_topk_over_batch(self, acts):
+        flat = acts.flatten()                                            # (B * d_sae,)
+        values, indices = flat.topk(self.cfg['k'] * acts.shape[0])       # (k * B,) descending
+        return torch.zeros_like(flat).scatter(0, indices, values).view_as(acts), values
+
+    def _select_train(self, acts):
+        f, values = self._keep_topk_over_batch(acts)
+        if self.training and values[-1] > 0:
+            with torch.no_grad():
+                smallest_kept = values[-1]
+                decay = self.cfg['threshold_decay']
+                new = smallest_kept if self.threshold < 0 else decay * self.threshold + (1 - decay) * smallest_kept
+                self.threshold.copy_(new)
+        return f
+
+    def encode_batch(self, x):
+        """Training-time selection on RAW x (B, d_in): the top k*B activations of the batch."""
+        return self._keep_topk_over_batch(self._relu_pre(x.float() * self.act_scale))[0]
+
+    def _encode_n(self, x):
+        acts = self._relu_pre(x)
+        if self.threshold < 0:
+            return self._keep_topk_per_row(acts)
+        return acts * (acts > self.threshold)
+
+
+# ----------------------------------------------------------------------------------------------
+# JumpReLU
+
+def _rectangle(u):
+    # the rectangle kernel: 1 on |u| < 1/2, else 0
+    return (u.abs() < 0.5).float()
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """z * H(z - theta). d/dz = H(z - theta); d/dtheta via the kernel pseudo-derivative
+    -(theta / eps) K((z - theta) / eps)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad_out * (z > theta)
+        grad_theta = -(theta / eps) * _rectangle((z - theta) / eps) * grad_out
+        return grad_z, grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+
+
+class _StepFn(torch.autograd.Function):
+    """H(z - theta). No gradient to z; d/dtheta = -(1 / eps) K((z - theta) / eps)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1.0 / eps) * _rectangle((z - theta) / eps) * grad_out
+        return torch.zeros_like(z), grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+
+
+class JumpReLUSAE(SAE):
+    """f = z * H(z - theta), z = (x - b_dec) W_enc + b_enc, theta = exp(log_threshold) > 0
+    per feature. Penalty coef * L0, trained through straight-through estimators with a
+    rectangle kernel of width `bandwidth`. Both bandwidth and init_threshold are in normalised
+    units, where activations are sqrt(d_in) times larger than with the unit mean squared norm
+    the paper uses, hence defaults larger than its 0.001. log_threshold moves at most ~lr per
+    Adam step, so a start near the scale of real activations saves many steps."""
+    arch = 'jumprelu'
+    DEFAULT_COEF = 1.0
+
+    def __init__(self, d_in, d_sae, *, bandwidth=0.05, init_threshold=0.1, **kw):
+        super().__init__(d_in, d_sae, **kw)
+        self.cfg.update(bandwidth=bandwidth, init_threshold=init_threshold)
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
+
+    def _encode_n(self, x):
+        z = self._pre_acts(x)
+        return z * (z > torch.exp(self.log_threshold))
+
+    def _train_forward(self, x):
+        z = self._pre_acts(x)                            # (B, d_sae)
+        theta = torch.exp(self.log_threshold)            # (d_sae,)
+        f = _JumpReLUFn.apply(z, theta, self.cfg['bandwidth'])
+        x_hat = self._decode_n(f)
+        l0 = _StepFn.apply(z, theta, self.cfg['bandwidth']).sum(-1).mean()
+        return f, x_hat, self.coef * l0, x.new_zeros(())
+
+
+# ----------------------------------------------------------------------------------------------
+# registry, save / load
+
+ARCHS = {
+    'standard': StandardSAE,
+    'gated': GatedSAE,
+    'p_anneal': PAnnealSAE,
+    'gated_anneal': GatedAnnealSAE,
+    'topk': TopKSAE,
+    'batch_topk': BatchTopKSAE,
+    'jumprelu': JumpReLUSAE,
+}
+
+
+def make_sae(arch, d_in, d_sae, **kwargs):
+    if arch not in ARCHS:
+        raise ValueError(f'unknown SAE arch {arch!r}; choose from {sorted(ARCHS)}')
+    return ARCHS[arch](d_in, d_sae, **kwargs)
+
+
+class SAEFileError(ValueError):
+    """A missing, corrupt, foreign or outdated SAE file."""
+
+
+def _file_error(path, problem, game=None):
+    return SAEFileError(f'{path}: {problem}. Re-run `python train.py --game {game or "<game>"} '
+                        f'--stage sae` to create it.')
+
+
+def save(sae, path, extra=None):
+    """Atomically write the SAE (state_dict, cfg, training state) and `extra` (plain python
+    data: numbers, strings, lists, dicts, tensors) to path."""
+    checkpoint = {
+        'format': FILE_FORMAT,
+        'version': FILE_VERSION,
+        'cfg': dict(sae.cfg),
+        'state_dict': {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
+        'train_state': {'p': float(sae.p), 'coef': float(sae.coef), 'n_anneal_done': int(sae.n_anneal_done)},
+        'extra': dict(extra or {}),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp_sae_', suffix='.pt')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        # check it loads the way load() will, so bad `extra` fails here, not at evaluation
+        torch.load(tmp_path, map_location='cpu', weights_only=True)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def load(path, game=None):
+    """Rebuild any saved SAE from its file alone (in eval mode); `extra` becomes sae.meta."""
+    if not os.path.isfile(path):
+        raise _file_error(path, 'SAE file not found', game)
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise _file_error(path, f'not a readable SAE file ({type(e).__name__}: {e})', game) from e
+    if not isinstance(checkpoint, dict) or checkpoint.get('format') != FILE_FORMAT:
+        raise _file_error(path, f'not an SAE file (expected format {FILE_FORMAT!r})', game)
+    if checkpoint.get('version') != FILE_VERSION:
+        raise _file_error(path, f'SAE file version {checkpoint.get("version")!r}, this code reads '
+                                f'version {FILE_VERSION}', game)
+    try:
+        cfg = dict(checkpoint['cfg'])
+        sae = make_sae(cfg.pop('arch'), **cfg)
+        sae.load_state_dict(checkpoint['state_dict'])
+    except Exception as e:
+        raise _file_error(path, f'SAE file does not match the code ({type(e).__name__}: {e})', game) from e
+    train_state = checkpoint.get('train_state', {})
+    sae.p = train_state.get('p', 1.0)
+    sae.coef = train_state.get('coef', sae.cfg['coef'])
+    sae.n_anneal_done = train_state.get('n_anneal_done', 0)
+    sae.meta = checkpoint.get('extra', {})
+    return sae.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# a small training loop (tests; train.py may use it too)
+
+def train_sae(sae, batches, lr=3e-4, warmup_steps=1000, total_steps=None):
+    """Adam with linear lr warm-up over `batches` (an iterable of RAW (B, d_in) tensors), for
+    total_steps steps (default sae.cfg['total_steps'], else until batches run out).
+    Returns the list of per-step stats dicts."""
+    total_steps = total_steps if total_steps is not None else sae.cfg['total_steps']
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    warmup = max(1, warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    sae.train()
+    history = []
+    for step, x in enumerate(batches):
+        if total_steps is not None and step >= total_steps:
+            break
+        loss, stats = sae.loss(x, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.before_optimizer_step()
+        optimizer.step()
+        scheduler.step()
+        sae.after_optimizer_step(step)
+        history.append(stats)
+    return history

@@ -1,0 +1,1352 @@
+"""
+The test suite: python -m pytest -q test_all.py   (about a minute or two on 2 CPU cores)
+
+Known answers come from independent sources: Othello perft tables, a naive per-square Othello
+implementation written here, python-chess for chess boards, brute-force loops for the metrics.
+"""
+import os
+import random
+import re
+import subprocess
+import sys
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import chess
+
+import data as D
+from data import (
+    CHESS_CHARS, CHESS_PAD_ID, CHESS_STRATEGY_SIZES, DataError, chess_games, chess_labels,
+    chess_strategy_state, close_engines, decode_chess, encode_chess, find_stockfish,
+    is_legal_continuation, move_boundaries, moves_to_transcript, pgn_games, random_game,
+    stockfish_game, transcript_to_moves,
+)
+import metrics
+import sae as S
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_script(*args, cwd=HERE):
+    """Run one of the scripts as a user would; returns (exit code, stdout + stderr)."""
+    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Othello: an independent, naive board on an 8x8 list (the kind of code data.py replaces)
+
+NAIVE_DIRS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)]
+
+
+def naive_flips(board, player, r, c):
+    if board[r][c] != 0:
+        return []
+    out = []
+    for dr, dc in NAIVE_DIRS:
+        run, rr, cc = [], r + dr, c + dc
+        while 0 <= rr < 8 and 0 <= cc < 8 and board[rr][cc] == -player:
+            run.append((rr, cc))
+            rr, cc = rr + dr, cc + dc
+        if run and 0 <= rr < 8 and 0 <= cc < 8 and board[rr][cc] == player:
+            out += run
+    return out
+
+
+def naive_legal(board, player):
+    return [(r, c) for r in range(8) for c in range(8) if naive_flips(board, player, r, c)]
+
+
+def naive_start():
+    board = [[0] * 8 for _ in range(8)]  # board[rank][file]; 1 = Black, -1 = White
+    board[3][3] = board[4][4] = -1  # d4, e5 White
+    board[3][4] = board[4][3] = 1   # e4, d5 Black
+    return board
+
+
+def test_othello_perft_matches_known_counts():
+    assert D.othello_perft(8) == [4, 12, 56, 244, 1396, 8200, 55092, 390216]
+
+
+def test_othello_games_are_legal_and_reproducible():
+    a = D.othello_games(300, seed=7)
+    assert a.shape == (300, 60) and a.dtype == np.uint8
+    assert (a == D.othello_games(300, seed=7)).all()
+    assert not (a == D.othello_games(300, seed=8)).all()
+    n_moves = (a != D.OTHELLO_PAD).sum(1)
+    assert n_moves.min() >= 9 and (n_moves == 60).mean() > 0.8  # most random games fill the board
+    # replay every game on the naive board: every move legal, passes only when forced
+    n_pass = 0
+    for game in a[:100]:
+        board, player = naive_start(), 1
+        for tok in game:
+            if not naive_legal(board, player):
+                player = -player
+                n_pass += 1
+            if tok == D.OTHELLO_PAD:
+                assert not naive_legal(board, player) and not naive_legal(board, -player)
+                break
+            s = D.OTHELLO_SQUARES[tok]
+            r, c = divmod(s, 8)
+            flips = naive_flips(board, player, r, c)
+            assert flips, f"illegal move {D.OTHELLO_ITOS[tok]}"
+            board[r][c] = player
+            for rr, cc in flips:
+                board[rr][cc] = player
+            player = -player
+
+
+def test_othello_states_agree_with_naive_replay():
+    tokens = torch.from_numpy(D.othello_games(40, seed=3)).long()
+    states = D.othello_states(tokens)
+    for g in range(len(tokens)):
+        board, player = naive_start(), 1
+        for t, tok in enumerate(tokens[g].tolist()):
+            if tok == D.OTHELLO_PAD:
+                break
+            if not naive_legal(board, player):
+                player = -player
+            r, c = divmod(D.OTHELLO_SQUARES[tok], 8)
+            flips = naive_flips(board, player, r, c)
+            board[r][c] = player
+            for rr, cc in flips:
+                board[rr][cc] = player
+            player = -player
+            if not naive_legal(board, player) and naive_legal(board, -player):
+                player = -player  # the next player passes
+            mine = [board[s // 8][s % 8] == player for s in range(64)]
+            theirs = [board[s // 8][s % 8] == -player for s in range(64)]
+            legal = [False] * 64
+            for rr, cc in naive_legal(board, player):
+                legal[rr * 8 + cc] = True
+            flipped = [False] * 64
+            for rr, cc in flips:
+                flipped[rr * 8 + cc] = True
+            assert states['mine'][g, t].tolist() == mine
+            assert states['theirs'][g, t].tolist() == theirs
+            assert states['legal'][g, t].tolist() == legal
+            assert states['flipped'][g, t].tolist() == flipped
+
+
+def test_othello_states_handle_a_pass():
+    # find a generated game with a pass and check the side to move after it
+    tokens = torch.from_numpy(D.othello_games(2000, seed=11)).long()
+    states = D.othello_states(tokens)
+    found = 0
+    for g in range(len(tokens)):
+        board, player = naive_start(), 1
+        for t, tok in enumerate(tokens[g].tolist()):
+            if tok == D.OTHELLO_PAD:
+                break
+            r, c = divmod(D.OTHELLO_SQUARES[tok], 8)
+            if not naive_flips(board, player, r, c):  # the move is the other side's: a pass happened
+                player = -player
+                found += 1
+                # at the position before, the player to move next was already the passer's opponent
+                mover_discs = [board[s // 8][s % 8] == player for s in range(64)]
+                assert states['mine'][g, t - 1].tolist() == mover_discs
+            for rr, cc in naive_flips(board, player, r, c):
+                board[rr][cc] = player
+            board[r][c] = player
+            player = -player
+    assert found > 0
+
+
+def test_othello_states_reject_an_illegal_move():
+    tokens = torch.full((1, 3), D.OTHELLO_PAD)
+    tokens[0, 0] = D.OTHELLO_ITOS.index('a1')
+    with pytest.raises(D.DataError, match='illegal'):
+        D.othello_states(tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# Chess: python-chess is the oracle
+
+
+def test_transcript_format_known_games():
+    assert moves_to_transcript(['e4', 'e5', 'Nf3', 'Nc6', 'Bb5']) == ';1.e4 e5 2.Nf3 Nc6 3.Bb5'
+    assert moves_to_transcript(['e4', 'e5', 'Nf3', 'Nc6', 'Bc4', 'Bc5', 'O-O']) == \
+        ';1.e4 e5 2.Nf3 Nc6 3.Bc4 Bc5 4.O-O'
+    assert moves_to_transcript(['e4', 'e5', 'Bc4', 'Nc6', 'Qh5', 'Nf6', 'Qxf7#']) == \
+        ';1.e4 e5 2.Bc4 Nc6 3.Qh5 Nf6 4.Qxf7#'
+    assert moves_to_transcript([]) == ';'
+
+def _replay_check(t, max_chars):
+    """t uses the vocabulary, starts right, and replays legally; returns the board at the end."""
+    assert set(t) <= set(CHESS_CHARS)
+    assert t.startswith(';1.') and len(t) <= max_chars
+    complete = len(t) < max_chars  # shorter than max_chars: the game ended, nothing was cut
+    sans = transcript_to_moves(t, last_is_complete=complete)
+    board = chess.Board()
+    for san in sans:
+        board.push_san(san)  # raises if illegal
+    rebuilt = moves_to_transcript(sans)
+    assert t.startswith(rebuilt) if not complete else t == rebuilt
+    return board, complete
+
+def test_random_games_valid_and_cut():
+    ended = 0
+    for seed in range(12):
+        for max_chars in (256, 1024):
+            t = random_game(seed, max_chars)
+            board, complete = _replay_check(t, max_chars)
+            if complete:
+                ended += 1
+                assert board.is_game_over()
+        # stopping early is the same as cutting a longer game
+        assert random_game(seed, 3000)[:256] == random_game(seed, 256)
+    long = [random_game(s, 1024) for s in range(12)]
+    assert sum(len(t) == 1024 for t in long) >= 6  # most random games are long
+    assert all(re.search(r'[+x]', t) for t in long)
+
+def test_reproducible_and_worker_independent():
+    a, skipped = chess_games(80, 'random', seed=3, max_chars=256, workers=1, progress=lambda s: None)
+    b, _ = chess_games(80, 'random', seed=3, max_chars=256, workers=2, progress=lambda s: None)
+    c, _ = chess_games(80, 'random', seed=4, max_chars=256, workers=2, progress=lambda s: None)
+    assert skipped == 0 and len(a) == 80
+    assert a == b
+    assert a != c and len(set(a)) == 80
+
+def test_progress_lines():
+    lines = []
+    chess_games(20, 'random', 0, 64, workers=1, progress=lines.append)
+    assert 5 <= len(lines) <= 11 and all('/s' in l for l in lines)
+
+# ---------------------------------------------------------------- PGN
+
+PGN_GOOD_1 = """[Event "a"]
+[White "x"]
+[Black "y"]
+[Result "1-0"]
+
+1. e4 e5 2. Bc4 Nc6 3. Qh5 Nf6 4. Qxf7# 1-0
+"""
+PGN_ILLEGAL = """[Event "b"]
+[Result "*"]
+
+1. e4 e5 2. Nf3 Ke7 3. Qxe7 Nc6 4. d4 *
+"""
+PGN_GOOD_2 = """[Event "c"]
+[Result "1/2-1/2"]
+
+1. d4 { a comment } d5 2. c4 (2. Nf3 Nf6) dxc4 3. e3 $1 b5 4. a4 c6 5. axb5 cxb5 6. Qf3 1/2-1/2
+"""
+
+def test_pgn_skips_illegal(tmp_path):
+    path = tmp_path / 'games.pgn'
+    path.write_text('\n'.join([PGN_GOOD_1, PGN_ILLEGAL, PGN_GOOD_2]))
+    lines = []
+    games, skipped = pgn_games(str(path), 10, 1024, progress=lines.append)
+    assert skipped == 1 and len(games) == 2
+    assert games[0] == ';1.e4 e5 2.Bc4 Nc6 3.Qh5 Nf6 4.Qxf7#'
+    assert games[1] == ';1.d4 d5 2.c4 dxc4 3.e3 b5 4.a4 c6 5.axb5 cxb5 6.Qf3'  # mainline only
+    assert any('1 skipped' in l for l in lines)
+    # the same through chess_games, with a cut and a limit on the number of games
+    games, skipped = chess_games(1, str(path), 0, 10, progress=lambda s: None)
+    assert games == [';1.e4 e5 2'] and skipped == 0
+
+def test_pgn_skips_fen_variant_and_empty(tmp_path):
+    fen_game = '[Event "f"]\n[SetUp "1"]\n[FEN "4k3/8/8/8/8/8/4P3/4K3 w - - 0 1"]\n\n1. e4 Kd7 *\n'
+    variant = '[Event "v"]\n[Variant "Crazyhouse"]\n\n1. e4 e5 *\n'
+    empty = '[Event "e"]\n[Result "*"]\n\n*\n'
+    path = tmp_path / 'mixed.pgn'
+    path.write_text('\n'.join([fen_game, variant, empty, PGN_GOOD_1]))
+    games, skipped = pgn_games(str(path), 10, 256, progress=lambda s: None)
+    assert len(games) == 1 and skipped == 3
+
+def test_pgn_errors_name_the_file(tmp_path):
+    empty = tmp_path / 'empty.pgn'
+    empty.write_text('')
+    with pytest.raises(DataError, match='empty.pgn'):
+        pgn_games(str(empty), 10, 256, progress=lambda s: None)
+    bad = tmp_path / 'bad.pgn'
+    bad.write_text(PGN_ILLEGAL)
+    with pytest.raises(DataError, match='bad.pgn'):
+        pgn_games(str(bad), 10, 256, progress=lambda s: None)
+    with pytest.raises(DataError, match='missing.pgn'):
+        chess_games(10, str(tmp_path / 'missing.pgn'), 0, 256, progress=lambda s: None)
+
+# ---------------------------------------------------------------- stockfish
+
+def test_stockfish_missing_message():
+    with pytest.raises(DataError, match=r'^stockfish not found: install it with `apt-get install -y stockfish` \(or pass --source random\)$'):
+        find_stockfish('no_such_engine_binary_xyz')
+    with pytest.raises(DataError, match='stockfish not found'):
+        chess_games(2, 'stockfish', 0, 64, engine_path='no_such_engine_binary_xyz', progress=lambda s: None)
+
+def _has_stockfish():
+    try:
+        find_stockfish()
+        return True
+    except DataError:
+        return False
+
+@pytest.mark.skipif(not _has_stockfish(), reason='stockfish not installed')
+def test_stockfish_games():
+    try:
+        a = stockfish_game(11, 120)
+        b = stockfish_game(11, 120)
+        c = stockfish_game(12, 120)
+    finally:
+        close_engines()
+    assert a == b and a != c
+    for t in (a, c):
+        _replay_check(t, 120)
+
+# ---------------------------------------------------------------- labels
+
+def _random_moves(seed, n_plies):
+    rng, board, sans = random.Random(seed), chess.Board(), []
+    for _ in range(n_plies):
+        moves = list(board.legal_moves)
+        if not moves:
+            break
+        m = rng.choice(moves)
+        sans.append(board.san(m))
+        board.push(m)
+    return sans
+
+def _expected(board):
+    """The labels, computed directly with python-chess."""
+    start = chess.Board()
+    piece = np.zeros((64, 12), dtype=bool)
+    for sq in chess.SQUARES:
+        p = board.piece_at(sq)
+        if p is not None and start.piece_at(sq) != p:
+            piece[sq, 'PNBRQKpnbrqk'.index(p.symbol())] = True
+    legal = list(board.legal_moves)
+    white_bishops = [sq for sq in board.pieces(chess.BISHOP, chess.WHITE)]
+    colours = {(chess.square_file(sq) + chess.square_rank(sq)) % 2 for sq in white_bishops}
+    disambiguated = False
+    for m in legal:
+        san = re.sub(r'[+#x]', '', board.san(m))
+        if san[0] in 'NBRQK' and not san.startswith('O') and len(san) > 3:
+            disambiguated = True
+    s = {
+        'attacked_by_black': np.array([board.is_attacked_by(chess.BLACK, sq) for sq in chess.SQUARES]),
+        'white_legal_dest': np.array([any(m.to_square == sq for m in legal) for sq in chess.SQUARES]),
+        'in_check': board.is_check(),
+        'can_give_check': any(board.gives_check(m) for m in legal),
+        'has_queen': len(board.pieces(chess.QUEEN, chess.WHITE)) > 0,
+        'can_capture_queen': any(board.piece_at(m.to_square) == chess.Piece(chess.QUEEN, chess.BLACK) for m in legal),
+        'bishop_pair': colours == {0, 1},
+        'castling_any': bool(board.castling_rights & chess.BB_RANK_1),
+        'castling_kingside': bool(board.castling_rights & chess.BB_H1),
+        'castling_queenside': bool(board.castling_rights & chess.BB_A1),
+        'pin': any(board.is_pinned(chess.WHITE, sq) for sq in board.pieces(chess.PAWN, chess.WHITE) |
+                   board.pieces(chess.KNIGHT, chess.WHITE) | board.pieces(chess.BISHOP, chess.WHITE) |
+                   board.pieces(chess.ROOK, chess.WHITE) | board.pieces(chess.QUEEN, chess.WHITE)),
+        'en_passant': any(board.is_en_passant(m) for m in legal),
+        'ambiguous_move': disambiguated,
+    }
+    return piece.reshape(-1), s
+
+def test_labels_match_python_chess():
+    games = [_random_moves(seed, 120) for seed in range(8)]
+    transcripts = [moves_to_transcript(g) for g in games]
+    L = chess_labels(transcripts, max_chars=256, max_positions=20)
+    P = len(L['game'])
+    assert L['piece'].shape == (P, 768) and L['piece'].dtype == bool and len(L['piece_names']) == 768
+    assert L['game'].dtype == np.int64 and L['pos'].dtype == np.int64
+    assert set(L['strategy']) == set(CHESS_STRATEGY_SIZES)
+    for k, g in CHESS_STRATEGY_SIZES.items():
+        assert L['strategy'][k].shape == (P, g) and L['strategy'][k].dtype == bool
+    row = 0
+    for gi, (sans, t) in enumerate(zip(games, transcripts)):
+        dots = [i for i, c in enumerate(t) if c == '.' and i < 256][:20]  # SAN never contains '.'
+        assert list(L['pos'][L['game'] == gi]) == dots
+        for k, dot in enumerate(dots):
+            board = chess.Board()
+            for san in sans[:2 * k]:  # before the k-th move number: 2k plies
+                board.push_san(san)
+            piece, s = _expected(board)
+            assert L['game'][row] == gi and L['pos'][row] == dot
+            assert np.array_equal(L['piece'][row], piece)
+            for name, v in s.items():
+                assert np.array_equal(L['strategy'][name][row], np.atleast_1d(v)), (name, gi, k)
+            row += 1
+    assert row == P
+    # the start position: every piece is on its own starting square, so no piece is labelled
+    assert not L['piece'][L['pos'] == 2].any()
+    assert L['piece_names'][chess.F3 * 12 + 1] == 'N@f3'
+
+def test_labels_cut_and_partial_moves():
+    t = random_game(5, 1024)
+    full = chess_labels([t], max_chars=1024, max_positions=1000)
+    cut = chess_labels([t[:256]], max_chars=256, max_positions=20)
+    assert (cut['pos'] < 256).all() and len(cut['pos']) <= 20
+    n = len(cut['pos'])
+    assert np.array_equal(full['pos'][:n], cut['pos'])
+    assert np.array_equal(full['piece'][:n], cut['piece'])
+    # a cut in the middle of a move (even one that would parse as another move) is ignored
+    assert len(chess_labels([';1.e4 e5 2.Nf3 Nc6 3.O-O'])['pos']) == 3
+    five = chess_labels([';1.e4 e5 2.Nf3 Nc6 3.Bb5 a6 4.'], max_chars=256, max_positions=2)
+    assert list(five['pos']) == [2, 10]
+
+def test_labels_workers_identical():
+    ts = [random_game(s, 256) for s in range(220)]
+    a = chess_labels(ts, workers=1)
+    b = chess_labels(ts, workers=2)
+    for k in ('game', 'pos', 'piece'):
+        assert np.array_equal(a[k], b[k])
+    for k in CHESS_STRATEGY_SIZES:
+        assert np.array_equal(a['strategy'][k], b['strategy'][k])
+
+def _last(t, name):
+    return chess_labels([t], max_chars=256, max_positions=100)['strategy'][name][-1, 0]
+
+def test_known_positions_via_transcripts():
+    start = ';1.'
+    assert _last(start, 'castling_any') and _last(start, 'castling_kingside') and _last(start, 'castling_queenside')
+    assert not _last(start, 'ambiguous_move') and not _last(start, 'en_passant') and _last(start, 'has_queen')
+    kings = ';1.e4 e5 2.Ke2 Ke7 3.'
+    assert not _last(kings, 'castling_any')
+    rook = ';1.Nf3 Nf6 2.Rg1 Rg8 3.'
+    assert not _last(rook, 'castling_kingside') and _last(rook, 'castling_queenside') and _last(rook, 'castling_any')
+    ep = ';1.e4 a6 2.e5 d5 3.'
+    assert _last(ep, 'en_passant') and not _last(';1.e4 a6 2.e5 a5 3.', 'en_passant')
+    amb = ';1.Nc3 Nc6 2.Nf3 Nf6 3.Nb5 Nb4 4.'  # Nb5 and Nf3 both reach d4
+    assert _last(amb, 'ambiguous_move')
+    check = ';1.d4 e5 2.e3 Bb4+ 3.'
+    assert _last(check, 'in_check') and not _last(check, 'pin')
+    assert _last(';1.e4 e5 2.Nf3 Qg5 3.', 'can_capture_queen')
+    assert not _last(';1.e4 e5 2.Nf3 Qf6 3.', 'can_capture_queen')
+    assert _last(';1.d4 e5 2.Nc3 Bb4 3.', 'pin')  # the c3 knight is pinned by Bb4 to the king on e1
+    assert not _last(';1.d4 e5 2.Nc3 Be7 3.', 'pin')
+    assert _last(';1.e4 e5 2.Bc4 Nc6 3.', 'can_give_check')  # Bxf7+
+    assert not _last(start, 'can_give_check')
+    assert _last(';1.e4 e5 2.Nf3 Nc6 3.Bc4 Bc5 4.', 'bishop_pair')
+    assert not _last(';1.e4 d5 2.Bb5+ Bd7 3.Bxd7+ Qxd7 4.', 'bishop_pair')
+
+def _strategy(fen):
+    return {k: v for k, v in chess_strategy_state(chess.Board(fen)).items()}
+
+def test_fork_and_pin_boards():
+    # White knight on d5 attacks the black queen on c7 and the black rook on e7: a fork
+    assert _strategy('7k/2q1r3/8/3N4/8/8/8/K7 w - - 0 1')['fork'][0]
+    # two pawns, each defended by the king on d8: not worth more than a knight, not hanging
+    assert not _strategy('3k4/2p1p3/8/3N4/8/8/8/K7 w - - 0 1')['fork'][0]
+    # the same pawns undefended (king far away): hanging pieces count
+    assert _strategy('7k/2p1p3/8/3N4/8/8/8/K7 w - - 0 1')['fork'][0]
+    # a queen on e4 attacking a rook (e7, defended by Bf8) and a knight (a8, defended by Kb8)
+    assert not _strategy('nk3b2/4r3/8/8/4Q3/8/8/K7 w - - 0 1')['fork'][0]
+    # ... with the bishop gone the rook hangs, but one target is not a fork
+    assert not _strategy('nk6/4r3/8/8/4Q3/8/8/K7 w - - 0 1')['fork'][0]
+    # ... with the king away too, both hang: a fork
+    assert _strategy('n6k/4r3/8/8/4Q3/8/8/K7 w - - 0 1')['fork'][0]
+    # absolute pin: White knight on e4 between the black rook on e8 and the White king on e1
+    assert _strategy('4r2k/8/8/8/4N3/8/8/4K3 w - - 0 1')['pin'][0]
+    assert not _strategy('4r2k/8/8/8/4N3/8/8/3K4 w - - 0 1')['pin'][0]
+
+# ---------------------------------------------------------------- tokenizer and legal moves
+
+def test_encode_decode():
+    ts = [';1.e4 e5 2.Nf3', ';1.d4']
+    x = encode_chess(ts, 10, CHESS_PAD_ID)
+    assert x.dtype == torch.long and x.shape == (2, 10)
+    assert x[0, 0].item() == CHESS_CHARS.index(';') and x[1, 5:].eq(CHESS_PAD_ID).all()
+    assert decode_chess(x[0]) == ts[0][:10] and decode_chess(x[1]) == ts[1]
+    with pytest.raises(DataError):
+        encode_chess([';1.e4 !'], 10, CHESS_PAD_ID)
+
+def test_move_boundaries():
+    assert move_boundaries(';1.e4 e5 2.Nf3') == [3, 6, 11]
+    t = random_game(2, 256)
+    for i in move_boundaries(t):
+        assert t[i - 1] in '. ' and t[i] not in ' .'
+
+def test_is_legal_continuation():
+    assert is_legal_continuation(';1.', 'e4 e5')
+    assert not is_legal_continuation(';1.', 'e5 e4')
+    assert not is_legal_continuation(';1.', 'Nf4')
+    assert is_legal_continuation(';1.e4 ', 'e5 2.Nf3')
+    assert not is_legal_continuation(';1.e4 ', 'Ke7x')
+    assert is_legal_continuation(';1.e4 e5 ', '2.Nf3 Nc6')
+    assert not is_legal_continuation(';1.e4 e5 ', 'Nf3')      # the move number is missing
+    assert not is_legal_continuation(';1.e4 e5 ', '3.Nf3')    # the wrong move number
+    assert not is_legal_continuation(';1.e4 e5 2.', '--')     # a null move is not a move
+    assert not is_legal_continuation(';1.e4 e5 2.', '')
+    assert is_legal_continuation(';1.e4 e5 2.', 'Nf3+')       # lenient about the check sign
+    assert not is_legal_continuation(';1.e4 e5 2.', 'Nf3+', strict=True)
+    assert is_legal_continuation(';1.e4 e5 2.', 'Nf3', strict=True)
+    t = random_game(7, 512)
+    bounds = move_boundaries(t)
+    for i in bounds[:-1]:  # every real move of a game is a legal continuation
+        assert is_legal_continuation(t[:i], t[i:])
+    with pytest.raises(DataError):
+        is_legal_continuation(';1.e5 ', 'e5')
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+
+def tiny_model(vocab=61, T=16, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab, block_size=T, n_layer=3, n_head=2, n_embd=32, pad_id=vocab - 1))
+
+
+def test_model_is_causal():
+    model = tiny_model().eval()
+    x = torch.randint(0, 60, (2, 16))
+    y = x.clone()
+    y[:, 10:] = (y[:, 10:] + 1) % 60
+    with torch.no_grad():
+        a, b = model(x)[0], model(y)[0]
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_residual_replacement_with_itself_is_exact_and_zero_changes_it():
+    model = tiny_model().eval()
+    x = torch.randint(0, 60, (3, 16))
+    with torch.no_grad():
+        clean = model(x)[0]
+        for layer in range(3):
+            r = model.residual(x, layer)
+            assert r.shape == (3, 16, 32)
+            assert torch.allclose(model.forward_from(r, layer)[0], clean, atol=1e-5)
+        assert not torch.allclose(model.forward_from(torch.zeros_like(r), 1)[0], clean)
+        assert model.mlp_hidden(x, 1).shape == (3, 16, 128)
+
+
+def test_loss_ignores_pad_targets():
+    model = tiny_model().eval()
+    x = torch.randint(0, 60, (2, 16))
+    y = torch.randint(0, 60, (2, 16))
+    y2 = y.clone()
+    y2[:, 8:] = 60  # pad
+    logits, _ = model(x)
+    manual = torch.nn.functional.cross_entropy(logits[:, :8].reshape(-1, 61), y[:, :8].reshape(-1))
+    assert torch.allclose(model(x, y2)[1], manual, atol=1e-6)
+
+
+def test_tiny_lm_overfits_one_batch():
+    model = tiny_model(seed=1)
+    x = torch.randint(0, 60, (4, 16))
+    y = torch.randint(0, 60, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(250):
+        loss = model(x, y)[1]
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.5 and loss.item() < 0.1
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_model(seed=2).eval()
+    path = str(tmp_path / 'model.pt')
+    save_checkpoint(path, model, 'othello', {'iter': 5})
+    loaded, ckpt = load_checkpoint(path, 'othello')
+    assert loaded.config == model.config and ckpt['iter'] == 5
+    x = torch.randint(0, 60, (2, 16))
+    assert torch.equal(loaded(x)[0], model(x)[0])
+    with pytest.raises(D.UserError, match='othello model, not chess'):
+        load_checkpoint(path, 'chess')
+    (tmp_path / 'bad.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(D.UserError, match='corrupt'):
+        load_checkpoint(str(tmp_path / 'bad.pt'), 'othello')
+    with pytest.raises(D.UserError, match='not found'):
+        load_checkpoint(str(tmp_path / 'missing.pt'), 'othello')
+
+
+# ------------------------------------------------------------------------------------------------
+# train.py and data.py end to end, and their errors
+
+def test_train_tiny_othello_then_resume(tmp_path):
+    common = ['train.py', '--game=othello', '--preset=tiny', '--stage', 'lm',
+              f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    rc, out = run_script(*common, '--max_iters=40')
+    assert rc == 0, out
+    assert 'legal-move rate' in out
+    ckpt = torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)
+    assert ckpt['iter'] == 40 and 0 <= ckpt['legal_move_rate'] <= 1
+    assert ckpt['train_config']['max_iters'] == 40
+    rc, out = run_script(*common, '--max_iters=60', '--resume')
+    assert rc == 0, out
+    assert 'resuming' in out and 'iter 41' not in out.split('resuming')[0]
+    assert 'iter 60/60' in out and 'iter 20/60' not in out  # continued from 40, not restarted
+    assert torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)['iter'] == 60
+
+
+@pytest.mark.parametrize('args, message', [
+    (['train.py', '--bogus=1'], 'unknown option --bogus'),
+    (['train.py', '--game=go'], 'unknown game'),
+    (['train.py', '--max_iters=many'], 'not a valid int'),
+    (['data.py', '--game=checkers'], 'unknown game'),
+])
+def test_bad_options_give_one_clear_line(args, message, tmp_path):
+    rc, out = run_script(*args, f'--data_dir={tmp_path}')
+    assert rc != 0 and message in out and 'Traceback' not in out
+    assert not os.listdir(tmp_path)  # nothing half-written
+
+
+def test_missing_and_corrupt_data_files(tmp_path):
+    with pytest.raises(D.UserError, match='python data.py --game othello'):
+        D.load_data('othello', 'train', str(tmp_path))
+    os.makedirs(tmp_path / 'othello')
+    (tmp_path / 'othello' / 'train.pt').write_bytes(b'\x00garbage')
+    with pytest.raises(D.UserError, match='corrupt'):
+        D.load_data('othello', 'train', str(tmp_path))
+
+
+def test_resume_without_checkpoint_fails_cleanly(tmp_path):
+    rc, out = run_script('train.py', '--game=othello', '--preset=tiny', '--resume', '--stage=lm',
+                         f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out')
+    assert rc != 0 and 'model.pt not found' in out and 'Traceback' not in out
+
+
+# ------------------------------------------------------------------------------------------------
+# sae.py
+
+ARCHS = list(S.ARCHS)
+D_IN, D_SAE = 16, 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matmuls: a second thread only adds contention on a shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_sae(arch, **kw):
+    kw.setdefault('total_steps', 20)
+    if arch in ('topk', 'batch_topk'):
+        kw.setdefault('k', 4)
+    return S.make_sae(arch, D_IN, D_SAE, **kw)
+
+
+def raw_batch(B=32, seed=0, scale=7.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, D_IN, generator=g) * scale + 1.0
+
+
+def train_a_little(sae, steps=5, lr=1e-2):
+    return S.train_sae(sae, (raw_batch(seed=s) for s in range(steps)), lr=lr, warmup_steps=1, total_steps=steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# interface, identical for every architecture
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_shapes_forward_and_stats(arch):
+    torch.manual_seed(0)
+    sae = small_sae(arch)
+    x = raw_batch()
+    sae.set_act_scale(x)
+    f = sae.encode(x)
+    x_hat = sae.decode(f)
+    assert f.shape == (32, D_SAE) and x_hat.shape == (32, D_IN)
+    assert sae.W_enc.shape == (D_IN, D_SAE) and sae.W_dec.shape == (D_SAE, D_IN)
+    assert sae.b_enc.shape == (D_SAE,) and sae.b_dec.shape == (D_IN,)
+    x_hat2, f2 = sae(x)
+    assert torch.equal(f, f2) and torch.equal(x_hat, x_hat2)
+    loss, stats = sae.loss(x, step=0)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert set(stats) == set(S.STATS_KEYS)
+    assert all(type(v) is float for v in stats.values())
+    assert sae.cfg['arch'] == arch and sae.cfg['d_in'] == D_IN and sae.cfg['d_sae'] == D_SAE
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_decoder_rows_unit_norm_and_gradient_projection(arch):
+    torch.manual_seed(0)
+    sae = small_sae(arch)
+    sae.set_act_scale(raw_batch())
+    W_dec_before = sae.W_dec.detach().clone()
+    # the projection removes the gradient component along each decoder row
+    loss, _ = sae.loss(raw_batch(), 0)
+    loss.backward()
+    sae.before_optimizer_step()
+    along_rows = (sae.W_dec.grad * sae.W_dec).sum(1)
+    assert along_rows.abs().max() < 1e-4 * sae.W_dec.grad.abs().max().clamp_min(1e-12) * D_IN
+    sae.zero_grad()
+    train_a_little(sae, steps=5, lr=1e-2)
+    norms = sae.W_dec.detach().norm(dim=1)
+    assert torch.allclose(norms, torch.ones(D_SAE), atol=1e-5)
+    assert not torch.allclose(sae.W_dec.detach(), W_dec_before)  # it did train
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_save_load_round_trip(arch, tmp_path):
+    torch.manual_seed(0)
+    sae = small_sae(arch)
+    sae.set_act_scale(raw_batch())
+    train_a_little(sae, steps=20)  # sets batch_topk's threshold, anneals p
+    path = tmp_path / f'{arch}.pt'
+    extra = {'model_checkpoint': 'ckpt-abc123', 'final_stats': {'mse': 1.5}, 'layer': 5}
+    S.save(sae, str(path), extra)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    loaded = S.load(str(path))
+    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg and loaded.meta == extra
+    assert (loaded.p, loaded.coef, loaded.n_anneal_done) == (sae.p, sae.coef, sae.n_anneal_done)
+    sae.eval()
+    x = raw_batch(seed=99)
+    x_hat, f = sae(x)
+    x_hat2, f2 = loaded(x)
+    assert torch.equal(f, f2) and torch.equal(x_hat, x_hat2)
+    assert torch.equal(loaded.encode(x[:1]), sae.encode(x[:1]))
+    # saving again over the same path replaces it
+    S.save(loaded, str(path), {'again': True})
+    assert S.load(str(path)).meta == {'again': True}
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_activation_scale_applied_consistently(arch):
+    torch.manual_seed(0)
+    sae = small_sae(arch)
+    x = raw_batch()
+    sae.set_act_scale(x)
+    s = sae.act_scale.item()
+    assert s != pytest.approx(1.0, rel=0.1)
+    assert (x * s).pow(2).sum(-1).mean().item() == pytest.approx(D_IN, rel=1e-4)
+    assert S.act_scale_for(x) == pytest.approx(s, rel=1e-6)
+    with torch.no_grad():
+        sae.b_dec.normal_()  # a non-trivial bias, so raw vs normalised space matters
+        sae.b_enc.normal_(std=0.1)
+    sae.eval()
+    f = sae.encode(x)
+    # same weights with act_scale 1: encoding x * s gives the same features
+    unit = small_sae(arch)
+    unit.load_state_dict(sae.state_dict())
+    unit.act_scale.fill_(1.0)
+    unit.eval()
+    torch.testing.assert_close(unit.encode(x * s), f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unit.decode(f), sae.decode(f) * s, rtol=1e-5, atol=1e-5)
+    # inputs scaled by c with act_scale scaled by 1/c: same features, c-scaled reconstruction
+    c = 3.0
+    scaled = small_sae(arch)
+    scaled.load_state_dict(sae.state_dict())
+    scaled.act_scale.fill_(s / c)
+    scaled.eval()
+    x_hat_c, f_c = scaled(c * x)
+    torch.testing.assert_close(f_c, f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_hat_c, c * sae(x)[0], rtol=1e-5, atol=1e-4)
+    # the loss is computed in normalised space, so it is the same too
+    torch.testing.assert_close(torch.tensor(scaled.loss(c * x, 0)[1]['mse']),
+                               torch.tensor(sae.loss(x, 0)[1]['mse']), rtol=1e-4, atol=1e-4)
+
+
+def test_init_b_dec_in_normalised_space():
+    torch.manual_seed(0)
+    sae = small_sae('standard')
+    x = raw_batch(B=256)
+    sae.set_act_scale(x)
+    sae.init_b_dec(x, method='mean')
+    torch.testing.assert_close(sae.b_dec.detach(), x.mean(0) * sae.act_scale, rtol=1e-5, atol=1e-5)
+    # geometric median: robust to a few huge outliers, unlike the mean
+    outliers = x.clone()
+    outliers[:5] += 1000.0
+    sae.init_b_dec(outliers, method='geometric_median')
+    median_raw = sae.b_dec.detach() / sae.act_scale
+    assert (median_raw - x.mean(0)).norm() < 0.2 * (outliers.mean(0) - x.mean(0)).norm()
+
+
+# ---------------------------------------------------------------------------------------------
+# architecture specifics
+
+def test_topk_keeps_exactly_k_per_row():
+    torch.manual_seed(0)
+    sae = small_sae('topk', k=4)
+    x = raw_batch(B=64)
+    sae.set_act_scale(x)
+    f = sae.encode(x)
+    assert ((f != 0).sum(1) == 4).all()
+    _, stats = sae.loss(x, 0)
+    assert stats['l0'] == 4.0 and stats['coef'] == 0.0 and stats['sparsity_loss'] == 0.0
+
+
+def test_topk_auxk_revives_dead_latents():
+    torch.manual_seed(0)
+    sae = small_sae('topk', k=2, dead_tokens=1, aux_k=8)
+    x = raw_batch(B=8)
+    sae.set_act_scale(x)
+    sae.loss(x, 0)  # first pass: latents that did not fire now count as dead
+    dead = sae.tokens_since_fired >= 1
+    assert dead.any()
+    loss, stats = sae.loss(x, 1)
+    assert stats['aux_loss'] > 0
+    loss.backward()
+    # dead latents get encoder gradient only through the aux loss
+    assert sae.W_enc.grad[:, dead].abs().sum() > 0
+
+
+def test_batch_topk_keeps_exactly_kB_per_batch_and_threshold_inference():
+    torch.manual_seed(0)
+    sae = small_sae('batch_topk', k=4)
+    x = raw_batch(B=64)
+    sae.set_act_scale(x)
+    f = sae.encode_batch(x)
+    assert (f != 0).sum().item() == 4 * 64
+    assert (f != 0).sum(1).float().std() > 0  # rows share the budget, not k each
+    sae.train()
+    _, stats = sae.loss(x, 0)
+    assert stats['l0'] == 4.0
+    assert sae.threshold.item() > 0
+    # inference: a fixed threshold, so a row encodes the same alone or within a batch
+    sae.eval()
+    torch.testing.assert_close(sae.encode(x[3:4]), sae.encode(x)[3:4])
+    kept = sae.encode(x)
+    assert (kept[kept != 0] > sae.threshold).all()
+
+
+def test_gated_aux_loss_uses_detached_decoder():
+    torch.manual_seed(0)
+    sae = small_sae('gated')
+    x = raw_batch() * sae.act_scale
+    _, _, _, aux_loss = sae._train_forward(x)
+    aux_loss.backward()
+    assert sae.W_dec.grad is None or sae.W_dec.grad.abs().sum() == 0
+    assert sae.W_enc.grad.abs().sum() > 0  # the aux loss trains the gate path
+    assert sae.r_mag.grad is None or sae.r_mag.grad.abs().sum() == 0
+
+
+def test_jumprelu_threshold_learns_through_ste():
+    torch.manual_seed(0)
+    sae = small_sae('jumprelu', bandwidth=0.5, init_threshold=0.5)
+    x = raw_batch(B=256)
+    sae.set_act_scale(x)
+    loss, stats = sae.loss(x, 0)
+    loss.backward()
+    assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
+    f = sae.encode(x)
+    assert (f[f != 0] > torch.exp(sae.log_threshold).expand_as(f)[f != 0]).all()
+    assert stats['sparsity_loss'] == pytest.approx(stats['coef'] * stats['l0'], rel=1e-5)
+
+
+def test_lp_penalty_gradient_finite_at_zero():
+    acts = torch.relu(torch.randn(8, 32)).requires_grad_()
+    S.lp_sum(acts, 0.3).sum().backward()
+    assert torch.isfinite(acts.grad).all()
+    assert (acts.grad[acts.detach() == 0] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# p-annealing
+
+@pytest.mark.parametrize('arch', ['p_anneal', 'gated_anneal'])
+def test_p_schedule(arch):
+    torch.manual_seed(0)
+    total = 60
+    sae = small_sae(arch, total_steps=total, anneal_start=0.25)
+    schedule = sae.p_schedule()
+    steps = [s for s, _ in schedule]
+    ps = [p for _, p in schedule]
+    assert len(schedule) == 10
+    assert steps[0] == 15 and steps[-1] == total - 1  # last update on the final step
+    assert steps == sorted(set(steps))
+    torch.testing.assert_close(torch.tensor(ps), torch.linspace(1.0, 0.2, 10))
+    assert small_sae(arch, total_steps=total, anneal_start=15).p_schedule() == schedule  # step == fraction
+    history = S.train_sae(sae, (raw_batch(seed=s) for s in range(total)), lr=1e-3, warmup_steps=1)
+    used = [h['p'] for h in history]
+    assert used == [pytest.approx(sae.p_at(s)) for s in range(total)]
+    # the first update keeps p = 1 (as in the paper's code); p first drops after the second
+    assert used[0] == 1.0 and used[steps[1]] == 1.0 and used[steps[1] + 1] == pytest.approx(ps[1])
+    assert used[-1] == pytest.approx(1 - 8 * 0.8 / 9)  # ends near p = 0.29
+    assert sae.p == pytest.approx(0.2) and sae.n_anneal_done == 10
+    coefs = [h['coef'] for h in history]
+    assert len(set(coefs)) == 9  # initial + a rescale at each of the 8 updates that change p in training
+
+
+@pytest.mark.parametrize('arch', ['p_anneal', 'gated_anneal'])
+def test_penalty_value_continuous_at_each_rescale(arch):
+    torch.manual_seed(0)
+    total = 100
+    sae = small_sae(arch, total_steps=total, anneal_start=0.3)
+    x = raw_batch(B=64)
+    sae.set_act_scale(x)
+    train_a_little(sae, steps=5, lr=1e-2)
+    sae.train()
+    for update_step, new_p in sae.p_schedule():
+        # fill the history with the same batch, then apply the update at its step
+        for _ in range(sae.cfg['history_len']):
+            _, before = sae.loss(x, update_step)
+        sae.after_optimizer_step(update_step)
+        _, after = sae.loss(x, update_step + 1)
+        assert after['p'] == pytest.approx(new_p)
+        assert after['sparsity_loss'] == pytest.approx(before['sparsity_loss'], rel=1e-4)
+        if new_p != before['p']:
+            assert after['coef'] != before['coef']
+    assert sae.p == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# recovery of a known sparse dictionary
+
+def synthetic_data(seed=1234, d_in=32, n_true=64, avg_active=3):
+    """x = sum of ~avg_active of n_true random unit directions with magnitudes in [0.5, 1.5],
+    times 7, plus an offset."""
+    g = torch.Generator().manual_seed(seed)
+    true_dirs = torch.randn(n_true, d_in, generator=g)
+    true_dirs /= true_dirs.norm(dim=1, keepdim=True)
+
+    def batch(B):
+        active = torch.rand(B, n_true, generator=g) < avg_active / n_true
+        magnitudes = 0.5 + torch.rand(B, n_true, generator=g)
+        return (active * magnitudes) @ true_dirs * 7.0 + 0.3
+    return true_dirs, batch
+
+
+def fraction_recovered(sae, true_dirs, min_cos=0.9):
+    rows = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    best_cos = (true_dirs @ rows.T).max(1).values  # (n_true,)
+    return (best_cos > min_cos).float().mean().item()
+
+
+@pytest.mark.parametrize('arch,kwargs,min_recovered', [
+    ('standard', dict(coef=2.0), 0.9),
+    ('p_anneal', dict(coef=2.0), 0.9),
+    ('topk', dict(k=4, dead_tokens=256 * 50), 0.9),
+    ('batch_topk', dict(k=4, dead_tokens=256 * 50), 0.85),
+])
+def test_recovers_known_sparse_dictionary(arch, kwargs, min_recovered):
+    torch.manual_seed(0)
+    steps = 600
+    true_dirs, batch = synthetic_data()
+    sae = S.make_sae(arch, 32, 128, total_steps=steps, **kwargs)
+    sample = batch(4096)
+    sae.set_act_scale(sample)
+    sae.init_b_dec(sample)
+    assert fraction_recovered(sae, true_dirs) < 0.2  # random directions do not pass
+    history = S.train_sae(sae, (batch(256) for _ in range(steps)), lr=1e-2, warmup_steps=50)
+    assert fraction_recovered(sae, true_dirs) >= min_recovered
+    assert history[-1]['frac_var_explained'] > 0.8
+    assert history[-1]['l0'] < 20
+
+
+# ---------------------------------------------------------------------------------------------
+# file errors
+
+def _assert_clear_error(path, game=None):
+    with pytest.raises(S.SAEFileError) as info:
+        S.load(str(path), game=game) if game else S.load(str(path))
+    message = str(info.value)
+    assert str(path) in message
+    assert f'python train.py --game {game or "<game>"} --stage sae' in message
+    return message
+
+
+def test_load_errors_are_clear(tmp_path):
+    _assert_clear_error(tmp_path / 'missing.pt')
+    _assert_clear_error(tmp_path / 'missing.pt', game='chess')
+
+    corrupt = tmp_path / 'corrupt.pt'
+    corrupt.write_bytes(b'not a torch file at all')
+    _assert_clear_error(corrupt)
+
+    not_sae = tmp_path / 'model.pt'
+    torch.save({'model': {'w': torch.zeros(2)}, 'iter_num': 3}, not_sae)
+    assert 'not an SAE file' in _assert_clear_error(not_sae)
+
+    not_a_dict = tmp_path / 'tensor.pt'
+    torch.save(torch.zeros(3), not_a_dict)
+    _assert_clear_error(not_a_dict)
+
+    sae = small_sae('standard')
+    wrong_version = tmp_path / 'old.pt'
+    S.save(sae, str(wrong_version), {})
+    checkpoint = torch.load(wrong_version, weights_only=True)
+    checkpoint['version'] = 0
+    torch.save(checkpoint, wrong_version)
+    assert 'version' in _assert_clear_error(wrong_version)
+
+    truncated = tmp_path / 'truncated.pt'
+    S.save(sae, str(truncated), {})
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    _assert_clear_error(truncated)
+
+    assert issubclass(S.SAEFileError, ValueError)
+
+
+def test_make_sae_unknown_arch():
+    with pytest.raises(ValueError, match='unknown SAE arch'):
+        S.make_sae('nope', 4, 8)
+    with pytest.raises(ValueError, match='total_steps'):
+        S.make_sae('p_anneal', 4, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics.py: brute-force oracles written straight from PAPER.md's definitions
+
+THRESHOLDS = [i / 10 for i in range(10)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Brute-force references (pure Python lists and loops)
+# ---------------------------------------------------------------------------------------------
+
+def bf_max(acts):
+    n, nf = len(acts), len(acts[0])
+    return [max(acts[i][f] for i in range(n)) for f in range(nf)]
+
+
+def bf_fires(acts, maxf, t, i, f):
+    return maxf[f] > 0 and acts[i][f] > t * maxf[f]
+
+
+def bf_f1(tp, fp, fn):
+    return 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 0.0
+
+
+def bf_counts(acts, labels, maxf, t, f, g):
+    tp = fp = fn = 0
+    for i in range(len(acts)):
+        fire, true = bf_fires(acts, maxf, t, i, f), labels[i][g]
+        tp += fire and true
+        fp += fire and not true
+        fn += true and not fire
+    return tp, fp, fn
+
+
+def bf_coverage(acts_t, labels_t, thresholds=THRESHOLDS):
+    acts, labels = acts_t.tolist(), labels_t.tolist()
+    maxf = bf_max(acts)
+    n_feat, n_el = len(acts[0]), len(labels[0])
+    best = None
+    for t in thresholds:
+        scores = []
+        for g in range(n_el):
+            if not any(labels[i][g] for i in range(len(acts))):
+                continue  # element never occurs: excluded from the mean
+            best_f1 = 0.0
+            for f in range(n_feat):
+                if maxf[f] <= 0:
+                    continue  # dead feature
+                best_f1 = max(best_f1, bf_f1(*bf_counts(acts, labels, maxf, t, f, g)))
+            scores.append(best_f1)
+        score = sum(scores) / len(scores) if scores else 0.0
+        best = score if best is None else max(best, score)
+    return best
+
+
+def bf_reconstruction(acts_tr_t, lab_tr_t, acts_te_t, lab_te_t, thresholds=THRESHOLDS):
+    """Returns (test F1 at chosen t, chosen t, train F1s, test F1s, labels at each t)."""
+    acts_tr, lab_tr = acts_tr_t.tolist(), lab_tr_t.tolist()
+    acts_te, lab_te = acts_te_t.tolist(), lab_te_t.tolist()
+    maxf = bf_max(acts_tr)
+    n_feat, n_el = len(acts_tr[0]), len(lab_tr[0])
+
+    def board_f1(acts, labels, t, feat_labels):
+        tp = fp = fn = 0
+        for i in range(len(acts)):
+            for g in range(n_el):
+                pred = any(feat_labels[f][g] and bf_fires(acts, maxf, t, i, f)
+                           for f in range(n_feat))
+                tp += pred and labels[i][g]
+                fp += pred and not labels[i][g]
+                fn += labels[i][g] and not pred
+        return bf_f1(tp, fp, fn)
+
+    train_f1, test_f1, all_labels = [], [], []
+    for t in thresholds:
+        feat_labels = [[False] * n_el for _ in range(n_feat)]
+        for f in range(n_feat):
+            n_fire = sum(bf_fires(acts_tr, maxf, t, i, f) for i in range(len(acts_tr)))
+            for g in range(n_el):
+                tp = bf_counts(acts_tr, lab_tr, maxf, t, f, g)[0]
+                feat_labels[f][g] = n_fire > 0 and tp / n_fire >= 0.95 and tp >= 10
+        train_f1.append(board_f1(acts_tr, lab_tr, t, feat_labels))
+        test_f1.append(board_f1(acts_te, lab_te, t, feat_labels))
+        all_labels.append(feat_labels)
+    best = max(train_f1)
+    k = train_f1.index(best)  # lowest t among ties
+    return test_f1[k], thresholds[k], train_f1, test_f1, all_labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Random cases with planted structure (so labelling and reconstruction are non-trivial)
+# ---------------------------------------------------------------------------------------------
+
+def random_case(seed, n=60, n_feat=7, n_el=5):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.rand(n, n_el, generator=gen) < 0.35
+    acts = torch.zeros(n, n_feat)
+    for f in range(min(n_el, n_feat - 2)):  # feature f tracks element f, plus weak noise
+        strong = labels[:, f].float() * (0.3 + torch.rand(n, generator=gen))
+        noise = (torch.rand(n, generator=gen) < 0.15).float() * 0.3 * torch.rand(n, generator=gen)
+        acts[:, f] = torch.maximum(strong, noise)
+    acts[:, -2] = torch.randn(n, generator=gen)  # signed, neuron-like feature
+    acts[:, -1] = 0.0  # dead feature
+    return acts, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coverage_matches_brute_force(seed):
+    acts, labels = random_case(seed)
+    labels[:, 3] = False  # an element that never occurs
+    assert metrics.coverage(acts, labels) == pytest.approx(bf_coverage(acts, labels), abs=1e-9)
+    pure_random = torch.rand(50, 6) * (torch.rand(50, 6) < 0.4)
+    assert metrics.coverage(pure_random, labels[:50]) == pytest.approx(
+        bf_coverage(pure_random, labels[:50]), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reconstruction_matches_brute_force(seed):
+    acts_tr, lab_tr = random_case(seed, n=90)
+    acts_te, lab_te = random_case(seed + 100, n=50)
+    got = metrics.reconstruction_details(acts_tr, lab_tr, acts_te, lab_te)
+    f1, t, train_f1, test_f1, all_labels = bf_reconstruction(acts_tr, lab_tr, acts_te, lab_te)
+    assert got["threshold"] == t
+    assert got["f1"] == pytest.approx(f1, abs=1e-9)
+    assert got["train_f1"] == pytest.approx(train_f1, abs=1e-9)
+    assert got["test_f1"] == pytest.approx(test_f1, abs=1e-9)
+    assert got["feature_labels"].tolist() == all_labels[THRESHOLDS.index(t)]
+    assert got["feature_labels"].any() and 0 < f1 < 1  # non-trivial: some features labelled
+    assert metrics.board_reconstruction(acts_tr, lab_tr, acts_te, lab_te) == got["f1"]
+
+
+def test_firing_counts_exact():
+    acts, labels = random_case(3, n=80)
+    thresholds = metrics._check_thresholds(None)
+    max_f = acts.amax(0)
+    entries = metrics._by_feature(metrics._firing_entries(acts, max_f, thresholds))
+    maxf, A, L = bf_max(acts.tolist()), acts.tolist(), labels.tolist()
+    seen = []
+    for k, tp, n_fire in metrics._counts_per_threshold(entries, labels.float(), 7, 10):
+        t = thresholds[k]
+        seen.append(k)
+        for f in range(acts.shape[1]):
+            assert n_fire[f].item() == sum(bf_fires(A, maxf, t, i, f) for i in range(len(A)))
+            for g in range(labels.shape[1]):
+                assert tp[f, g].item() == bf_counts(A, L, maxf, t, f, g)[0]
+    assert seen == list(range(9, -1, -1))
+
+
+def test_unsorted_thresholds():
+    acts_tr, lab_tr = random_case(4, n=90)
+    shuffled = [0.5, 0.0, 0.9, 0.2]
+    assert metrics.coverage(acts_tr, lab_tr, shuffled) == pytest.approx(
+        bf_coverage(acts_tr, lab_tr, sorted(shuffled)), abs=1e-9)
+    d = metrics.reconstruction_details(acts_tr, lab_tr, acts_tr, lab_tr, shuffled)
+    assert d["thresholds"] == (0.0, 0.2, 0.5, 0.9)
+    assert d["train_f1"] == d["test_f1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Known answers
+# ---------------------------------------------------------------------------------------------
+
+def test_identical_feature_gives_full_coverage():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.rand(200, 3, generator=gen) < 0.3
+    acts = torch.rand(200, 4, generator=gen) * (torch.rand(200, 4, generator=gen) < 0.3)
+    acts[:, 2] = labels[:, 1].float() * 2.0  # feature 2 == element 1
+    d = metrics.coverage_details(acts, labels)
+    assert d["element_f1"][1].item() == 1.0 and d["element_feature"][1].item() == 2
+    assert metrics.coverage(acts, labels[:, 1:2]) == 1.0  # the only element
+
+
+def test_absent_elements_excluded_from_coverage():
+    labels = torch.zeros(20, 2, dtype=torch.bool)
+    labels[::3, 0] = True  # element 1 never occurs
+    acts = labels[:, :1].float()
+    assert metrics.coverage(acts, labels) == 1.0
+    assert torch.isnan(metrics.coverage_details(acts, labels)["element_f1"][1])
+
+
+def test_threshold_is_strict_and_relative_to_max():
+    acts = torch.tensor([[1.0], [0.5], [0.5], [0.0]])
+    labels = torch.tensor([[True], [False], [False], [False]])
+    assert metrics.coverage(acts, labels, thresholds=[0.5]) == 1.0  # 0.5 > 0.5*1 is False
+    assert metrics.coverage(acts, labels, thresholds=[0.4]) == pytest.approx(0.5)  # 2/(3+1)
+    assert metrics.coverage(acts, labels) == 1.0  # best t wins
+
+
+def test_dead_feature_changes_nothing():
+    acts_tr, lab_tr = random_case(5, n=90)
+    acts_te, lab_te = random_case(6, n=50)
+    cov = metrics.coverage(acts_tr, lab_tr)
+    rec = metrics.reconstruction_details(acts_tr, lab_tr, acts_te, lab_te)
+    for extra in (0.0, -1.0):  # never fires: all zero or all negative on train
+        add_tr = torch.cat([acts_tr, torch.full((90, 1), extra)], 1)
+        add_te = torch.cat([acts_te, torch.rand(50, 1)], 1)  # positive on test: still dead
+        assert metrics.coverage(add_tr, lab_tr) == cov
+        rec2 = metrics.reconstruction_details(add_tr, lab_tr, add_te, lab_te)
+        assert rec2["f1"] == rec["f1"] and rec2["train_f1"] == rec["train_f1"]
+        assert not rec2["feature_labels"][-1].any()
+
+
+def labelled(n_fire, n_tp):
+    """One feature firing at n_fire positions of which n_tp carry the element; 0/1 acts."""
+    n = n_fire + 5
+    acts = torch.zeros(n, 1)
+    acts[:n_fire] = 1.0
+    labels = torch.zeros(n, 1, dtype=torch.bool)
+    labels[:n_tp] = True
+    d = metrics.reconstruction_details(acts, labels, acts, labels, thresholds=[0.0])
+    return bool(d["feature_labels"][0, 0]), d["f1"]
+
+
+def test_precision_and_true_positive_boundaries():
+    assert labelled(20, 19)[0]  # precision exactly 0.95: accepted
+    assert labelled(100, 95)[0]  # exactly 0.95 again
+    assert not labelled(19, 18)[0]  # 0.947: rejected
+    assert not labelled(99, 94)[0]  # 0.9495: rejected
+    assert labelled(10, 10)[0]  # exactly 10 true positives: accepted
+    assert not labelled(9, 9)[0]  # 9: rejected
+    assert labelled(10, 10)[1] == 1.0  # perfect feature rebuilds the board
+    assert labelled(9, 9)[1] == 0.0  # nothing labelled -> nothing predicted
+
+
+def test_reconstruction_picks_threshold_on_train():
+    # Train: at t=0 only feature 1 is labelled (element 1); at t=0.5 only feature 0 (element 0),
+    # which rebuilds more of the train board.  Test is built so that t=0 would win there.
+    acts_tr = torch.zeros(85, 2)
+    lab_tr = torch.zeros(85, 2, dtype=torch.bool)
+    acts_tr[0:30, 0], lab_tr[0:30, 0] = 1.0, True  # feature 0 on element 0 ...
+    acts_tr[30:60, 0] = 0.3  # ... and weakly elsewhere: precision 0.5 at t=0
+    acts_tr[60:79, 1], acts_tr[79, 1], lab_tr[60:80, 1] = 0.3, 1.0, True  # mostly weak
+    acts_te = torch.zeros(52, 2)
+    lab_te = torch.zeros(52, 2, dtype=torch.bool)
+    acts_te[0:2, 0], lab_te[0:2, 0] = 1.0, True
+    acts_te[2:52, 1], lab_te[2:52, 1] = 0.3, True
+    d = metrics.reconstruction_details(acts_tr, lab_tr, acts_te, lab_te, thresholds=[0.0, 0.5])
+    assert d["train_f1"] == pytest.approx([40 / 70, 60 / 80])
+    assert d["test_f1"] == pytest.approx([100 / 102, 4 / 54])
+    assert d["threshold"] == 0.5 and d["f1"] == pytest.approx(4 / 54)
+    assert d["feature_labels"].tolist() == [[True, False], [False, False]]
+    assert bf_reconstruction(acts_tr, lab_tr, acts_te, lab_te, [0.0, 0.5])[0] == d["f1"]
+
+
+def test_f1_helpers():
+    pred = torch.tensor([[1, 0], [1, 1], [0, 0]], dtype=torch.bool)
+    true = torch.tensor([[1, 0], [0, 1], [1, 0]], dtype=torch.bool)
+    assert metrics.micro_f1(pred, true) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert metrics.per_element_f1(pred, true).tolist() == pytest.approx([0.5, 1.0])
+    none = torch.zeros(3, 2, dtype=torch.bool)
+    assert metrics.micro_f1(none, none) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Unsupervised metrics
+# ---------------------------------------------------------------------------------------------
+
+def test_l0_and_dead_fraction():
+    f = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
+    assert metrics.l0(f) == 1.5
+    assert metrics.l0(f.view(1, 2, 4)) == 1.5
+    assert metrics.dead_fraction(f) == 0.5
+    assert metrics.dead_fraction(-f) == 1.0
+
+
+def test_explained_variance():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 50, 8, generator=gen) * 3 + 1000.0  # large mean: float64 matters
+    assert metrics.explained_variance(x, x) == 1.0
+    mean = x.double().reshape(-1, 8).mean(0)
+    assert metrics.explained_variance(x, mean.expand(4, 50, 8)) == pytest.approx(0.0, abs=1e-9)
+    x_hat = x + 0.5 * torch.randn(x.shape, generator=gen)
+    xd, hd = x.double().reshape(-1, 8), x_hat.double().reshape(-1, 8)
+    direct = 1 - ((xd - hd) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()
+    one_shot = metrics.explained_variance(x, x_hat)
+    assert one_shot == pytest.approx(direct.item(), abs=1e-12)
+    assert 0.9 < one_shot < 1.0
+    ve = metrics.VarianceExplained()
+    flat_x, flat_h = x.reshape(-1, 8), x_hat.reshape(-1, 8)
+    for lo, hi in [(0, 1), (1, 37), (37, 37), (37, 150), (150, 200)]:  # uneven batches
+        ve.update(flat_x[lo:hi], flat_h[lo:hi])
+    assert ve.compute() == pytest.approx(one_shot, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss recovered, with a stand-in model exposing model.py's interface
+# ---------------------------------------------------------------------------------------------
+
+class FakeModel(nn.Module):
+    """Embedding + residual tanh "blocks" + head; forward / residual / forward_from."""
+
+    def __init__(self, vocab=11, d=16, n_layer=3, pad_id=0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = SimpleNamespace(pad_id=pad_id, vocab_size=vocab, n_layer=n_layer)
+        self.wte = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n_layer))
+        self.head = nn.Linear(d, vocab)
+
+    def _loss(self, logits, targets):
+        if targets is None:
+            return None
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=self.config.pad_id)
+
+    def residual(self, idx, layer):
+        h = self.wte(idx)
+        for block in self.blocks[:layer + 1]:
+            h = h + torch.tanh(block(h))
+        return h
+
+    def forward_from(self, resid, layer, targets=None):
+        h = resid
+        for block in self.blocks[layer + 1:]:
+            h = h + torch.tanh(block(h))
+        logits = self.head(h)
+        return logits, self._loss(logits, targets)
+
+    def forward(self, idx, targets=None):
+        h = self.wte(idx)
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        logits = self.head(h)
+        return logits, self._loss(logits, targets)
+
+
+def fake_tokens(n=10, t=12):
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, 11, (n, t + 1), generator=gen)
+    for i in range(n):  # right padding of varying length
+        tokens[i, t + 1 - i:] = 0
+    return tokens
+
+
+def test_loss_recovered_identity_and_zero():
+    model, tokens = FakeModel(), fake_tokens()
+    for layer in (0, 1):
+        assert metrics.loss_recovered(model, tokens, layer, lambda r: r, batch_size=4) \
+            == pytest.approx(1.0, abs=1e-9)
+        assert metrics.loss_recovered(model, tokens, layer, torch.zeros_like, batch_size=4) \
+            == pytest.approx(0.0, abs=1e-9)
+        half = metrics.loss_recovered(model, tokens, layer, lambda r: 0.5 * r, batch_size=4)
+        assert half != pytest.approx(1.0) and half != pytest.approx(0.0)
+
+
+def test_cross_entropy_is_token_weighted_over_non_pad():
+    model, tokens = FakeModel(), fake_tokens()
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    logits = model(x)[0]
+    keep = y != 0
+    direct = F.cross_entropy(logits[keep], y[keep]).item()  # one mean over all real targets
+    for bs in (1, 3, 64):  # pads are uneven across batches: a mean of means would differ
+        ce = metrics.cross_entropies(model, tokens, 1, lambda r: r, batch_size=bs)
+        assert ce["clean"] == pytest.approx(direct, abs=1e-6)
+        assert ce["sae"] == pytest.approx(direct, abs=1e-6)
+    assert model.training  # training flag restored
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe
+# ---------------------------------------------------------------------------------------------
+
+def test_linear_probe_separable():
+    gen = torch.Generator().manual_seed(0)
+    d, n_el = 12, 6
+    w, b = torch.randn(d, n_el, generator=gen), torch.randn(n_el, generator=gen)
+    x = torch.randn(3000, d, generator=gen) * 2 + 5  # not standardised on purpose
+    labels = (x - 5) @ w + b > 0
+    out = metrics.linear_probe(x[:2000], labels[:2000], x[2000:], labels[2000:])
+    assert set(out) == {"f1_micro", "accuracy", "f1_mean"}
+    assert out["f1_micro"] > 0.95 and out["f1_mean"] > 0.95 and out["accuracy"] > 0.95
+    shuffled = labels[torch.randperm(3000, generator=gen)]  # no signal: must do worse
+    bad = metrics.linear_probe(x[:2000], shuffled[:2000], x[2000:], shuffled[2000:])
+    assert bad["f1_micro"] < 0.8

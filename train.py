@@ -1,0 +1,410 @@
+"""
+The pipeline's entry point: game data (if missing), then the game GPT, then the SAE sweep.
+
+Reads:  data/<game>/{train,val,labels}.pt (made here by data.py if missing)
+Writes: out/<game>/model.pt                (the LM: config, weights, optimizer, legal-move rate)
+Run:    python train.py --game othello            (preset: paper on a GPU, cpu otherwise)
+        python train.py --game chess --preset=tiny --max_iters=50
+        python train.py --game chess --resume     (continue the LM from out/chess/model.pt)
+Every option below can be given as --key=value or --key value; the resolved config is printed
+and saved in the checkpoint.
+"""
+import dataclasses
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+import data as D
+import metrics
+from model import GPT, GPTConfig, choose_device, load_checkpoint, save_checkpoint
+from sae import make_sae, save as save_sae
+
+
+@dataclass
+class TrainConfig:
+    game: str = 'othello'       # othello | chess
+    preset: str = 'auto'        # tiny | cpu | paper  (auto: paper on cuda, cpu otherwise)
+    stage: str = 'all'          # lm | sae | all
+    device: str = 'auto'        # auto | cpu | cuda | mps
+    seed: int = 1337
+    out_dir: str = 'out'
+    data_dir: str = 'data'
+    resume: bool = False        # continue the LM from out/<game>/model.pt
+    # data (used only when data/<game>/ is missing)
+    n_games: int = 0            # 0: data.py's default for the game
+    n_val: int = 0
+    source: str = 'random'      # chess: random | stockfish | PATH.pgn
+    n_label_games: int = 2000
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 59        # context; Othello games are 60 moves, so at most 59
+    dropout: float = 0.0
+    # optimisation
+    batch_size: int = 64
+    max_iters: int = 3000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dtype: str = 'auto'         # auto (bf16 autocast on cuda, fp32 elsewhere) | float32 | bfloat16
+    compile: bool = False       # torch.compile the model (GPU)
+    # reporting
+    log_interval: int = 50
+    eval_interval: int = 500
+    eval_iters: int = 20
+    legal_games: int = 500      # val games for the legal-move rate (chess: decoded moves, slower)
+    # SAE stage (the sweep of SWEEP below, then the random-init control)
+    layer: int = -1             # residual stream after this block (0-based); -1: the paper's depth (6 of 8)
+    sae_archs: str = 'standard,gated,p_anneal,gated_anneal,topk,batch_topk,jumprelu'
+    sae_expansion: int = 8      # d_sae = sae_expansion * n_embd
+    sae_steps: int = 2000
+    sae_batch: int = 1024       # activations per step (the paper: 8192)
+    sae_lr: float = 1e-3        # the paper: 3e-4 over 300M activations; a short run needs more
+    sae_warmup: int = 100
+    anneal_start: float = 0.2   # p-annealing starts at this fraction of training
+    sae_buffer: int = 65536     # activations held and shuffled between model passes
+    control: str = 'one'        # random-init control: one (per arch, middle setting) | sweep | none
+
+
+# Presets: (game-independent, per-game) overrides of the defaults above.
+PRESETS = {
+    'tiny': ({'n_layer': 2, 'n_head': 2, 'n_embd': 32, 'batch_size': 32, 'max_iters': 60, 'lr': 3e-3,
+              'warmup_iters': 10, 'log_interval': 20, 'eval_interval': 30, 'eval_iters': 2, 'legal_games': 20,
+              'n_val': 200, 'n_label_games': 100, 'sae_steps': 40, 'sae_batch': 256, 'sae_buffer': 4096,
+              'sae_warmup': 10},
+             {'othello': {'n_games': 2000}, 'chess': {'n_games': 200, 'block_size': 127}}),
+    'cpu': ({}, {'othello': {'n_layer': 4, 'n_head': 4, 'n_embd': 128, 'max_iters': 3000},
+                 'chess': {'n_layer': 4, 'n_head': 4, 'n_embd': 192, 'block_size': 255, 'batch_size': 32,
+                           'max_iters': 3000, 'legal_games': 100}}),
+    'paper': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'lr': 6e-4, 'min_lr': 6e-5, 'warmup_iters': 1000,
+               'max_iters': 60000, 'compile': True, 'eval_interval': 2000},
+              {'othello': {'block_size': 59, 'batch_size': 256, 'n_games': 2_000_000},
+               'chess': {'block_size': 1023, 'batch_size': 64, 'n_games': 200_000, 'legal_games': 100}}),
+}
+
+
+def build_config(argv):
+    """Defaults, then the preset for the game, then the command line."""
+    cfg = D.parse_config(TrainConfig(), argv, 'train.py')  # first pass: learn game and preset
+    if cfg.game not in ('othello', 'chess'):
+        raise D.UserError(f"unknown game {cfg.game!r}: use --game othello or --game chess")
+    device = choose_device(cfg.device)
+    preset = cfg.preset if cfg.preset != 'auto' else ('paper' if device == 'cuda' else 'cpu')
+    if preset not in PRESETS:
+        raise D.UserError(f"unknown preset {cfg.preset!r}: use tiny, cpu or paper")
+    common, per_game = PRESETS[preset]
+    cfg = TrainConfig(**{**common, **per_game[cfg.game]})
+    cfg = D.parse_config(cfg, argv, 'train.py')  # the command line wins over the preset
+    cfg.preset, cfg.device = preset, device
+    if cfg.stage not in ('lm', 'sae', 'all'):
+        raise D.UserError(f"unknown stage {cfg.stage!r}: use lm, sae or all")
+    if cfg.game == 'othello' and cfg.block_size > 59:
+        raise D.UserError("Othello games have 60 moves: --block_size must be at most 59")
+    return cfg
+
+
+def ensure_data(cfg, log=print):
+    """Make the data set if any of its files is missing; load train and val tokens."""
+    paths = D.data_paths(cfg.game, cfg.data_dir)
+    if not all(os.path.exists(p) for p in paths.values()):
+        log(f"data: {os.path.dirname(paths['train'])}/ incomplete, generating it")
+        D.prepare(D.DataConfig(game=cfg.game, n_games=cfg.n_games, n_val=cfg.n_val, source=cfg.source,
+                               max_chars=cfg.block_size + 1, n_label_games=cfg.n_label_games,
+                               seed=cfg.seed, data_dir=cfg.data_dir), log=log)
+    train, val = (D.load_data(cfg.game, s, cfg.data_dir) for s in ('train', 'val'))
+    T = train['tokens'].shape[1]
+    if T < cfg.block_size + 1:
+        raise D.DataError(f"{paths['train']} has games of {T} tokens but --block_size={cfg.block_size} "
+                          f"needs {cfg.block_size + 1}: run `python data.py --game {cfg.game} "
+                          f"--max_chars={cfg.block_size + 1}` (or lower --block_size)")
+    return train, val
+
+
+def lr_at(it, cfg):
+    """Linear warm-up, then cosine decay to min_lr at max_iters."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def autocast_for(cfg):
+    """bf16 autocast on CUDA (or when asked); plain fp32 otherwise."""
+    use_bf16 = cfg.dtype == 'bfloat16' or (cfg.dtype == 'auto' and cfg.device == 'cuda')
+    device_type = 'cuda' if cfg.device.startswith('cuda') else 'cpu'
+    return (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+
+def fmt_time(s):
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def train_lm(cfg, log=print):
+    """The LM stage: returns the path of the checkpoint it wrote."""
+    torch.manual_seed(cfg.seed)
+    ckpt_path = os.path.join(cfg.out_dir, cfg.game, 'model.pt')
+    train, val = ensure_data(cfg)
+    T = cfg.block_size + 1
+    train_tok, val_tok = train['tokens'][:, :T], val['tokens'][:, :T]  # (N, T) uint8
+    pad_id, vocab = train['pad_id'], len(train['itos'])
+
+    start_iter, best_val = 0, float('inf')
+    if cfg.resume:
+        model, ckpt = load_checkpoint(ckpt_path, cfg.game, cfg.device)
+        if ckpt['model_config']['block_size'] != cfg.block_size:
+            raise D.UserError(f"{ckpt_path} has context {ckpt['model_config']['block_size']}, "
+                              f"not {cfg.block_size}: pass --block_size={ckpt['model_config']['block_size']}")
+        start_iter = ckpt['iter']
+        log(f"resuming {ckpt_path} from iter {start_iter} (model config from the checkpoint)")
+    else:
+        model = GPT(GPTConfig(vocab_size=vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, pad_id=pad_id, dropout=cfg.dropout)).to(cfg.device)
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay)
+    if cfg.resume:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    log(f"model: {model.n_params() / 1e6:.2f}M parameters, {model.config}")
+    fwd = torch.compile(model) if cfg.compile else model
+    autocast = autocast_for(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + start_iter)  # batches differ after a resume
+
+    def batch(tokens):
+        idx = torch.randint(len(tokens), (cfg.batch_size,), generator=gen)
+        b = tokens[idx].long().to(cfg.device)
+        return b[:, :-1], b[:, 1:]
+
+    @torch.no_grad()
+    def val_loss():
+        model.eval()
+        losses = [fwd(*batch(val_tok))[1].item() for _ in range(cfg.eval_iters)]
+        model.train()
+        return sum(losses) / len(losses)
+
+    def save(it, **extra):
+        save_checkpoint(ckpt_path, model, cfg.game, {
+            'iter': it, 'train_config': dataclasses.asdict(cfg), 'optimizer': optimizer.state_dict(),
+            'data_config': train['config'], **extra})
+
+    model.train()
+    t0 = t_last = time.time()
+    tokens_seen = 0
+    loss = None
+    for it in range(start_iter, cfg.max_iters):
+        for group in optimizer.param_groups:
+            group['lr'] = lr_at(it, cfg)
+        x, y = batch(train_tok)
+        with autocast():
+            _, loss = fwd(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        tokens_seen += (y != pad_id).sum().item()
+        done = it + 1 - start_iter
+        if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:
+            elapsed = time.time() - t0
+            eta = elapsed / done * (cfg.max_iters - it - 1)
+            log(f"iter {it + 1}/{cfg.max_iters} | loss {loss.item():.4f} | lr {lr_at(it, cfg):.2e} | "
+                f"{tokens_seen / elapsed / 1e3:.1f}k tok/s | ETA {fmt_time(eta)}")
+        if (it + 1) % cfg.eval_interval == 0 and it + 1 < cfg.max_iters:
+            vl = val_loss()
+            log(f"iter {it + 1}: val loss {vl:.4f}")
+            save(it + 1, val_loss=vl)
+    train_seconds = time.time() - t0
+    vl = val_loss()
+    log(f"final val loss {vl:.4f} ({fmt_time(train_seconds)} training)")
+    t1 = time.time()
+    model.eval()
+    rate = metrics.legal_move_rate(model, cfg.game, val_tok[:cfg.legal_games], cfg.device)
+    log(f"legal-move rate on {min(cfg.legal_games, len(val_tok))} val games: {rate:.4f} "
+        f"({time.time() - t1:.1f}s to measure)")
+    save(cfg.max_iters, val_loss=vl, legal_move_rate=rate, train_seconds=train_seconds)
+    log(f"wrote {ckpt_path}")
+    return ckpt_path
+
+
+# ----------------------------------------------------------------------------------------------
+# The SAE stage
+
+# Sparsity settings per architecture, chosen so that L0 spans roughly 10 to 200 on the cpu
+# preset's models (normalised activations, E||x||^2 = d_in; MSE summed over d_in). Edit to taste.
+SWEEP = {
+    'standard': [{'coef': c} for c in (0.3, 1.0, 3.0)],
+    'gated': [{'coef': c} for c in (0.3, 1.0, 3.0)],
+    'p_anneal': [{'coef': c} for c in (0.3, 1.0, 3.0)],
+    'gated_anneal': [{'coef': c} for c in (0.3, 1.0, 3.0)],
+    'topk': [{'k': k} for k in (10, 40, 160)],
+    'batch_topk': [{'k': k} for k in (10, 40, 160)],
+    'jumprelu': [{'coef': c} for c in (0.03, 0.1, 0.3)],
+}
+
+
+def default_layer(n_layer):
+    """The paper reads the residual stream after block 6 of 8: the same relative depth."""
+    return max(0, round(0.75 * n_layer) - 1)
+
+
+def sae_name(arch, setting):
+    return arch + ''.join(f'_{k}{v:g}' for k, v in setting.items())
+
+
+def activation_batches(model, tokens, layer, pad_id, cfg, seed):
+    """Endless (sae_batch, d) fp32 batches of the residual stream after block `layer` at the
+    non-pad positions of random games, shuffled across games within a buffer of sae_buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    autocast = autocast_for(cfg)
+    while True:
+        chunks, n = [], 0
+        while n < cfg.sae_buffer:
+            idx = torch.randint(len(tokens), (64,), generator=gen)
+            x = tokens[idx, :-1].long().to(cfg.device)  # (64, T)
+            with torch.no_grad(), autocast():
+                resid = model.residual(x, layer)  # (64, T, d)
+            chunks.append(resid[x != pad_id].float())  # (n_valid, d)
+            n += len(chunks[-1])
+        buffer = torch.cat(chunks)
+        perm = torch.randperm(len(buffer), generator=gen).to(buffer.device)
+        for i in range(0, len(buffer) - cfg.sae_batch + 1, cfg.sae_batch):
+            yield buffer[perm[i:i + cfg.sae_batch]]
+
+
+@torch.no_grad()
+def sae_eval(sae, x):
+    """Held-out L0, fraction of variance explained and dead fraction of one SAE on x (N, d)."""
+    sae.eval()
+    x_hat, f = sae(x)
+    sae.train()
+    return {'l0': metrics.l0(f), 'frac_var_explained': metrics.explained_variance(x, x_hat),
+            'dead_fraction': metrics.dead_fraction(f)}
+
+
+def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out_dir, log=print):
+    """Train every SAE of `sweep` [(arch, setting)] on the same activation batches (the model
+    runs once per batch, not once per SAE) and save each to out_dir/<name>.pt."""
+    layer = cfg.layer if cfg.layer >= 0 else default_layer(model.config.n_layer)
+    d_in = model.config.n_embd
+    d_sae = cfg.sae_expansion * d_in
+    model.eval()
+    stream = activation_batches(model, tokens, layer, pad_id, cfg, cfg.seed)
+    held_out = next(activation_batches(model, val_tokens, layer, pad_id,
+                                       dataclasses.replace(cfg, sae_batch=8192, sae_buffer=8192), cfg.seed + 1))
+    first = next(stream)  # normalisation and b_dec come from the first training batch
+    saes, optimizers = {}, {}
+    torch.manual_seed(cfg.seed)
+    for arch, setting in sweep:
+        kwargs = dict(setting, total_steps=cfg.sae_steps)
+        if 'anneal' in arch:
+            kwargs['anneal_start'] = cfg.anneal_start
+        sae = make_sae(arch, d_in, d_sae, **kwargs).to(cfg.device)
+        sae.set_act_scale(first)
+        sae.init_b_dec(first)
+        saes[sae_name(arch, setting)] = sae.train()
+        optimizers[sae_name(arch, setting)] = torch.optim.Adam(sae.parameters(), lr=cfg.sae_lr)
+    log(f"sae: {len(saes)} SAEs, d_in {d_in} -> d_sae {d_sae}, layer {layer}, {cfg.sae_steps} steps x "
+        f"{cfg.sae_batch} activations, into {out_dir}/")
+    seconds = dict.fromkeys(saes, 0.0)
+    window = {name: [] for name in saes}
+    history = {name: [] for name in saes}
+    t0 = time.time()
+    for step in range(cfg.sae_steps):
+        x = first if step == 0 else next(stream)
+        # linear warm-up, constant, then linear decay over the last 20% of steps
+        lr = cfg.sae_lr * min(1.0, (step + 1) / cfg.sae_warmup, 5 * (1 - step / cfg.sae_steps))
+        for name, sae in saes.items():
+            t = time.perf_counter()
+            for group in optimizers[name].param_groups:
+                group['lr'] = lr
+            loss, stats = sae.loss(x, step)
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            sae.before_optimizer_step()
+            optimizers[name].step()
+            sae.after_optimizer_step(step)
+            seconds[name] += time.perf_counter() - t
+            window[name].append(stats)
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.sae_steps:
+            elapsed = time.time() - t0
+            log(f"sae step {step + 1}/{cfg.sae_steps} | {(step + 1) * cfg.sae_batch / elapsed / 1e3:.1f}k act/s "
+                f"for all {len(saes)} | ETA {fmt_time(elapsed / (step + 1) * (cfg.sae_steps - step - 1))}")
+            for name, sae in saes.items():
+                mse = sum(s['mse'] for s in window[name]) / len(window[name])
+                ev = sae_eval(sae, held_out)
+                history[name].append({'step': step + 1, 'mse': mse, 'p': sae.p, 'coef': sae.coef, **ev})
+                window[name] = []
+                log(f"  {name:24s} mse {mse:8.3f} | L0 {ev['l0']:6.1f} | FVE {ev['frac_var_explained']:.3f} | "
+                    f"dead {ev['dead_fraction']:.3f} | p {sae.p:.2f}")
+    results = []
+    for name, sae in saes.items():
+        final = sae_eval(sae, held_out)
+        acts_per_s = cfg.sae_steps * cfg.sae_batch / seconds[name]
+        save_sae(sae.cpu(), os.path.join(out_dir, f'{name}.pt'), {
+            'name': name, 'game': cfg.game, 'layer': layer, 'model': model_id,
+            'train_config': dataclasses.asdict(cfg), 'final': final, 'history': history[name],
+            'acts_per_s': acts_per_s})
+        results.append({'name': name, **final, 'acts_per_s': acts_per_s})
+    log(f"sae: wrote {len(saes)} SAEs to {out_dir}/ in {fmt_time(time.time() - t0)}; "
+        f"per SAE {min(r['acts_per_s'] for r in results) / 1e3:.1f}k-{max(r['acts_per_s'] for r in results) / 1e3:.1f}k act/s")
+    for r in results:
+        log(f"  {r['name']:24s} FVE {r['frac_var_explained']:.3f} | L0 {r['l0']:6.1f} | dead {r['dead_fraction']:.3f} | "
+            f"{r['acts_per_s'] / 1e3:.1f}k act/s")
+    return results
+
+
+def train_saes(cfg, log=print):
+    """The SAE stage: the sweep on the trained model, then the control on a random-init model."""
+    ckpt_path = os.path.join(cfg.out_dir, cfg.game, 'model.pt')
+    model, ckpt = load_checkpoint(ckpt_path, cfg.game, cfg.device)
+    train, val = ensure_data(cfg)
+    T = model.config.block_size + 1
+    tokens, val_tokens = train['tokens'][:, :T], val['tokens'][:, :T]
+    archs = [a.strip() for a in cfg.sae_archs.split(',') if a.strip()]
+    unknown = [a for a in archs if a not in SWEEP]
+    if unknown or not archs:
+        raise D.UserError(f"unknown --sae_archs {unknown or cfg.sae_archs!r}; choose from {','.join(SWEEP)}")
+    if cfg.control not in ('one', 'sweep', 'none'):
+        raise D.UserError(f"unknown --control {cfg.control!r}: use one, sweep or none")
+    sweep = [(a, s) for a in archs for s in SWEEP[a]]
+    model_id = {'path': ckpt_path, 'iter': ckpt['iter'], 'sha256': D.file_digest(ckpt_path), 'random_init': False}
+    results = train_sae_sweep(cfg, model, model_id, tokens, val_tokens, train['pad_id'], sweep,
+                              os.path.join(cfg.out_dir, cfg.game, 'saes'), log)
+    if cfg.control != 'none':
+        # the paper's control: the same shape, never trained
+        torch.manual_seed(cfg.seed + 1)
+        random_model = GPT(model.config).to(cfg.device)
+        random_path = os.path.join(cfg.out_dir, cfg.game, 'model_random.pt')
+        save_checkpoint(random_path, random_model, cfg.game, {'iter': 0, 'random_init': True,
+                                                               'train_config': dataclasses.asdict(cfg)})
+        random_id = {'path': random_path, 'iter': 0, 'sha256': D.file_digest(random_path), 'random_init': True}
+        control = sweep if cfg.control == 'sweep' else [(a, SWEEP[a][len(SWEEP[a]) // 2]) for a in archs]
+        log(f"sae: control on a random-init model ({len(control)} SAEs)")
+        results += train_sae_sweep(cfg, random_model, random_id, tokens, val_tokens, train['pad_id'], control,
+                                   os.path.join(cfg.out_dir, cfg.game, 'saes_random'), log)
+    return results
+
+
+def main(argv):
+    cfg = build_config(argv)
+    print(f"train.py config: {dataclasses.asdict(cfg)}")
+    t0 = time.time()
+    if cfg.stage in ('lm', 'all'):
+        train_lm(cfg)
+        print(f"LM stage done in {fmt_time(time.time() - t0)}")
+    if cfg.stage in ('sae', 'all'):
+        t1 = time.time()
+        train_saes(cfg)
+        print(f"SAE stage done in {fmt_time(time.time() - t1)}")
+    print(f"train.py done in {fmt_time(time.time() - t0)}; next: python evaluate.py --game {cfg.game}")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except D.UserError as e:
+        sys.exit(f"error: {e}")
