@@ -96,6 +96,7 @@ def atomic_save(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(obj, tmp)
+        torch.load(tmp, weights_only=True)  # what is saved must load safely: fail now, not later
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -784,7 +785,7 @@ def is_legal_continuation(prefix, generated, strict=False):
 
 def make_labels(game, tokens, max_chars=256, workers=2):
     """Board-state properties at every scored position of `tokens` [N, T].
-    Returns dict(game [P], pos [P], sets): the activation read at tokens[game, pos] is scored
+    Returns dict(game_idx [P], pos [P], sets, names): the activation read at tokens[game_idx, pos] is scored
     against sets[name] bool [P, G]; a nested dict is a set of equally weighted properties.
     Othello: every position before the last token (the LM's inputs), mine/theirs relative to the
     player to move next (empty dropped) and legal-move squares. Chess: the '.' characters
@@ -797,13 +798,13 @@ def make_labels(game, tokens, max_chars=256, workers=2):
                 'legal': states['legal'][g, p]}  # (P, 64)
         names = {'mine_theirs': [f'mine@{s}' for s in SQUARE_NAMES] + [f'theirs@{s}' for s in SQUARE_NAMES],
                  'legal': [f'legal@{s}' for s in SQUARE_NAMES]}
-        return {'game': g, 'pos': p, 'sets': sets, 'names': names}
+        return {'game_idx': g, 'pos': p, 'sets': sets, 'names': names}
     transcripts = [decode_chess(row) for row in tokens]
     lab = chess_labels(transcripts, max_chars=min(max_chars, tokens.shape[1] - 1), workers=workers)
     sets = {'piece': torch.from_numpy(lab['piece']),
             'strategy': {k: torch.from_numpy(v) for k, v in lab['strategy'].items()}}
     names = {'piece': lab['piece_names'], 'strategy': lab['strategy_names']}
-    return {'game': torch.from_numpy(lab['game']), 'pos': torch.from_numpy(lab['pos']), 'sets': sets, 'names': names}
+    return {'game_idx': torch.from_numpy(lab['game']), 'pos': torch.from_numpy(lab['pos']), 'sets': sets, 'names': names}
 
 
 SQUARE_NAMES = ['abcdefgh'[s % 8] + str(s // 8 + 1) for s in range(64)]

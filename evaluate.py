@@ -70,12 +70,13 @@ def select(sets, mask):
 
 @torch.no_grad()
 def features_at(fn, tokens, games, positions, batch_size, device):
-    """fn(x) -> (B, T, k) evaluated on the given games; returns the rows at (games, positions): (P, k)."""
+    """fn(x) -> (B, T, k) on the inputs tokens[:, :-1] of the given games; the rows at
+    (games, positions): (P, k)."""
     out = []
     for i in range(0, len(games), batch_size * 64):
         g, p = games[i:i + batch_size * 64], positions[i:i + batch_size * 64]
         uniq, inverse = torch.unique(g, return_inverse=True)
-        acts = torch.cat([fn(tokens[uniq[j:j + batch_size]].long().to(device)).float().cpu()
+        acts = torch.cat([fn(tokens[uniq[j:j + batch_size], :-1].long().to(device)).float().cpu()
                           for j in range(0, len(uniq), batch_size)])  # (U, T, k)
         out.append(acts[inverse, p])
     return torch.cat(out)
@@ -118,7 +119,7 @@ class Evaluation:
         T = self.model.config.block_size + 1
         self.tokens = val['tokens'][:, :T]
         self.pad_id = val['pad_id']
-        n_labelled = int(labels['game'].max()) + 1
+        n_labelled = int(labels['game_idx'].max()) + 1
         n_train = min(cfg.n_train, n_labelled // 2)
         n_test = min(cfg.n_test, n_labelled - n_train)
         if n_train < cfg.n_train or n_test < cfg.n_test:
@@ -126,7 +127,7 @@ class Evaluation:
                 f"(more: python data.py --game {game} --n_label_games={cfg.n_train + cfg.n_test})")
         self.n_train, self.n_test = n_train, n_test
         in_context = labels['pos'] < T - 1
-        g = labels['game']
+        g = labels['game_idx']
         masks = {'train': in_context & (g < n_train), 'test': in_context & (g >= n_train) & (g < n_train + n_test)}
         self.where = {k: (g[m], labels['pos'][m]) for k, m in masks.items()}  # (games, positions) per split
         self.labels = {k: select(labels['sets'], m) for k, m in masks.items()}
@@ -411,5 +412,5 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except (D.UserError, S.SAEFileError) as e:
+    except D.UserError as e:
         sys.exit(f"error: {e}")

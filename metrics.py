@@ -461,7 +461,8 @@ def legal_move_rate(model, game, tokens, device='cpu', batch_size=64, max_move_c
         buf = tokens[[g for g, _ in chunk], :L].clone()  # (b, L): the true text, overwritten as we decode
         pos = torch.tensor([b for _, b in chunk])  # next position to write, per row
         for _ in range(max_move_chars):
-            logits = model(buf[:, :int(pos.max())].to(device))[0]
+            # causal: the logits at pos - 1 see only the prefix and what was decoded so far
+            logits = model(buf.to(device))[0]
             nxt = logits[torch.arange(len(chunk)), pos - 1].argmax(-1).cpu()
             buf[torch.arange(len(chunk)), pos] = nxt
             pos = pos + 1

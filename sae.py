@@ -31,16 +31,16 @@ Conventions shared by every architecture:
 """
 
 import math
-import os
-import tempfile
 from collections import deque
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import FORMAT_VERSION, UserError, atomic_save, load_file
+
 FILE_FORMAT = 'boardgame-saes/sae'
-FILE_VERSION = 1
+FILE_VERSION = FORMAT_VERSION
 STATS_KEYS = ('loss', 'mse', 'sparsity_loss', 'aux_loss', 'l0', 'frac_var_explained', 'p', 'coef')
 
 
@@ -511,62 +511,35 @@ def make_sae(arch, d_in, d_sae, **kwargs):
     return ARCHS[arch](d_in, d_sae, **kwargs)
 
 
-class SAEFileError(ValueError):
+class SAEFileError(UserError, ValueError):
     """A missing, corrupt, foreign or outdated SAE file."""
-
-
-def _file_error(path, problem, game=None):
-    return SAEFileError(f'{path}: {problem}. Re-run `python train.py --game {game or "<game>"} '
-                        f'--stage sae` to create it.')
 
 
 def save(sae, path, extra=None):
     """Atomically write the SAE (state_dict, cfg, training state) and `extra` (plain python
     data: numbers, strings, lists, dicts, tensors) to path."""
-    checkpoint = {
+    atomic_save({
         'format': FILE_FORMAT,
         'version': FILE_VERSION,
         'cfg': dict(sae.cfg),
         'state_dict': {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
         'train_state': {'p': float(sae.p), 'coef': float(sae.coef), 'n_anneal_done': int(sae.n_anneal_done)},
         'extra': dict(extra or {}),
-    }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp_sae_', suffix='.pt')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # check it loads the way load() will, so bad `extra` fails here, not at evaluation
-        torch.load(tmp_path, map_location='cpu', weights_only=True)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    }, path)
 
 
 def load(path, game=None):
     """Rebuild any saved SAE from its file alone (in eval mode); `extra` becomes sae.meta."""
-    if not os.path.isfile(path):
-        raise _file_error(path, 'SAE file not found', game)
+    hint = f'python train.py --game {game or "<game>"} --stage sae'
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise _file_error(path, f'not a readable SAE file ({type(e).__name__}: {e})', game) from e
-    if not isinstance(checkpoint, dict) or checkpoint.get('format') != FILE_FORMAT:
-        raise _file_error(path, f'not an SAE file (expected format {FILE_FORMAT!r})', game)
-    if checkpoint.get('version') != FILE_VERSION:
-        raise _file_error(path, f'SAE file version {checkpoint.get("version")!r}, this code reads '
-                                f'version {FILE_VERSION}', game)
-    try:
+        checkpoint = load_file(path, FILE_FORMAT, hint)
         cfg = dict(checkpoint['cfg'])
         sae = make_sae(cfg.pop('arch'), **cfg)
         sae.load_state_dict(checkpoint['state_dict'])
+    except UserError as e:
+        raise SAEFileError(str(e)) from None
     except Exception as e:
-        raise _file_error(path, f'SAE file does not match the code ({type(e).__name__}: {e})', game) from e
+        raise SAEFileError(f'{path} does not match this code ({type(e).__name__}: {e}): run `{hint}`') from None
     train_state = checkpoint.get('train_state', {})
     sae.p = train_state.get('p', 1.0)
     sae.coef = train_state.get('coef', sae.cfg['coef'])

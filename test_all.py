@@ -948,7 +948,7 @@ def test_load_errors_are_clear(tmp_path):
 
     not_sae = tmp_path / 'model.pt'
     torch.save({'model': {'w': torch.zeros(2)}, 'iter_num': 3}, not_sae)
-    assert 'not an SAE file' in _assert_clear_error(not_sae)
+    assert 'not a boardgame-saes/sae file' in _assert_clear_error(not_sae)
 
     not_a_dict = tmp_path / 'tensor.pt'
     torch.save(torch.zeros(3), not_a_dict)
@@ -1350,3 +1350,98 @@ def test_linear_probe_separable():
     shuffled = labels[torch.randperm(3000, generator=gen)]  # no signal: must do worse
     bad = metrics.linear_probe(x[:2000], shuffled[:2000], x[2000:], shuffled[2000:])
     assert bad["f1_micro"] < 0.8
+
+
+def test_single_feature_scores_match_brute_force():
+    g = torch.Generator().manual_seed(5)
+    acts = torch.relu(torch.randn(80, generator=g))
+    labels = torch.rand(80, 4, generator=g) < 0.4
+    s = metrics.single_feature_scores(acts, labels)
+    mx = acts.max().item()
+    for e in range(4):
+        best = (-1, None)
+        for t in THRESHOLDS:
+            fires = [a > t * mx for a in acts.tolist()]
+            tp = sum(f and l for f, l in zip(fires, labels[:, e].tolist()))
+            nf, nt = sum(fires), int(labels[:, e].sum())
+            f1 = 2 * tp / (nf + nt) if nf + nt else 0.0
+            if f1 > best[0]:
+                best = (f1, t, tp / nf if nf else 0.0, tp / nt if nt else 0.0)
+        assert abs(s['f1'][e].item() - best[0]) < 1e-9 and s['threshold'][e].item() == best[1]
+        assert abs(s['precision'][e].item() - best[2]) < 1e-9 and abs(s['recall'][e].item() - best[3]) < 1e-9
+
+
+# ------------------------------------------------------------------------------------------------
+# The legal-move rate, with stand-in models whose answers are known
+
+class StubLM:
+    """Logits that put all mass on one token per position: `pick(x)` -> (B, T) token ids."""
+
+    def __init__(self, pick, vocab, block_size, pad_id):
+        self.pick, self.vocab = pick, vocab
+        self.config = SimpleNamespace(block_size=block_size, pad_id=pad_id)
+
+    def eval(self):
+        return self
+
+    def __call__(self, x, targets=None):
+        return F.one_hot(self.pick(x), self.vocab).float(), None
+
+
+def peek_next(x):
+    """An oracle that 'predicts' the true next token by reading it (the last repeats)."""
+    return torch.cat([x[:, 1:], x[:, -1:]], 1)
+
+
+def test_legal_move_rate_othello_known_answers():
+    tokens = torch.from_numpy(D.othello_games(30, seed=2)).long()  # (30, 60)
+    # an oracle that knows each game (one batch of 30): it predicts the real next move
+    oracle = StubLM(lambda x: tokens[:len(x), 1:x.shape[1] + 1], 61, 59, D.OTHELLO_PAD)
+    assert metrics.legal_move_rate(oracle, 'othello', tokens) == 1.0
+    always_pad = StubLM(lambda x: torch.full_like(x, D.OTHELLO_PAD), 61, 59, D.OTHELLO_PAD)
+    assert metrics.legal_move_rate(always_pad, 'othello', tokens) == 0.0
+    # predicting the move just played is never legal (that square is taken)
+    repeat = StubLM(lambda x: x, 61, 59, D.OTHELLO_PAD)
+    assert metrics.legal_move_rate(repeat, 'othello', tokens) == 0.0
+
+
+def test_legal_move_rate_chess_known_answers():
+    games = [random_game(s, 120) for s in range(6)]
+    tokens = encode_chess(games, 121)
+    oracle = StubLM(peek_next, 33, 120, CHESS_PAD_ID)
+    assert metrics.legal_move_rate(oracle, 'chess', tokens) == 1.0
+    spaces = StubLM(lambda x: torch.zeros_like(x), 33, 120, CHESS_PAD_ID)  # ' ' is id 0
+    assert CHESS_CHARS[0] == ' ' and metrics.legal_move_rate(spaces, 'chess', tokens) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole pipeline, tiny
+
+def test_tiny_pipeline_end_to_end(tmp_path):
+    import json
+    import time
+    dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    t0 = time.time()
+    rc, out = run_script('train.py', '--game=othello', '--preset=tiny', *dirs)
+    assert rc == 0, out
+    assert time.time() - t0 < 120, 'the tiny preset should take well under a minute'
+    saes = sorted(os.listdir(f'{tmp_path}/out/othello/saes'))
+    assert len(saes) == sum(len(v) for v in __import__('train').SWEEP.values())
+    assert len(os.listdir(f'{tmp_path}/out/othello/saes_random')) == len(S.ARCHS)
+    sae = S.load(f'{tmp_path}/out/othello/saes/{saes[0]}')
+    assert sae.meta['model']['sha256'] == D.file_digest(f'{tmp_path}/out/othello/model.pt')
+    assert 'frac_var_explained' in sae.meta['final'] and sae.meta['train_config']['preset'] == 'tiny'
+    rc, out = run_script('evaluate.py', '--game=othello', '--n_train=50', '--n_test=50', '--probe_steps=20', *dirs)
+    assert rc == 0, out
+    results = json.load(open(f'{tmp_path}/out/othello/results.json'))
+    rows = {r['name'] + '/' + r['model']: r for r in results['rows']}
+    assert len(rows) == len(saes) + len(S.ARCHS) + 3  # + MLP neurons, probe on both models
+    for r in results['rows']:
+        for k in ('reconstruction_mine_theirs', 'reconstruction_legal'):
+            assert 0.0 <= r[k] <= 1.0
+    assert '| name |' in open(f'{tmp_path}/out/othello/results.md').read()
+    name = saes[0][:-3]
+    rc, out = run_script('evaluate.py', '--game=othello', f'--feature={name}:3', *dirs)
+    assert rc == 0 and 'best-matching board-state elements' in out or 'never fires' in out, out
+    rc, out = run_script('evaluate.py', '--game=othello', '--feature=nosuch:3', *dirs)
+    assert rc != 0 and 'no SAE named' in out and 'Traceback' not in out
