@@ -12,7 +12,6 @@ Reads/writes nothing. Run: python bench.py            (about a minute on 2 CPU c
            per batch as train.py does it, for every architecture
   metrics  coverage + board reconstruction, 4096 features x 20,000 positions x 768 elements
 """
-import sys
 import time
 from dataclasses import dataclass
 
@@ -141,12 +140,13 @@ def bench_metrics(cfg):
           f"elements x 10 thresholds: {time.perf_counter() - t0:.1f}s (target: 10s)")
 
 
-if __name__ == '__main__':
-    try:
-        cfg = D.parse_config(BenchConfig(), sys.argv[1:], 'bench.py')
-    except D.UserError as e:
-        sys.exit(f"error: {e}")
+def main(argv):
+    cfg = D.parse_config(BenchConfig(), argv, 'bench.py')
     print(f"bench.py config: {cfg}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, fn in (('othello', bench_othello), ('lm', bench_lm), ('sae', bench_sae), ('metrics', bench_metrics)):
         if cfg.only in ('', name):
             fn(cfg)
+
+
+if __name__ == '__main__':
+    D.run_cli(main)

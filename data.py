@@ -90,6 +90,17 @@ def _convert(val, default, key, script):
         raise UserError(f"{script}: --{key}={val!r} is not a valid {type(default).__name__}") from None
 
 
+def run_cli(main):
+    """Every script's entry point: progress lines appear at once (also in a log file), and a
+    UserError is one line on stderr with exit code 2, never a traceback."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def atomic_save(obj, path):
     """torch.save to a temp file beside `path`, then rename: a crash never leaves half a file."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -896,7 +907,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

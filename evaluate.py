@@ -17,7 +17,6 @@ import dataclasses
 import glob
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -43,11 +42,6 @@ class EvalConfig:
     probe_steps: int = 300
     feature: str = ''          # NAME:INDEX -> explain one feature instead of the table
     top_boards: int = 3        # boards shown for --feature
-
-
-def set_names(labels):
-    """The BSP sets of a labels file in a fixed order (Othello: mine_theirs, legal; chess: piece, strategy)."""
-    return list(labels['sets'])
 
 
 def per_set(fn, sets_a, *rest):
@@ -255,7 +249,8 @@ def markdown_table(rows, sets):
     head = ['name', 'model', 'L0', 'var. expl.', 'loss rec.', 'dead'] + [
         f'{m} {s}' for s in sets for m in ('cov.', 'rec.')]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    lines += ['| ' + ' | '.join(fmt(r.get(c)) for c in cols) + ' |' for r in rows]
+    lines += ['| ' + ' | '.join(f'{r[c]:.1f}' if c == 'l0' and r[c] is not None else fmt(r.get(c)) for c in cols) + ' |'
+              for r in rows]
     return '\n'.join(lines)
 
 
@@ -266,7 +261,7 @@ def report(cfg, rows, sets, seconds):
         if key not in best or score(r) > score(best[key]):
             best[key] = r
     best_rows = sorted(best.values(), key=lambda r: (r['model'] != 'trained', r['arch'] in ('mlp', 'probe'), -score(r)))
-    all_rows = sorted(rows, key=lambda r: (r['model'] != 'trained', r['arch'], r['l0'] or 0))
+    all_rows = sorted(rows, key=lambda r: (r['model'] != 'trained', r['arch'] in ('mlp', 'probe'), r['arch'], r['l0'] or 0))
     return '\n'.join([
         f'# {cfg.game}: SAE evaluation',
         '',
@@ -378,7 +373,7 @@ def explain_feature(cfg, log=print):
     print('best-matching board-state elements (F1, precision, recall at the best threshold t x max):')
     for f1, prec, rec, t, el in sorted(best, reverse=True)[:5]:
         print(f'  {el:32s} F1 {f1:.3f} | precision {prec:.3f} | recall {rec:.3f} | t {t:.1f}')
-    print(f'boards where it fires most:')
+    print('boards where it fires most:')
     for i in acts.argsort(descending=True)[:cfg.top_boards].tolist():
         print(f'activation {acts[i].item():.3f}, ' + board_diagram(ev, 'train', i) + '\n')
 
@@ -394,7 +389,7 @@ def main(argv):
         return
     t0 = time.time()
     rows = evaluate(cfg)
-    sets = list(D.load_data(cfg.game, 'labels', cfg.data_dir)['sets'])
+    sets = [k[len('reconstruction_'):] for k in rows[0] if k.startswith('reconstruction_')]  # the BSP sets
     text = report(cfg, rows, sets, time.time() - t0)
     print(text)
     out = os.path.join(cfg.out_dir, cfg.game)
@@ -410,7 +405,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except D.UserError as e:
-        sys.exit(f"error: {e}")
+    D.run_cli(main)

@@ -460,12 +460,17 @@ def legal_move_rate(model, game, tokens, device='cpu', batch_size=64, max_move_c
         L = max(b for _, b in chunk) + max_move_chars
         buf = tokens[[g for g, _ in chunk], :L].clone()  # (b, L): the true text, overwritten as we decode
         pos = torch.tensor([b for _, b in chunk])  # next position to write, per row
+        space = D.CHESS_CHARS.index(' ')
+        done = torch.zeros(len(chunk), dtype=torch.bool)  # a row is done once it wrote a space
         for _ in range(max_move_chars):
             # causal: the logits at pos - 1 see only the prefix and what was decoded so far
             logits = model(buf.to(device))[0]
             nxt = logits[torch.arange(len(chunk)), pos - 1].argmax(-1).cpu()
-            buf[torch.arange(len(chunk)), pos] = nxt
+            buf[torch.arange(len(chunk)), pos] = torch.where(done, buf[torch.arange(len(chunk)), pos], nxt)
+            done |= nxt == space
             pos = pos + 1
+            if done.all():
+                break
         for (g, b), row in zip(chunk, buf):
             generated = D.decode_chess(row[b:])
             n_legal += D.is_legal_continuation(texts[g][:b], generated)

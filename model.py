@@ -12,7 +12,6 @@ Beyond a normal GPT it exposes the residual stream for interpretability:
   mlp_hidden(idx, layer)        -> the GELU outputs of block `layer`'s MLP (a baseline dictionary)
 """
 import math
-import os
 from dataclasses import dataclass, asdict
 
 import torch

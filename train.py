@@ -12,7 +12,6 @@ and saved in the checkpoint.
 import dataclasses
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -88,8 +87,8 @@ PRESETS = {
             {'othello': {'n_layer': 4, 'n_head': 4, 'n_embd': 128, 'max_iters': 4600, 'lr': 3e-3, 'min_lr': 2e-4,
                          'warmup_iters': 200},
              'chess': {'n_layer': 4, 'n_head': 6, 'n_embd': 192, 'block_size': 255, 'batch_size': 32,
-                       'n_games': 30_000, 'max_iters': 2200, 'lr': 2e-3, 'min_lr': 1e-4, 'warmup_iters': 200,
-                       'legal_games': 100}}),
+                       'n_games': 30_000, 'max_iters': 2000, 'lr': 2e-3, 'min_lr': 1e-4, 'warmup_iters': 200,
+                       'legal_games': 100, 'sae_steps': 700}}),
     'paper': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'lr': 6e-4, 'min_lr': 6e-5, 'warmup_iters': 1000,
                'max_iters': 60000, 'compile': True, 'eval_interval': 2000, 'sae_batch': 8192, 'sae_steps': 30000,
                'sae_lr': 3e-4, 'sae_warmup': 1000, 'sae_buffer': 1 << 20, 'sae_log_interval': 2000},
@@ -163,7 +162,7 @@ def train_lm(cfg, log=print):
     train_tok, val_tok = train['tokens'][:, :T], val['tokens'][:, :T]  # (N, T) uint8
     pad_id, vocab = train['pad_id'], len(train['itos'])
 
-    start_iter, best_val = 0, float('inf')
+    start_iter = 0
     if cfg.resume:
         model, ckpt = load_checkpoint(ckpt_path, cfg.game, cfg.device)
         if ckpt['model_config']['block_size'] != cfg.block_size:
@@ -200,7 +199,7 @@ def train_lm(cfg, log=print):
             'data_config': train['config'], **extra})
 
     model.train()
-    t0 = t_last = time.time()
+    t0 = time.time()
     tokens_seen = 0
     loss = None
     for it in range(start_iter, cfg.max_iters):
@@ -338,8 +337,9 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             window[name].append(stats)
         if (step + 1) % cfg.sae_log_interval == 0 or step + 1 == cfg.sae_steps:
             elapsed = time.time() - t0
-            log(f"sae step {step + 1}/{cfg.sae_steps} | {(step + 1) * cfg.sae_batch / elapsed / 1e3:.1f}k act/s "
-                f"for all {len(saes)} | ETA {fmt_time(elapsed / (step + 1) * (cfg.sae_steps - step - 1))}")
+            rate = (step + 1) * cfg.sae_batch / elapsed  # activations through the whole sweep per second
+            log(f"sae step {step + 1}/{cfg.sae_steps} | {rate / 1e3:.1f}k act/s through all {len(saes)} SAEs "
+                f"({rate * len(saes) / 1e3:.0f}k SAE-act/s) | ETA {fmt_time(elapsed / (step + 1) * (cfg.sae_steps - step - 1))}")
             for name, sae in saes.items():
                 mse = sum(s['mse'] for s in window[name]) / len(window[name])
                 ev = sae_eval(sae, held_out)
@@ -411,7 +411,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except D.UserError as e:
-        sys.exit(f"error: {e}")
+    D.run_cli(main)
