@@ -228,7 +228,8 @@ def train_lm(cfg, log=print):
     log(f"final val loss {vl:.4f} ({fmt_time(train_seconds)} training)")
     t1 = time.time()
     model.eval()
-    rate = metrics.legal_move_rate(model, cfg.game, val_tok[:cfg.legal_games], cfg.device)
+    with autocast():  # as trained; chess decodes many prefixes, and bf16 halves that time on a CPU
+        rate = metrics.legal_move_rate(model, cfg.game, val_tok[:cfg.legal_games], cfg.device)
     log(f"legal-move rate on {min(cfg.legal_games, len(val_tok))} val games: {rate:.4f} "
         f"({time.time() - t1:.1f}s to measure)")
     save(cfg.max_iters, val_loss=vl, legal_move_rate=rate, train_seconds=train_seconds)
