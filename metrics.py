@@ -1,15 +1,19 @@
 """Every evaluation formula in one place (see PAPER.md, "Metrics").
 
-Used by train.py (L0, explained variance, dead features while training) and by evaluate.py
-(everything, including the board-game metrics and the linear-probe baseline).
+Reads and writes no files. Used by train.py (L0, explained variance, dead features while
+training; the LM's legal-move rate) and by evaluate.py (everything else), e.g.
+python evaluate.py --game othello.
 
 Supervised metrics, on SAE feature activations `acts` [N, F] and board-state-property (BSP)
 labels `labels` bool [N, G] (N positions, F features, G BSP elements):
     coverage              best single-feature F1 per element, averaged, best threshold
     board_reconstruction  rebuild the board from features labelled on train, micro-F1 on test
     linear_probe          supervised upper baseline: one logistic regression per element
+    single_feature_scores one feature against every element (evaluate.py --feature)
 Unsupervised metrics:
     l0, dead_fraction, explained_variance (+ streaming VarianceExplained), loss_recovered
+The LM:
+    legal_move_rate       fraction of greedy next moves that are legal
 
 Threshold convention (as in the paper's code): `max_f` is feature f's largest activation over
 the (train) split; features with max_f <= 0 are dead and never fire; at threshold fraction t

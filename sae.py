@@ -2,7 +2,7 @@
 Sparse autoencoders (SAEs): one small class per architecture, all with one interface.
 
 Used by `python train.py --game chess --stage sae` (trains SAEs on residual-stream activations
-saved by the model stage) and by evaluate.py (loads them and encodes activations into features).
+streamed from the LM) and by evaluate.py (loads them and encodes activations into features).
 Reads nothing by itself; `save` writes one `.pt` file per SAE and `load` rebuilds any SAE from
 that file alone.
 

@@ -88,7 +88,7 @@ PRESETS = {
                          'warmup_iters': 200},
              'chess': {'n_layer': 4, 'n_head': 6, 'n_embd': 192, 'block_size': 255, 'batch_size': 32,
                        'n_games': 30_000, 'max_iters': 2000, 'lr': 2e-3, 'min_lr': 1e-4, 'warmup_iters': 200,
-                       'legal_games': 100, 'sae_steps': 700}}),
+                       'legal_games': 100, 'sae_steps': 600}}),
     'paper': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'lr': 6e-4, 'min_lr': 6e-5, 'warmup_iters': 1000,
                'max_iters': 60000, 'compile': True, 'eval_interval': 2000, 'sae_batch': 8192, 'sae_steps': 30000,
                'sae_lr': 3e-4, 'sae_warmup': 1000, 'sae_buffer': 1 << 20, 'sae_log_interval': 2000},
