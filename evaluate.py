@@ -176,23 +176,13 @@ def evaluate(cfg, log=print):
     for i, (kind, sae) in enumerate(saes):
         t = time.time()
         x_train, x_test, x_unsup = ev.activations(kind, sae.meta['layer'])
-        x_hat, f = [], []
-        with torch.no_grad():
-            for j in range(0, len(x_unsup), 8192):
-                xh, ff = sae(x_unsup[j:j + 8192])
-                x_hat.append(xh)
-                f.append(ff)
-        x_hat, f = torch.cat(x_hat), torch.cat(f)
-
         def reconstruct(resid, sae=sae):  # (B, T, d) -> (B, T, d)
             return sae(resid.reshape(-1, resid.shape[-1]).float())[0].view_as(resid).to(resid.dtype)
 
         row = {'name': sae.meta['name'], 'arch': sae.cfg['arch'], 'model': kind, 'layer': sae.meta['layer'],
-               'd_sae': sae.cfg['d_sae'], 'l0': metrics.l0(f),
-               'frac_var_explained': metrics.explained_variance(x_unsup, x_hat),
+               'd_sae': sae.cfg['d_sae'], **metrics.sae_scores(sae, x_unsup),
                'loss_recovered': metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), sae.meta['layer'],
-                                                        reconstruct, cfg.batch_size),
-               'dead_fraction': metrics.dead_fraction(f)}
+                                                        reconstruct, cfg.batch_size)}
         row.update(score_features(encode_all(sae, x_train), encode_all(sae, x_test), ev.labels['train'], ev.labels['test']))
         rows.append(row)
         log(f"[{i + 1}/{len(saes)}] {kind:7s} {row['name']:24s} L0 {row['l0']:6.1f} | FVE {row['frac_var_explained']:.3f} | "

@@ -323,6 +323,24 @@ def explained_variance(x, x_hat) -> float:
     return ve.compute()
 
 
+@torch.no_grad()
+def sae_scores(sae, x, batch_size=8192) -> dict:
+    """The unsupervised scores of one SAE on activations x (N, d), encoded in batches:
+    {'l0': l0(f), 'frac_var_explained': explained_variance(x, x_hat), 'dead_fraction':
+    dead_fraction(f)} with (x_hat, f) = sae(x). train.py logs these; evaluate.py reports them."""
+    was_training = sae.training
+    sae.eval()
+    fve, n_active, fired = VarianceExplained(), 0, None
+    for i in range(0, len(x), batch_size):
+        x_hat, f = sae(x[i:i + batch_size])
+        fve.update(x[i:i + batch_size], x_hat)
+        n_active += torch.count_nonzero(f).item()
+        fired = (f > 0).any(0) if fired is None else fired | (f > 0).any(0)  # as dead_fraction
+    sae.train(was_training)
+    return {'l0': n_active / len(x), 'frac_var_explained': fve.compute(),
+            'dead_fraction': 1.0 - fired.double().mean().item()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss recovered
 # ---------------------------------------------------------------------------------------------

@@ -1445,3 +1445,13 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert rc == 0 and 'best-matching board-state elements' in out or 'never fires' in out, out
     rc, out = run_script('evaluate.py', '--game=othello', '--feature=nosuch:3', *dirs)
     assert rc != 0 and 'no SAE named' in out and 'Traceback' not in out
+
+
+def test_sae_scores_in_batches_equal_the_one_shot_metrics():
+    sae = small_sae('standard')
+    x = raw_batch(B=50, seed=4)
+    x_hat, f = sae(x)
+    s = metrics.sae_scores(sae, x, batch_size=7)
+    assert abs(s['l0'] - metrics.l0(f)) < 1e-9
+    assert abs(s['frac_var_explained'] - metrics.explained_variance(x, x_hat)) < 1e-9
+    assert s['dead_fraction'] == metrics.dead_fraction(f)

@@ -282,16 +282,6 @@ def activation_batches(model, tokens, layer, pad_id, cfg, seed):
             yield buffer[perm[i:i + cfg.sae_batch]]
 
 
-@torch.no_grad()
-def sae_eval(sae, x):
-    """Held-out L0, fraction of variance explained and dead fraction of one SAE on x (N, d)."""
-    sae.eval()
-    x_hat, f = sae(x)
-    sae.train()
-    return {'l0': metrics.l0(f), 'frac_var_explained': metrics.explained_variance(x, x_hat),
-            'dead_fraction': metrics.dead_fraction(f)}
-
-
 def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out_dir, log=print):
     """Train every SAE of `sweep` [(arch, setting)] on the same activation batches (the model
     runs once per batch, not once per SAE) and save each to out_dir/<name>.pt."""
@@ -343,14 +333,14 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
                 f"({rate * len(saes) / 1e3:.0f}k SAE-act/s) | ETA {fmt_time(elapsed / (step + 1) * (cfg.sae_steps - step - 1))}")
             for name, sae in saes.items():
                 mse = sum(s['mse'] for s in window[name]) / len(window[name])
-                ev = sae_eval(sae, held_out)
+                ev = metrics.sae_scores(sae, held_out)
                 history[name].append({'step': step + 1, 'mse': mse, 'p': sae.p, 'coef': sae.coef, **ev})
                 window[name] = []
                 log(f"  {name:24s} mse {mse:8.3f} | L0 {ev['l0']:6.1f} | FVE {ev['frac_var_explained']:.3f} | "
                     f"dead {ev['dead_fraction']:.3f} | p {sae.p:.2f}")
     results = []
     for name, sae in saes.items():
-        final = sae_eval(sae, held_out)
+        final = metrics.sae_scores(sae, held_out)
         acts_per_s = cfg.sae_steps * cfg.sae_batch / seconds[name]
         save_sae(sae.cpu(), os.path.join(out_dir, f'{name}.pt'), {
             'name': name, 'game': cfg.game, 'layer': layer, 'model': model_id,
