@@ -226,9 +226,9 @@ def _othello_chunk(n_games, rng):
     return tokens
 
 
-def othello_states(tokens):
-    """Replay token sequences [N, T] and return the board after each position's move, as bool
-    [N, T, 64] tensors, relative to the player to move next (passes handled):
+def othello_bitboards(tokens):
+    """Replay token sequences [N, T] and return the board after each position's move as uint64
+    bitboards [N, T] (numpy), relative to the player to move next (passes handled):
       mine, theirs  - discs of the player to move next / of the other player
       legal         - that player's legal moves (empty after the game ends)
       flipped       - discs flipped by the move just played
@@ -236,7 +236,7 @@ def othello_states(tokens):
     Raises DataError on an illegal move."""
     tokens = np.asarray(tokens, dtype=np.int64)
     N, T = tokens.shape
-    out = {k: np.zeros((N, T, 64), bool) for k in ('mine', 'theirs', 'legal', 'flipped')}
+    out = {k: np.zeros((N, T), np.uint64) for k in ('mine', 'theirs', 'legal', 'flipped')}
     own = np.full(N, START_BLACK)
     opp = np.full(N, START_WHITE)
     done = np.zeros(N, bool)
@@ -259,13 +259,35 @@ def othello_states(tokens):
         nxt_legal = othello_legal(own, opp)
         other_legal = othello_legal(opp, own)
         pass_next = (nxt_legal == 0) & (other_legal != 0)
-        mine, theirs = np.where(pass_next, opp, own), np.where(pass_next, own, opp)
-        legal_next = np.where(pass_next, other_legal, nxt_legal)
-        out['mine'][:, t] = to_planes(mine)
-        out['theirs'][:, t] = to_planes(theirs)
-        out['legal'][:, t] = to_planes(legal_next)  # empty once neither side can move
-        out['flipped'][:, t] = to_planes(flipped)
-    return {k: torch.from_numpy(v) for k, v in out.items()}
+        out['mine'][:, t] = np.where(pass_next, opp, own)
+        out['theirs'][:, t] = np.where(pass_next, own, opp)
+        out['legal'][:, t] = np.where(pass_next, other_legal, nxt_legal)  # empty once neither side can move
+        out['flipped'][:, t] = flipped
+    return out
+
+
+def othello_states(tokens):
+    """othello_bitboards as bool tensors [N, T, 64] (square s = 8 * rank + file)."""
+    return {k: torch.from_numpy(to_planes(v)) for k, v in othello_bitboards(tokens).items()}
+
+
+def othello_legal_bitboards(tokens, chunk=8192):
+    """Legal-move bitboards after each position, tokens [N, T] -> int64 tensor [N, T] (the bits of
+    the uint64 boards), replayed in chunks to bound memory. Kept for a whole training set, this is
+    8 bytes a position; othello_soft_targets expands a batch of it."""
+    tokens = np.asarray(tokens)
+    parts = [othello_bitboards(tokens[i:i + chunk])['legal'] for i in range(0, len(tokens), chunk)]
+    return torch.from_numpy(np.concatenate(parts or [np.zeros((0, tokens.shape[1]), np.uint64)]).view(np.int64))
+
+
+def othello_soft_targets(legal):
+    """The exact next-token distribution of the random-game source: uniform over the legal moves.
+    legal [B, T] int64 bitboards -> float [B, T, 61] (the pad token gets 0); a position with no
+    legal move (the game is over) gets an all-zero row, which the loss ignores."""
+    bits = torch.from_numpy(BIT.view(np.int64))[OTHELLO_SQUARES].to(legal.device)  # (60,) token -> bit
+    soft = ((legal[..., None] & bits) != 0).float()  # (B, T, 60)
+    soft = soft / soft.sum(-1, keepdim=True).clamp(min=1)
+    return torch.nn.functional.pad(soft, (0, 1))
 
 
 def othello_perft(depth):

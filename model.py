@@ -107,10 +107,15 @@ class GPT(nn.Module):
         return self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, d)
 
     def head(self, x, targets):
-        """Final LayerNorm, logits (B, T, vocab) and the mean cross-entropy over non-pad targets."""
+        """Final LayerNorm, logits (B, T, vocab) and the mean cross-entropy over the targets:
+        token ids (B, T), pad ignored; or next-token distributions (B, T, vocab), all-zero rows
+        ignored: -sum_v p_v log softmax(logits)_v, whose expectation over sampled tokens it equals."""
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
+        if targets.is_floating_point():
+            per_position = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # (B, T)
+            return logits, per_position[targets.sum(-1) > 0].mean()
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=self.config.pad_id)
         return logits, loss

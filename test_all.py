@@ -135,6 +135,31 @@ def test_othello_states_agree_with_naive_replay():
             assert states['flipped'][g, t].tolist() == flipped
 
 
+def test_othello_soft_targets_are_uniform_over_naive_legal_moves():
+    tokens = torch.from_numpy(D.othello_games(30, seed=5)).long()
+    soft = D.othello_soft_targets(D.othello_legal_bitboards(tokens, chunk=7))  # chunks of 7 games
+    assert soft.shape == (30, 60, 61) and (soft[..., D.OTHELLO_PAD] == 0).all()
+    for g in range(len(tokens)):
+        board, player = naive_start(), 1
+        for t, tok in enumerate(tokens[g].tolist()):
+            if tok == D.OTHELLO_PAD:
+                assert (soft[g, t] == 0).all()  # the game is over: an ignored row
+                continue
+            if not naive_legal(board, player):
+                player = -player
+            r, c = divmod(D.OTHELLO_SQUARES[tok], 8)
+            flips = naive_flips(board, player, r, c)
+            board[r][c] = player
+            for rr, cc in flips:
+                board[rr][cc] = player
+            player = -player
+            legal = naive_legal(board, player) or naive_legal(board, -player)  # after a forced pass
+            expected = torch.zeros(61)
+            for rr, cc in legal:
+                expected[D.SQUARE_TO_TOKEN[rr * 8 + cc]] = 1 / len(legal)
+            assert torch.allclose(soft[g, t], expected), (g, t)
+
+
 def test_othello_states_handle_a_pass():
     # find a generated game with a pass and check the side to move after it
     tokens = torch.from_numpy(D.othello_games(2000, seed=11)).long()
@@ -527,6 +552,23 @@ def test_loss_ignores_pad_targets():
     assert torch.allclose(model(x, y2)[1], manual, atol=1e-6)
 
 
+def test_soft_target_loss_matches_hard_and_its_expectation():
+    model = tiny_model().eval()
+    x = torch.randint(0, 60, (2, 16))
+    y = torch.randint(0, 60, (2, 16))
+    one_hot = torch.nn.functional.one_hot(y, 61).float()
+    assert torch.allclose(model(x, one_hot)[1], model(x, y)[1], atol=1e-6)  # a point mass is the hard loss
+    # a distribution gives the expected hard loss over its tokens; all-zero rows are ignored
+    soft = torch.zeros(2, 16, 61)
+    soft[:, :, 3], soft[:, :, 7] = 0.25, 0.75
+    soft[1, 5:] = 0
+    logp = torch.log_softmax(model(x)[0], -1)
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[1, 5:] = False
+    expected = -(0.25 * logp[..., 3] + 0.75 * logp[..., 7])[keep].mean()
+    assert torch.allclose(model(x, soft)[1], expected, atol=1e-6)
+
+
 def test_tiny_lm_overfits_one_batch():
     model = tiny_model(seed=1)
     x = torch.randint(0, 60, (4, 16))
@@ -824,6 +866,16 @@ def test_jumprelu_threshold_learns_through_ste():
     f = sae.encode(x)
     assert (f[f != 0] > torch.exp(sae.log_threshold).expand_as(f)[f != 0]).all()
     assert stats['sparsity_loss'] == pytest.approx(stats['coef'] * stats['l0'], rel=1e-5)
+
+
+def test_jumprelu_thresholds_get_their_own_learning_rate():
+    sae = small_sae('jumprelu', threshold_lr_scale=10.0)
+    opt = sae.make_optimizer(1e-3)
+    lrs = {id(p): g['lr'] for g in opt.param_groups for p in g['params']}
+    assert lrs[id(sae.log_threshold)] == pytest.approx(1e-2) and lrs[id(sae.W_enc)] == pytest.approx(1e-3)
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(sae.parameters()))
+    std = small_sae('standard').make_optimizer(1e-3)
+    assert [g['lr_scale'] for g in std.param_groups] == [1.0]
 
 
 def test_lp_penalty_gradient_finite_at_zero():
