@@ -89,6 +89,11 @@ class SAE(nn.Module):
         self.n_anneal_done = 0
         self.meta = {}
 
+    def make_optimizer(self, lr):
+        """Adam over this SAE's parameters. Each group carries 'lr_scale': a schedule sets a
+        group's lr to lr * lr_scale (only JumpReLU's thresholds use a scale other than 1)."""
+        return torch.optim.Adam([{'params': list(self.parameters()), 'lr': lr, 'lr_scale': 1.0}], lr=lr)
+
     # --- normalisation ---
 
     def set_act_scale(self, x_sample):
@@ -468,15 +473,24 @@ class JumpReLUSAE(SAE):
     per feature. Penalty coef * L0, trained through straight-through estimators with a
     rectangle kernel of width `bandwidth`. Both bandwidth and init_threshold are in normalised
     units, where activations are sqrt(d_in) times larger than with the unit mean squared norm
-    the paper uses, hence defaults larger than its 0.001. log_threshold moves at most ~lr per
-    Adam step, so a start near the scale of real activations saves many steps."""
+    the paper uses, hence defaults larger than its 0.001. Adam moves log_threshold about lr per
+    step whatever the coefficient, so in a short run the L0 hardly depends on coef unless the
+    thresholds learn faster: their lr is threshold_lr_scale times the rest (make_optimizer)."""
     arch = 'jumprelu'
     DEFAULT_COEF = 1.0
 
-    def __init__(self, d_in, d_sae, *, bandwidth=0.05, init_threshold=0.1, **kw):
+    def __init__(self, d_in, d_sae, *, bandwidth=0.05, init_threshold=0.1, threshold_lr_scale=10.0, **kw):
         super().__init__(d_in, d_sae, **kw)
-        self.cfg.update(bandwidth=bandwidth, init_threshold=init_threshold)
+        self.cfg.update(bandwidth=bandwidth, init_threshold=init_threshold, threshold_lr_scale=threshold_lr_scale)
         self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
+
+    def make_optimizer(self, lr):
+        # the thresholds get their own lr: Adam moves log_threshold about lr per step whatever
+        # the coefficient, so with the base lr a short run ends where it started
+        scale = self.cfg['threshold_lr_scale']
+        rest = [p for name, p in self.named_parameters() if name != 'log_threshold']
+        return torch.optim.Adam([{'params': rest, 'lr': lr, 'lr_scale': 1.0},
+                                 {'params': [self.log_threshold], 'lr': lr * scale, 'lr_scale': scale}], lr=lr)
 
     def _encode_n(self, x):
         z = self._pre_acts(x)
@@ -556,9 +570,9 @@ def train_sae(sae, batches, lr=3e-4, warmup_steps=1000, total_steps=None):
     total_steps steps (default sae.cfg['total_steps'], else until batches run out).
     Returns the list of per-step stats dicts."""
     total_steps = total_steps if total_steps is not None else sae.cfg['total_steps']
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    optimizer = sae.make_optimizer(lr)
     warmup = max(1, warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))  # x each group's lr
     sae.train()
     history = []
     for step, x in enumerate(batches):
