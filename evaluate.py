@@ -82,14 +82,31 @@ def encode_all(sae, x, batch=8192):
         return torch.cat([sae.encode(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def score_features(acts_train, acts_test, lab_train, lab_test):
-    """Coverage (train split) and board reconstruction (test F1, t chosen on train) per BSP set."""
-    cov = per_set(lambda lab: metrics.coverage(acts_train, lab), lab_train)
-    rec = per_set(lambda ltr, lte: metrics.board_reconstruction(acts_train, ltr, acts_test, lte), lab_train, lab_test)
+def side_by_side(sets):
+    """BSP sets as one label matrix for metrics.*_by_group: (bool [N, G], groups), where groups
+    lists (set name, width) per block of columns; a nested set (the strategy set) gives one block
+    per property."""
+    blocks, groups = [], []
+    for name, lab in sets.items():
+        for part in (lab.values() if isinstance(lab, dict) else [lab]):
+            blocks.append(part.reshape(len(part), -1).bool())
+            groups.append((name, blocks[-1].shape[1]))
+    return torch.cat(blocks, 1), groups
+
+
+def score_features(acts_train, acts_test, ev):
+    """Coverage (train split) and board reconstruction (test F1, t chosen on train) per BSP set;
+    a nested set scores the mean over its properties, each weighted equally (the paper's
+    strategy set), each property with its own best threshold."""
+    (lab_train, groups), (lab_test, _) = ev.flat['train'], ev.flat['test']
+    sizes = [width for _, width in groups]
+    cov = metrics.coverage_by_group(acts_train, lab_train, sizes)
+    rec = metrics.reconstruction_by_group(acts_train, lab_train, acts_test, lab_test, sizes)
     row = {}
-    for name in cov:
-        row[f'coverage_{name}'] = cov[name]
-        row[f'reconstruction_{name}'] = rec[name]
+    for name in ev.labels['train']:
+        mine = [i for i, (g, _) in enumerate(groups) if g == name]
+        row[f'coverage_{name}'] = sum(cov[i] for i in mine) / len(mine)
+        row[f'reconstruction_{name}'] = sum(rec[i] for i in mine) / len(mine)
     return row
 
 
@@ -125,6 +142,7 @@ class Evaluation:
         masks = {'train': in_context & (g < n_train), 'test': in_context & (g >= n_train) & (g < n_train + n_test)}
         self.where = {k: (g[m], labels['pos'][m]) for k, m in masks.items()}  # (games, positions) per split
         self.labels = {k: select(labels['sets'], m) for k, m in masks.items()}
+        self.flat = {k: side_by_side(v) for k, v in self.labels.items()}  # for metrics.*_by_group
         self.names = labels['names']
         unsup = self.tokens[n_train:n_train + min(cfg.n_unsup_games, n_test)]
         self.unsup_tokens = unsup  # (n, T) whole games for the unsupervised metrics
@@ -183,7 +201,7 @@ def evaluate(cfg, log=print):
                'd_sae': sae.cfg['d_sae'], **metrics.sae_scores(sae, x_unsup),
                'loss_recovered': metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), sae.meta['layer'],
                                                         reconstruct, cfg.batch_size)}
-        row.update(score_features(encode_all(sae, x_train), encode_all(sae, x_test), ev.labels['train'], ev.labels['test']))
+        row.update(score_features(encode_all(sae, x_train), encode_all(sae, x_test), ev))
         rows.append(row)
         log(f"[{i + 1}/{len(saes)}] {kind:7s} {row['name']:24s} L0 {row['l0']:6.1f} | FVE {row['frac_var_explained']:.3f} | "
             + ' | '.join(f"{k.replace('reconstruction', 'rec').replace('coverage', 'cov')} {v:.3f}"
@@ -194,7 +212,7 @@ def evaluate(cfg, log=print):
     rows.append({'name': 'mlp_neurons', 'arch': 'mlp', 'model': 'trained', 'layer': layer, 'd_sae': m_train.shape[1],
                  'l0': metrics.l0(m_unsup > 0), 'frac_var_explained': None, 'loss_recovered': None,
                  'dead_fraction': metrics.dead_fraction(m_unsup.clamp_min(0)),
-                 **score_features(m_train, m_test, ev.labels['train'], ev.labels['test'])})
+                 **score_features(m_train, m_test, ev)})
     for kind in ev.models:
         x_train, x_test, _ = ev.activations(kind, layer)
         probe = per_set(lambda ltr, lte: metrics.linear_probe(x_train, ltr, x_test, lte, steps=cfg.probe_steps),

@@ -8,6 +8,8 @@ Supervised metrics, on SAE feature activations `acts` [N, F] and board-state-pro
 labels `labels` bool [N, G] (N positions, F features, G BSP elements):
     coverage              best single-feature F1 per element, averaged, best threshold
     board_reconstruction  rebuild the board from features labelled on train, micro-F1 on test
+    coverage_by_group, reconstruction_by_group
+                          the same for several BSP sets at once (one firing pattern for all)
     linear_probe          supervised upper baseline: one logistic regression per element
     single_feature_scores one feature against every element (evaluate.py --feature)
 Unsupervised metrics:
@@ -139,6 +141,28 @@ def _predict_board(entries, k, feature_labels, n_pos):
 # Coverage
 # ---------------------------------------------------------------------------------------------
 
+def _group_slices(group_sizes, n_el):
+    """Column slices of the BSP sets laid side by side in one label matrix."""
+    assert sum(group_sizes) == n_el and all(s > 0 for s in group_sizes), "group sizes must sum to G"
+    ends = torch.tensor(group_sizes).cumsum(0).tolist()
+    return [slice(e - s, e) for s, e in zip(group_sizes, ends)]
+
+
+def _best_f1_per_threshold(acts, labels, thresholds):
+    """Yield (k, f1_best [G] float64, feature [G] int64) for k = n_thresholds-1 down to 0: per
+    element g, the best F1 over features f of "f fires at thresholds[k]" against g, and that f
+    (dead features never fire, so their F1 is 0)."""
+    acts, labels = acts.float(), labels.bool()
+    n_feat = acts.shape[1]
+    max_f = acts.amax(0)  # [F]
+    entries = _by_feature(_firing_entries(acts, max_f, thresholds))
+    n_true = torch.count_nonzero(labels, dim=0).double()  # [G]
+    for k, tp, n_fire in _counts_per_threshold(entries, labels.float(), n_feat, len(thresholds)):
+        # F1 = 2 TP / (n_fire + n_true); absent elements get a dummy denominator (excluded by callers)
+        half_f1 = tp / (n_fire[:, None] + n_true.clamp_min(1)[None, :])  # [F, G]
+        yield k, 2 * half_f1.amax(0), half_f1.argmax(0)
+
+
 def coverage_details(acts, labels, thresholds=None) -> dict:
     """Coverage with the per-threshold detail (see `coverage` for the formula).
 
@@ -148,25 +172,32 @@ def coverage_details(acts, labels, thresholds=None) -> dict:
              'element_feature': int64 [G] the feature achieving it (-1 if absent)}.
     """
     thresholds = _check_thresholds(thresholds)
-    acts, labels = acts.float(), labels.bool()
-    n_feat = acts.shape[1]
-    max_f = acts.amax(0)  # [F]
-    entries = _by_feature(_firing_entries(acts, max_f, thresholds))
-    n_true = torch.count_nonzero(labels, dim=0).double()  # [G]
-    present = n_true > 0  # [G] elements that occur at least once
+    present = labels.bool().any(0)  # [G] elements that occur at least once
     per_t, best = [0.0] * len(thresholds), None
-    for k, tp, n_fire in _counts_per_threshold(entries, labels.float(), n_feat, len(thresholds)):
-        # F1 = 2 TP / (n_fire + n_true); absent elements get a dummy denominator (excluded below)
-        half_f1 = tp / (n_fire[:, None] + n_true.clamp_min(1)[None, :])  # [F, G]
-        f1_best = 2 * half_f1.amax(0)  # [G]; dead features have F1 0 (never fire)
+    for k, f1_best, feat_best in _best_f1_per_threshold(acts, labels, thresholds):
         per_t[k] = f1_best[present].mean().item() if present.any() else 0.0
         if best is None or per_t[k] >= best[0]:  # k runs downwards: ties go to the lowest t
-            best = (per_t[k], thresholds[k], f1_best, half_f1.argmax(0))
+            best = (per_t[k], thresholds[k], f1_best, feat_best)
     score, t, f1_best, feat_best = best
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     return {"coverage": score, "threshold": t, "thresholds": thresholds, "per_threshold": per_t,
             "element_f1": torch.where(present, f1_best, nan),
             "element_feature": torch.where(present, feat_best, torch.full_like(feat_best, -1))}
+
+
+def coverage_by_group(acts, labels, group_sizes, thresholds=None) -> list:
+    """`coverage` of several BSP sets at once, sharing one firing pattern (much faster than one
+    call per set). labels: bool [N, G], the sets' columns side by side; group_sizes: their widths
+    (summing to G). Returns [coverage of set i], each with its own best t, exactly as
+    coverage(acts, labels[:, set i]) would give."""
+    thresholds = _check_thresholds(thresholds)
+    slices = _group_slices(group_sizes, labels.shape[1])
+    present = labels.bool().any(0)  # [G]
+    per_t = [[0.0] * len(thresholds) for _ in slices]
+    for k, f1_best, _ in _best_f1_per_threshold(acts, labels, thresholds):
+        for i, s in enumerate(slices):
+            per_t[i][k] = f1_best[s][present[s]].mean().item() if present[s].any() else 0.0
+    return [max(c) for c in per_t]
 
 
 def coverage(acts, labels, thresholds=None) -> float:
@@ -213,6 +244,35 @@ def single_feature_scores(acts, labels, thresholds=None) -> dict:
 # Board reconstruction
 # ---------------------------------------------------------------------------------------------
 
+def _reconstruction_counts(acts_train, labels_train, acts_test, labels_test, thresholds,
+                           min_precision, min_true_positives):
+    """Yield (k, feature_labels bool [F, G], train counts, test counts) for k = n-1 down to 0, where
+    counts = (TP [G], #predicted [G], #true [G]) per element of the predicted boards at threshold k
+    (int64; sum them over a set's columns for its micro-F1)."""
+    acts_train, acts_test = acts_train.float(), acts_test.float()
+    labels_train, labels_test = labels_train.bool(), labels_test.bool()
+    n_feat = acts_train.shape[1]
+    max_f = acts_train.amax(0)  # [F], from train only
+    train = _firing_entries(acts_train, max_f, thresholds)  # sorted by position
+    test = _firing_entries(acts_test, max_f, thresholds)  # same max_f, same thresholds
+    count = torch.count_nonzero
+    n_true = (count(labels_train, dim=0), count(labels_test, dim=0))
+    counts = _counts_per_threshold(_by_feature(train), labels_train.float(), n_feat, len(thresholds))
+    for k, tp, n_fire in counts:  # tp [F, G], n_fire [F] on train
+        precision = tp / n_fire.clamp_min(1)[:, None]  # P(g | f fires), [F, G]
+        lab = (precision >= min_precision) & (tp >= min_true_positives)  # [F, G] bool
+        out = []
+        for entries, labels, n in ((train, labels_train, n_true[0]), (test, labels_test, n_true[1])):
+            pred = _predict_board(entries, k, lab, labels.shape[0])  # [N, G]
+            out.append((count(pred & labels, dim=0), count(pred, dim=0), n))
+        yield k, lab, out[0], out[1]
+
+
+def _micro_f1_of(counts, s=slice(None)):
+    """Micro-F1 from per-element (TP, #predicted, #true) counts, pooled over the columns s."""
+    return f1_from_counts(*(c[s].sum() for c in counts)).item()
+
+
 def reconstruction_details(acts_train, labels_train, acts_test, labels_test, thresholds=None,
                            min_precision=0.95, min_true_positives=10) -> dict:
     """Board reconstruction with per-threshold detail (see `board_reconstruction`).
@@ -223,23 +283,32 @@ def reconstruction_details(acts_train, labels_train, acts_test, labels_test, thr
     ('test_f1' lets one reproduce the paper's choice of t on test: max(test_f1).)
     """
     thresholds = _check_thresholds(thresholds)
-    acts_train, acts_test = acts_train.float(), acts_test.float()
-    labels_train, labels_test = labels_train.bool(), labels_test.bool()
-    n_feat, n_thr = acts_train.shape[1], len(thresholds)
-    max_f = acts_train.amax(0)  # [F], from train only
-    train = _firing_entries(acts_train, max_f, thresholds)  # sorted by position
-    test = _firing_entries(acts_test, max_f, thresholds)  # same max_f, same thresholds
+    n_thr = len(thresholds)
     train_f1, test_f1, feature_labels = [0.0] * n_thr, [0.0] * n_thr, [None] * n_thr
-    counts = _counts_per_threshold(_by_feature(train), labels_train.float(), n_feat, n_thr)
-    for k, tp, n_fire in counts:  # tp [F, G], n_fire [F] on train
-        precision = tp / n_fire.clamp_min(1)[:, None]  # P(g | f fires), [F, G]
-        lab = (precision >= min_precision) & (tp >= min_true_positives)  # [F, G] bool
-        train_f1[k] = micro_f1(_predict_board(train, k, lab, acts_train.shape[0]), labels_train)
-        test_f1[k] = micro_f1(_predict_board(test, k, lab, acts_test.shape[0]), labels_test)
-        feature_labels[k] = lab
+    for k, lab, train, test in _reconstruction_counts(acts_train, labels_train, acts_test, labels_test,
+                                                      thresholds, min_precision, min_true_positives):
+        train_f1[k], test_f1[k], feature_labels[k] = _micro_f1_of(train), _micro_f1_of(test), lab
     i = max(range(n_thr), key=lambda k: (train_f1[k], -k))  # best train F1, lowest t on ties
     return {"f1": test_f1[i], "threshold": thresholds[i], "thresholds": thresholds,
             "train_f1": train_f1, "test_f1": test_f1, "feature_labels": feature_labels[i]}
+
+
+def reconstruction_by_group(acts_train, labels_train, acts_test, labels_test, group_sizes,
+                            thresholds=None, min_precision=0.95, min_true_positives=10) -> list:
+    """`board_reconstruction` of several BSP sets at once, sharing one firing pattern: labels_*
+    bool [N_*, G] hold the sets' columns side by side, group_sizes their widths. A feature's label
+    for one element never depends on other elements, so each set's score (its own micro-F1, its own
+    t chosen on train) is exactly board_reconstruction on its columns alone. Returns [test F1]."""
+    thresholds = _check_thresholds(thresholds)
+    slices = _group_slices(group_sizes, labels_train.shape[1])
+    train_f1 = [[0.0] * len(thresholds) for _ in slices]
+    test_f1 = [[0.0] * len(thresholds) for _ in slices]
+    for k, _, train, test in _reconstruction_counts(acts_train, labels_train, acts_test, labels_test,
+                                                    thresholds, min_precision, min_true_positives):
+        for i, s in enumerate(slices):
+            train_f1[i][k], test_f1[i][k] = _micro_f1_of(train, s), _micro_f1_of(test, s)
+    best = [max(range(len(thresholds)), key=lambda k: (tr[k], -k)) for tr in train_f1]
+    return [te[i] for te, i in zip(test_f1, best)]
 
 
 def board_reconstruction(acts_train, labels_train, acts_test, labels_test,

@@ -1159,6 +1159,23 @@ def test_reconstruction_matches_brute_force(seed):
     assert metrics.board_reconstruction(acts_tr, lab_tr, acts_te, lab_te) == got["f1"]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_by_group_scores_equal_each_set_alone_by_brute_force(seed):
+    acts_tr, lab_tr = random_case(seed, n=120, n_feat=12, n_el=9)
+    acts_te, lab_te = random_case(seed + 100, n=70, n_feat=12, n_el=9)
+    lab_tr[:, 4] = False  # a one-element set that never occurs on train
+    sizes = [4, 1, 4]
+    cov = metrics.coverage_by_group(acts_tr, lab_tr, sizes)
+    rec = metrics.reconstruction_by_group(acts_tr, lab_tr, acts_te, lab_te, sizes)
+    assert len(cov) == len(rec) == 3 and cov[1] == 0.0
+    for i, s in enumerate([slice(0, 4), slice(4, 5), slice(5, 9)]):
+        assert cov[i] == pytest.approx(bf_coverage(acts_tr, lab_tr[:, s]), abs=1e-9)
+        assert rec[i] == pytest.approx(bf_reconstruction(acts_tr, lab_tr[:, s], acts_te, lab_te[:, s])[0], abs=1e-9)
+    assert max(rec) > 0  # non-trivial: some features are labelled
+    with pytest.raises(AssertionError):
+        metrics.coverage_by_group(acts_tr, lab_tr, [4, 4])  # sizes must cover every column
+
+
 def test_firing_counts_exact():
     acts, labels = random_case(3, n=80)
     thresholds = metrics._check_thresholds(None)
