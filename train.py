@@ -264,7 +264,7 @@ SWEEP = {
     'gated_anneal': [{'coef': c} for c in (1.5, 4.0, 10.0)],
     'topk': [{'k': k} for k in (10, 40, 160)],
     'batch_topk': [{'k': k} for k in (10, 40, 160)],
-    'jumprelu': [{'coef': c} for c in (1.0, 3.0, 10.0)],
+    'jumprelu': [{'coef': c} for c in (0.1, 0.3, 1.0)],
 }
 
 
