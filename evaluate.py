@@ -12,6 +12,8 @@ The held-out games labelled by data.py are split: the first n_train games score 
 label the features for board reconstruction, the next n_test games are the test set (the
 paper: 1000 and 1000). Coverage averages over the elements that occur at least once in the
 split (the paper's code divides by every element, so its numbers are lower: see README).
+Baselines beside the SAEs: the SAEs of a random-init model (the floor), the layer's MLP neurons
+as a dictionary, the linear probe (the ceiling), and the probes used as a dictionary.
 """
 import dataclasses
 import glob
@@ -42,20 +44,6 @@ class EvalConfig:
     probe_steps: int = 300
     feature: str = ''          # NAME:INDEX -> explain one feature instead of the table
     top_boards: int = 3        # boards shown for --feature
-
-
-def per_set(fn, sets_a, *rest):
-    """Apply fn to each BSP set; a nested set (a dict of properties) scores the mean over its
-    properties, each property weighted equally (the paper's strategy set)."""
-    out = {}
-    for name, a in sets_a.items():
-        if isinstance(a, dict):
-            scores = [fn(a[k], *(r[name][k] for r in rest)) for k in a]
-            out[name] = ({k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
-                         if isinstance(scores[0], dict) else sum(scores) / len(scores))
-        else:
-            out[name] = fn(a, *(r[name] for r in rest))
-    return out
 
 
 def select(sets, mask):
@@ -94,20 +82,22 @@ def side_by_side(sets):
     return torch.cat(blocks, 1), groups
 
 
+def mean_per_set(values, ev):
+    """Per-group values (one per block of ev.flat's columns) -> {set name: mean over its groups}:
+    a nested set (the strategy set) is the mean over its properties, each weighted equally."""
+    groups = ev.flat['train'][1]
+    return {name: sum(v for v, (g, _) in zip(values, groups) if g == name) / sum(g == name for g, _ in groups)
+            for name in ev.labels['train']}
+
+
 def score_features(acts_train, acts_test, ev):
     """Coverage (train split) and board reconstruction (test F1, t chosen on train) per BSP set;
-    a nested set scores the mean over its properties, each weighted equally (the paper's
-    strategy set), each property with its own best threshold."""
+    each property of a nested set has its own best threshold."""
     (lab_train, groups), (lab_test, _) = ev.flat['train'], ev.flat['test']
     sizes = [width for _, width in groups]
-    cov = metrics.coverage_by_group(acts_train, lab_train, sizes)
-    rec = metrics.reconstruction_by_group(acts_train, lab_train, acts_test, lab_test, sizes)
-    row = {}
-    for name in ev.labels['train']:
-        mine = [i for i, (g, _) in enumerate(groups) if g == name]
-        row[f'coverage_{name}'] = sum(cov[i] for i in mine) / len(mine)
-        row[f'reconstruction_{name}'] = sum(rec[i] for i in mine) / len(mine)
-    return row
+    cov = mean_per_set(metrics.coverage_by_group(acts_train, lab_train, sizes), ev)
+    rec = mean_per_set(metrics.reconstruction_by_group(acts_train, lab_train, acts_test, lab_test, sizes), ev)
+    return {k: v for name in cov for k, v in ((f'coverage_{name}', cov[name]), (f'reconstruction_{name}', rec[name]))}
 
 
 class Evaluation:
@@ -215,16 +205,24 @@ def evaluate(cfg, log=print):
                  **score_features(m_train, m_test, ev)})
     for kind in ev.models:
         x_train, x_test, _ = ev.activations(kind, layer)
-        probe = per_set(lambda ltr, lte: metrics.linear_probe(x_train, ltr, x_test, lte, steps=cfg.probe_steps),
-                        ev.labels['train'], ev.labels['test'])
-        row = {'name': f'linear_probe_{kind}' if kind != 'trained' else 'linear_probe', 'arch': 'probe', 'model': kind,
-               'layer': layer, 'd_sae': None, 'l0': None, 'frac_var_explained': None, 'loss_recovered': None,
-               'dead_fraction': None}
-        for name, p in probe.items():
-            row[f'coverage_{name}'] = None
-            row[f'reconstruction_{name}'] = p['f1_micro']
-            row[f'probe_accuracy_{name}'] = p['accuracy']
+        # one logistic-regression probe per element, for all sets at once (the columns are independent)
+        (lab_train, groups), (lab_test, _) = ev.flat['train'], ev.flat['test']
+        probe = metrics.fit_linear_probe(x_train, lab_train, steps=cfg.probe_steps)
+        logits_train, logits_test = probe(x_train), probe(x_test)  # (P, G)
+        slices = metrics.group_slices([width for _, width in groups], lab_train.shape[1])
+        scores = [metrics.probe_scores(logits_test[:, s], lab_test[:, s]) for s in slices]
+        suffix = '' if kind == 'trained' else f'_{kind}'
+        row = {'name': 'linear_probe' + suffix, 'arch': 'probe', 'model': kind, 'layer': layer, 'd_sae': None,
+               'l0': None, 'frac_var_explained': None, 'loss_recovered': None, 'dead_fraction': None}
+        f1, accuracy = (mean_per_set([s[k] for s in scores], ev) for k in ('f1_micro', 'accuracy'))
+        for name in f1:
+            row.update({f'coverage_{name}': None, f'reconstruction_{name}': f1[name], f'probe_accuracy_{name}': accuracy[name]})
         rows.append(row)
+        # the same probes as a dictionary, one feature per element (its probability), scored like an
+        # SAE: what coverage and the reconstruction rule give with linear one-element features
+        rows.append({'name': 'probe_dictionary' + suffix, 'arch': 'probe_dict', 'model': kind, 'layer': layer,
+                     'd_sae': lab_train.shape[1], 'l0': None, 'frac_var_explained': None, 'loss_recovered': None,
+                     'dead_fraction': None, **score_features(torch.sigmoid(logits_train), torch.sigmoid(logits_test), ev)})
     log(f"eval: {len(rows)} rows in {time.time() - t0:.1f}s")
     return rows
 
@@ -238,6 +236,9 @@ PAPER = {  # best per architecture in the paper (its coverage normalisation): PA
     'chess': 'p-annealing rec ~0.85 (L0 ~25), cov ~0.48; standard/gated rec ~0.80-0.83, cov ~0.45; topk rec ~0.82, '
              'cov ~0.45; random-init model rec 0.005, cov 0.11; MLP neurons rec 0.56, cov 0.26',
 }
+
+
+BASELINES = ('mlp', 'probe', 'probe_dict')  # rows that are not SAEs
 
 
 def fmt(v):
@@ -268,14 +269,16 @@ def report(cfg, rows, sets, seconds):
         key = (r['arch'], r['model'])
         if key not in best or score(r) > score(best[key]):
             best[key] = r
-    best_rows = sorted(best.values(), key=lambda r: (r['model'] != 'trained', r['arch'] in ('mlp', 'probe'), -score(r)))
-    all_rows = sorted(rows, key=lambda r: (r['model'] != 'trained', r['arch'] in ('mlp', 'probe'), r['arch'], r['l0'] or 0))
+    best_rows = sorted(best.values(), key=lambda r: (r['model'] != 'trained', r['arch'] in BASELINES, -score(r)))
+    all_rows = sorted(rows, key=lambda r: (r['model'] != 'trained', r['arch'] in BASELINES, r['arch'], r['l0'] or 0))
     return '\n'.join([
         f'# {cfg.game}: SAE evaluation',
         '',
         f'Coverage on the train split, board reconstruction on the test split (threshold chosen on train); '
         f'coverage averages over the elements that occur at least once (the paper divides by all, so its '
-        f'numbers are lower). Probe rows: micro-F1 of a linear probe in the reconstruction columns. '
+        f'numbers are lower). linear_probe rows: micro-F1 of a linear probe in the reconstruction columns; '
+        f'probe_dictionary rows: those probes used as a dictionary (one feature per element, its probability) '
+        f'and scored like an SAE: a reference for what linear one-element features score on this residual stream. '
         f'{seconds:.0f}s to evaluate.',
         '',
         '## Best per architecture (by mean reconstruction)',
@@ -300,7 +303,7 @@ def plot(path, rows, sets):
         return False
     panels = [f'coverage_{s}' for s in sets] + [f'reconstruction_{s}' for s in sets] + ['loss_recovered']
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
-    archs = sorted({r['arch'] for r in rows if r['arch'] not in ('mlp', 'probe')})
+    archs = sorted({r['arch'] for r in rows if r['arch'] not in BASELINES})
     colours = dict(zip(archs, plt.rcParams['axes.prop_cycle'].by_key()['color'] * 3))
     for ax, key in zip(axes, panels):
         for arch in archs:
@@ -311,8 +314,8 @@ def plot(path, rows, sets):
                     ax.plot(*zip(*pts), marker=marker, color=colours[arch], ls='-' if kind == 'trained' else ':',
                             label=f'{arch}' + (' (random model)' if kind == 'random' else ''))
         for r in rows:  # baselines as horizontal lines
-            if r['arch'] in ('mlp', 'probe') and r.get(key) is not None:
-                ax.axhline(r[key], color='k' if r['arch'] == 'probe' else 'grey',
+            if r['arch'] in BASELINES and r.get(key) is not None:
+                ax.axhline(r[key], color={'probe': 'k', 'probe_dict': 'tab:brown'}.get(r['arch'], 'grey'),
                            ls='--' if r['model'] == 'trained' else ':', lw=1, label=r['name'])
         ax.set_xscale('log')
         ax.set_xlabel('L0')

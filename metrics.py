@@ -11,6 +11,7 @@ labels `labels` bool [N, G] (N positions, F features, G BSP elements):
     coverage_by_group, reconstruction_by_group
                           the same for several BSP sets at once (one firing pattern for all)
     linear_probe          supervised upper baseline: one logistic regression per element
+                          (fit_linear_probe gives the probe itself)
     single_feature_scores one feature against every element (evaluate.py --feature)
 Unsupervised metrics:
     l0, dead_fraction, explained_variance (+ streaming VarianceExplained), loss_recovered
@@ -141,7 +142,7 @@ def _predict_board(entries, k, feature_labels, n_pos):
 # Coverage
 # ---------------------------------------------------------------------------------------------
 
-def _group_slices(group_sizes, n_el):
+def group_slices(group_sizes, n_el):
     """Column slices of the BSP sets laid side by side in one label matrix."""
     assert sum(group_sizes) == n_el and all(s > 0 for s in group_sizes), "group sizes must sum to G"
     ends = torch.tensor(group_sizes).cumsum(0).tolist()
@@ -191,7 +192,7 @@ def coverage_by_group(acts, labels, group_sizes, thresholds=None) -> list:
     (summing to G). Returns [coverage of set i], each with its own best t, exactly as
     coverage(acts, labels[:, set i]) would give."""
     thresholds = _check_thresholds(thresholds)
-    slices = _group_slices(group_sizes, labels.shape[1])
+    slices = group_slices(group_sizes, labels.shape[1])
     present = labels.bool().any(0)  # [G]
     per_t = [[0.0] * len(thresholds) for _ in slices]
     for k, f1_best, _ in _best_f1_per_threshold(acts, labels, thresholds):
@@ -300,7 +301,7 @@ def reconstruction_by_group(acts_train, labels_train, acts_test, labels_test, gr
     for one element never depends on other elements, so each set's score (its own micro-F1, its own
     t chosen on train) is exactly board_reconstruction on its columns alone. Returns [test F1]."""
     thresholds = _check_thresholds(thresholds)
-    slices = _group_slices(group_sizes, labels_train.shape[1])
+    slices = group_slices(group_sizes, labels_train.shape[1])
     train_f1 = [[0.0] * len(thresholds) for _ in slices]
     test_f1 = [[0.0] * len(thresholds) for _ in slices]
     for k, _, train, test in _reconstruction_counts(acts_train, labels_train, acts_test, labels_test,
@@ -463,23 +464,17 @@ def loss_recovered(model, tokens, layer, reconstruct, batch_size=64) -> float:
 # Linear probe (supervised baseline)
 # ---------------------------------------------------------------------------------------------
 
-def linear_probe(x_train, labels_train, x_test, labels_test, steps=300, lr=3e-2,
-                 weight_decay=0.0, batch_size=None, seed=0) -> dict:
+def fit_linear_probe(x_train, labels_train, steps=300, lr=3e-2, weight_decay=0.0, batch_size=None, seed=0):
     """One logistic-regression probe per BSP element, trained jointly as one linear layer.
 
-    x_*: float [N_*, d] activations; labels_*: bool [N_*, G].  Inputs are standardised with
-    the train mean/std.  logits = x W + b, W [d, G]; loss = mean BCE-with-logits; AdamW for
-    `steps` steps (full batch if batch_size is None, else random minibatches).  Predicted
-    element g at n iff logit > 0.  Scores on test:
-        'f1_micro': micro-F1 pooled over positions x elements
-        'accuracy': fraction of positions x elements predicted correctly
-        'f1_mean':  mean per-element F1 over elements that occur in the test split
-    Returns {'f1_micro': float, 'accuracy': float, 'f1_mean': float}.
-    """
-    x_train, x_test = x_train.float(), x_test.float()
+    x_train: float [N, d] activations; labels_train: bool [N, G].  Inputs are standardised with
+    the train mean/std.  logits = z W + b, W [d, G]; loss = mean BCE-with-logits; AdamW for
+    `steps` steps (full batch if batch_size is None, else random minibatches).
+    Returns logits(x) -> float [N', G]: the trained probe as a function of raw activations."""
+    x_train = x_train.float()
     y_train = labels_train.float()  # [N, G]
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # [d]
-    z_train, z_test = (x_train - mean) / std, (x_test - mean) / std
+    z_train = (x_train - mean) / std
     d, n_el = x_train.shape[1], y_train.shape[1]
     probe = torch.nn.Linear(d, n_el).to(x_train.device)
     with torch.no_grad():  # convex problem: start from zero weights and the base-rate bias
@@ -500,14 +495,35 @@ def linear_probe(x_train, labels_train, x_test, labels_test, steps=300, lr=3e-2,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        pred = probe(z_test) > 0  # [N_test, G]
+
+    @torch.no_grad()
+    def logits(x):
+        return probe((x.float() - mean) / std)
+    return logits
+
+
+def probe_scores(logits_test, labels_test) -> dict:
+    """Scores of probe logits [N, G] against bool labels [N, G]; element g is predicted at n iff
+    its logit > 0:
+        'f1_micro': micro-F1 pooled over positions x elements
+        'accuracy': fraction of positions x elements predicted correctly
+        'f1_mean':  mean per-element F1 over elements that occur in the labels
+    Returns {'f1_micro': float, 'accuracy': float, 'f1_mean': float}."""
+    pred = logits_test > 0  # [N, G]
     labels_test = labels_test.bool()
     present = labels_test.any(0)  # [G]
     f1_el = per_element_f1(pred, labels_test)
     return {"f1_micro": micro_f1(pred, labels_test),
             "accuracy": (pred == labels_test).double().mean().item(),
             "f1_mean": f1_el[present].mean().item() if present.any() else 0.0}
+
+
+def linear_probe(x_train, labels_train, x_test, labels_test, steps=300, lr=3e-2,
+                 weight_decay=0.0, batch_size=None, seed=0) -> dict:
+    """The supervised upper baseline: fit_linear_probe on train, probe_scores on test.
+    Returns {'f1_micro': float, 'accuracy': float, 'f1_mean': float}."""
+    logits = fit_linear_probe(x_train, labels_train, steps, lr, weight_decay, batch_size, seed)
+    return probe_scores(logits(x_test), labels_test)
 
 
 # ---------------------------------------------------------------------------------------------

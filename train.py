@@ -258,10 +258,10 @@ def train_lm(cfg, log=print):
 # Sparsity settings per architecture, chosen so that L0 spans roughly 10 to 200 on the cpu
 # preset's models (normalised activations, E||x||^2 = d_in; MSE summed over d_in). Edit to taste.
 SWEEP = {
-    'standard': [{'coef': c} for c in (0.8, 2.0, 5.0)],
-    'gated': [{'coef': c} for c in (1.5, 4.0, 10.0)],
-    'p_anneal': [{'coef': c} for c in (0.8, 2.0, 5.0)],
-    'gated_anneal': [{'coef': c} for c in (1.5, 4.0, 10.0)],
+    'standard': [{'coef': c} for c in (0.8, 1.6, 3.2)],
+    'gated': [{'coef': c} for c in (1.5, 3.0, 6.0)],
+    'p_anneal': [{'coef': c} for c in (0.8, 1.6, 3.2)],
+    'gated_anneal': [{'coef': c} for c in (1.5, 3.0, 6.0)],
     'topk': [{'k': k} for k in (10, 40, 160)],
     'batch_topk': [{'k': k} for k in (10, 40, 160)],
     'jumprelu': [{'coef': c} for c in (0.1, 0.3, 1.0)],
