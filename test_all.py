@@ -1515,6 +1515,11 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert rc == 0 and 'best-matching board-state elements' in out or 'never fires' in out, out
     rc, out = run_script('evaluate.py', '--game=othello', '--feature=nosuch:3', *dirs)
     assert rc != 0 and 'no SAE named' in out and 'Traceback' not in out
+    # a later sweep of one architecture keeps the other SAEs, and says so
+    rc, out = run_script('train.py', '--game=othello', '--preset=tiny', '--stage=sae', '--sae_archs=topk',
+                         '--control=none', *dirs)
+    assert rc == 0 and 'SAEs this run did not write' in out and 'standard_coef0.8' in out, out
+    assert sorted(os.listdir(f'{tmp_path}/out/othello/saes')) == saes
 
 
 def test_sae_scores_in_batches_equal_the_one_shot_metrics():

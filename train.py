@@ -10,6 +10,7 @@ Every option below can be given as --key=value or --key value; the resolved conf
 and saved in the checkpoint.
 """
 import dataclasses
+import glob
 import math
 import os
 import time
@@ -367,6 +368,10 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     for r in results:
         log(f"  {r['name']:24s} FVE {r['frac_var_explained']:.3f} | L0 {r['l0']:6.1f} | dead {r['dead_fraction']:.3f} | "
             f"{r['acts_per_s'] / 1e3:.1f}k act/s")
+    others = sorted({os.path.basename(p)[:-3] for p in glob.glob(os.path.join(out_dir, '*.pt'))} - set(saes))
+    if others:  # kept, never deleted: they may be a user's own runs
+        log(f"note: {out_dir}/ also holds {len(others)} SAEs this run did not write ({', '.join(others)}); "
+            f"evaluate.py scores every SAE trained on the current model: delete those files to leave them out")
     return results
 
 
