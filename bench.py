@@ -109,7 +109,7 @@ def bench_sae(cfg):
         kw = {'k': 32} if 'topk' in arch else {}
         sae = make_sae(arch, 256, 2048, total_steps=10**6, **kw)
         sae.set_act_scale(x)
-        opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
+        opt = sae.make_optimizer(3e-4)  # as train.py (JumpReLU: its own threshold lr)
         step_no = [0]
 
         def step():
