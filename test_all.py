@@ -604,9 +604,9 @@ def test_checkpoint_round_trip(tmp_path):
 def test_train_tiny_othello_then_resume(tmp_path):
     common = ['train.py', '--game=othello', '--preset=tiny', '--stage', 'lm',
               f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
-    rc, out = run_script(*common, '--max_iters=40')
+    rc, out = run_script(*common, '--max_iters=40', '--soft_targets=True')
     assert rc == 0, out
-    assert 'legal-move rate' in out
+    assert 'legal-move rate' in out and 'soft targets: legal moves of' in out
     ckpt = torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)
     assert ckpt['iter'] == 40 and 0 <= ckpt['legal_move_rate'] <= 1
     assert ckpt['train_config']['max_iters'] == 40
@@ -622,6 +622,7 @@ def test_train_tiny_othello_then_resume(tmp_path):
     (['train.py', '--game=go'], 'unknown game'),
     (['train.py', '--max_iters=many'], 'not a valid int'),
     (['data.py', '--game=checkers'], 'unknown game'),
+    (['train.py', '--game=chess', '--soft_targets=True'], 'Othello only'),
 ])
 def test_bad_options_give_one_clear_line(args, message, tmp_path):
     rc, out = run_script(*args, f'--data_dir={tmp_path}')

@@ -116,6 +116,8 @@ def build_config(argv):
     cfg.preset, cfg.device = preset, device
     if cfg.stage not in ('lm', 'sae', 'all'):
         raise D.UserError(f"unknown stage {cfg.stage!r}: use lm, sae or all")
+    if cfg.soft_targets and cfg.game != 'othello':
+        raise D.UserError("--soft_targets works for Othello only (chess targets are characters): drop it")
     if cfg.game == 'othello' and cfg.block_size > 59:
         raise D.UserError("Othello games have 60 moves: --block_size must be at most 59")
     return cfg
@@ -187,8 +189,6 @@ def train_lm(cfg, log=print):
 
     legal = None  # (N, T) legal-move bitboards of the train games, for soft targets
     if cfg.soft_targets:
-        if cfg.game != 'othello':
-            raise D.UserError("--soft_targets works for Othello only (chess targets are characters)")
         t1 = time.time()
         legal = D.othello_legal_bitboards(train_tok)
         log(f"soft targets: legal moves of {len(train_tok)} train games in {time.time() - t1:.1f}s")
