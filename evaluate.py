@@ -85,16 +85,15 @@ def side_by_side(sets):
 def mean_per_set(values, ev):
     """Per-group values (one per block of ev.flat's columns) -> {set name: mean over its groups}:
     a nested set (the strategy set) is the mean over its properties, each weighted equally."""
-    groups = ev.flat['train'][1]
-    return {name: sum(v for v, (g, _) in zip(values, groups) if g == name) / sum(g == name for g, _ in groups)
+    return {name: sum(v for v, (g, _) in zip(values, ev.groups) if g == name) / sum(g == name for g, _ in ev.groups)
             for name in ev.labels['train']}
 
 
 def score_features(acts_train, acts_test, ev):
     """Coverage (train split) and board reconstruction (test F1, t chosen on train) per BSP set;
     each property of a nested set has its own best threshold."""
-    (lab_train, groups), (lab_test, _) = ev.flat['train'], ev.flat['test']
-    sizes = [width for _, width in groups]
+    lab_train, lab_test = ev.flat['train'], ev.flat['test']
+    sizes = [width for _, width in ev.groups]
     cov = mean_per_set(metrics.coverage_by_group(acts_train, lab_train, sizes), ev)
     rec = mean_per_set(metrics.reconstruction_by_group(acts_train, lab_train, acts_test, lab_test, sizes), ev)
     return {k: v for name in cov for k, v in ((f'coverage_{name}', cov[name]), (f'reconstruction_{name}', rec[name]))}
@@ -132,7 +131,9 @@ class Evaluation:
         masks = {'train': in_context & (g < n_train), 'test': in_context & (g >= n_train) & (g < n_train + n_test)}
         self.where = {k: (g[m], labels['pos'][m]) for k, m in masks.items()}  # (games, positions) per split
         self.labels = {k: select(labels['sets'], m) for k, m in masks.items()}
-        self.flat = {k: side_by_side(v) for k, v in self.labels.items()}  # for metrics.*_by_group
+        flat = {k: side_by_side(v) for k, v in self.labels.items()}  # for metrics.*_by_group
+        self.flat = {k: lab for k, (lab, _) in flat.items()}  # bool (P, G) per split
+        self.groups = flat['train'][1]  # (set name, width) per block of columns, the same for both splits
         self.names = labels['names']
         unsup = self.tokens[n_train:n_train + min(cfg.n_unsup_games, n_test)]
         self.unsup_tokens = unsup  # (n, T) whole games for the unsupervised metrics
@@ -206,10 +207,10 @@ def evaluate(cfg, log=print):
     for kind in ev.models:
         x_train, x_test, _ = ev.activations(kind, layer)
         # one logistic-regression probe per element, for all sets at once (the columns are independent)
-        (lab_train, groups), (lab_test, _) = ev.flat['train'], ev.flat['test']
+        lab_train, lab_test = ev.flat['train'], ev.flat['test']
         probe = metrics.fit_linear_probe(x_train, lab_train, steps=cfg.probe_steps)
         logits_train, logits_test = probe(x_train), probe(x_test)  # (P, G)
-        slices = metrics.group_slices([width for _, width in groups], lab_train.shape[1])
+        slices = metrics.group_slices([width for _, width in ev.groups], lab_train.shape[1])
         scores = [metrics.probe_scores(logits_test[:, s], lab_test[:, s]) for s in slices]
         suffix = '' if kind == 'trained' else f'_{kind}'
         row = {'name': 'linear_probe' + suffix, 'arch': 'probe', 'model': kind, 'layer': layer, 'd_sae': None,

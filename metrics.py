@@ -269,6 +269,11 @@ def _reconstruction_counts(acts_train, labels_train, acts_test, labels_test, thr
         yield k, lab, out[0], out[1]
 
 
+def _best_on_train(train_f1):
+    """The threshold index with the best train micro-F1 (the lowest t on ties)."""
+    return max(range(len(train_f1)), key=lambda k: (train_f1[k], -k))
+
+
 def _micro_f1_of(counts, s=slice(None)):
     """Micro-F1 from per-element (TP, #predicted, #true) counts, pooled over the columns s."""
     return f1_from_counts(*(c[s].sum() for c in counts)).item()
@@ -289,7 +294,7 @@ def reconstruction_details(acts_train, labels_train, acts_test, labels_test, thr
     for k, lab, train, test in _reconstruction_counts(acts_train, labels_train, acts_test, labels_test,
                                                       thresholds, min_precision, min_true_positives):
         train_f1[k], test_f1[k], feature_labels[k] = _micro_f1_of(train), _micro_f1_of(test), lab
-    i = max(range(n_thr), key=lambda k: (train_f1[k], -k))  # best train F1, lowest t on ties
+    i = _best_on_train(train_f1)
     return {"f1": test_f1[i], "threshold": thresholds[i], "thresholds": thresholds,
             "train_f1": train_f1, "test_f1": test_f1, "feature_labels": feature_labels[i]}
 
@@ -308,8 +313,7 @@ def reconstruction_by_group(acts_train, labels_train, acts_test, labels_test, gr
                                                     thresholds, min_precision, min_true_positives):
         for i, s in enumerate(slices):
             train_f1[i][k], test_f1[i][k] = _micro_f1_of(train, s), _micro_f1_of(test, s)
-    best = [max(range(len(thresholds)), key=lambda k: (tr[k], -k)) for tr in train_f1]
-    return [te[i] for te, i in zip(test_f1, best)]
+    return [te[_best_on_train(tr)] for tr, te in zip(train_f1, test_f1)]
 
 
 def board_reconstruction(acts_train, labels_train, acts_test, labels_test,
@@ -562,12 +566,12 @@ def legal_move_rate(model, game, tokens, device='cpu', batch_size=64, max_move_c
         rows += [(g, b) for b in D.move_boundaries(text[:T - max_move_chars]) if b > 1]
     rows.sort(key=lambda r: r[1])
     n_legal = 0
+    space = D.CHESS_CHARS.index(' ')  # a move ends at a space
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         L = max(b for _, b in chunk) + max_move_chars
         buf = tokens[[g for g, _ in chunk], :L].clone()  # (b, L): the true text, overwritten as we decode
         pos = torch.tensor([b for _, b in chunk])  # next position to write, per row
-        space = D.CHESS_CHARS.index(' ')
         done = torch.zeros(len(chunk), dtype=torch.bool)  # a row is done once it wrote a space
         for _ in range(max_move_chars):
             # causal: the logits at pos - 1 see only the prefix and what was decoded so far
