@@ -193,12 +193,21 @@ def to_planes(b):
     return (b[..., None] & BIT) != 0
 
 
-def othello_games(n_games, seed, chunk=8192):
+def othello_games(n_games, seed, chunk=8192, workers=1, progress=print):
     """n random games (each move uniform among the legal ones), as token ids [n, 60] uint8,
     padded with OTHELLO_PAD after the game ends. A side with no move passes (no token).
-    Made in chunks (the arrays stay in cache), chunk i seeded by (seed, i): reproducible."""
-    return np.concatenate([_othello_chunk(min(chunk, n_games - i), np.random.default_rng([seed, i // chunk]))
-                           for i in range(0, n_games, chunk)] or [np.zeros((0, 60), np.uint8)])
+    Made in chunks (the arrays stay in cache), chunk i seeded by (seed, i): reproducible, and the
+    same for any number of `workers` (processes, for big sets)."""
+    jobs = [(min(chunk, n_games - i), seed, i // chunk) for i in range(0, n_games, chunk)]
+    quiet = len(jobs) < 100  # progress lines only for big sets (800k games and more)
+    parts = _map_with_progress(_othello_job, jobs, workers, (lambda _: None) if quiet else progress,
+                               f'othello games, chunks of {chunk}', min_parallel=2)
+    return np.concatenate(parts or [np.zeros((0, 60), np.uint8)])
+
+
+def _othello_job(args):
+    n_games, seed, i = args
+    return _othello_chunk(n_games, np.random.default_rng([seed, i]))
 
 
 def _othello_chunk(n_games, rng):
@@ -271,13 +280,21 @@ def othello_states(tokens):
     return {k: torch.from_numpy(to_planes(v)) for k, v in othello_bitboards(tokens).items()}
 
 
-def othello_legal_bitboards(tokens, chunk=8192):
+def othello_legal_bitboards(tokens, chunk=8192, workers=1, progress=print):
     """Legal-move bitboards after each position, tokens [N, T] -> int64 tensor [N, T] (the bits of
-    the uint64 boards), replayed in chunks to bound memory. Kept for a whole training set, this is
-    8 bytes a position; othello_soft_targets expands a batch of it."""
+    the uint64 boards), replayed in chunks to bound memory (in `workers` processes for big sets).
+    Kept for a whole training set, this is 8 bytes a position; othello_soft_targets expands a
+    batch of it."""
     tokens = np.asarray(tokens)
-    parts = [othello_bitboards(tokens[i:i + chunk])['legal'] for i in range(0, len(tokens), chunk)]
+    jobs = [tokens[i:i + chunk] for i in range(0, len(tokens), chunk)]
+    quiet = len(jobs) < 100
+    parts = _map_with_progress(_legal_job, jobs, workers, (lambda _: None) if quiet else progress,
+                               f'legal moves, chunks of {chunk} games', min_parallel=2)
     return torch.from_numpy(np.concatenate(parts or [np.zeros((0, tokens.shape[1]), np.uint64)]).view(np.int64))
+
+
+def _legal_job(tokens):
+    return othello_bitboards(tokens)['legal']
 
 
 def othello_soft_targets(legal):
@@ -855,7 +872,7 @@ class DataConfig:
     max_chars: int = 256       # chess: characters kept per game (the LM's context + 1)
     n_label_games: int = 2000  # held-out games labelled with board states (evaluate.py: half train, half test)
     seed: int = 1337
-    workers: int = 2           # processes for chess generation and labelling
+    workers: int = 2           # processes for generation and chess labelling
     data_dir: str = 'data'
 
 
@@ -878,7 +895,7 @@ def prepare(cfg, log=print):
     if cfg.game == 'othello':
         if cfg.source != 'random':
             raise UserError("Othello games are always synthetic: drop --source (or use --game chess)")
-        tokens = torch.from_numpy(othello_games(n_train + n_val, cfg.seed))
+        tokens = torch.from_numpy(othello_games(n_train + n_val, cfg.seed, workers=cfg.workers, progress=log))
         itos, pad_id = OTHELLO_ITOS, OTHELLO_PAD
     else:
         games, n_skipped = chess_games(n_train + n_val, cfg.source, cfg.seed, cfg.max_chars,

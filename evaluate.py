@@ -65,9 +65,10 @@ def features_at(fn, tokens, games, positions, batch_size, device):
 
 
 def encode_all(sae, x, batch=8192):
-    """SAE features of x (N, d) in batches: (N, d_sae)."""
+    """SAE features of x (N, d) in batches, computed on the SAE's device: (N, d_sae) on x's device."""
+    device = next(sae.parameters()).device
     with torch.no_grad():
-        return torch.cat([sae.encode(x[i:i + batch]) for i in range(0, len(x), batch)])
+        return torch.cat([sae.encode(x[i:i + batch].to(device)).to(x.device) for i in range(0, len(x), batch)])
 
 
 def side_by_side(sets):
@@ -91,8 +92,9 @@ def mean_per_set(values, ev):
 
 def score_features(acts_train, acts_test, ev):
     """Coverage (train split) and board reconstruction (test F1, t chosen on train) per BSP set;
-    each property of a nested set has its own best threshold."""
-    lab_train, lab_test = ev.flat['train'], ev.flat['test']
+    each property of a nested set has its own best threshold. Counted on the evaluation device."""
+    lab_train, lab_test = ev.flat['train'], ev.flat['test']  # on ev.cfg.device
+    acts_train, acts_test = acts_train.to(lab_train.device), acts_test.to(lab_test.device)
     sizes = [width for _, width in ev.groups]
     cov = mean_per_set(metrics.coverage_by_group(acts_train, lab_train, sizes), ev)
     rec = mean_per_set(metrics.reconstruction_by_group(acts_train, lab_train, acts_test, lab_test, sizes), ev)
@@ -132,7 +134,7 @@ class Evaluation:
         self.where = {k: (g[m], labels['pos'][m]) for k, m in masks.items()}  # (games, positions) per split
         self.labels = {k: select(labels['sets'], m) for k, m in masks.items()}
         flat = {k: side_by_side(v) for k, v in self.labels.items()}  # for metrics.*_by_group
-        self.flat = {k: lab for k, (lab, _) in flat.items()}  # bool (P, G) per split
+        self.flat = {k: lab.to(cfg.device) for k, (lab, _) in flat.items()}  # bool (P, G) per split
         self.groups = flat['train'][1]  # (set name, width) per block of columns, the same for both splits
         self.names = labels['names']
         unsup = self.tokens[n_train:n_train + min(cfg.n_unsup_games, n_test)]
@@ -205,7 +207,7 @@ def evaluate(cfg, log=print):
                  'dead_fraction': metrics.dead_fraction(m_unsup.clamp_min(0)),
                  **score_features(m_train, m_test, ev)})
     for kind in ev.models:
-        x_train, x_test, _ = ev.activations(kind, layer)
+        x_train, x_test = (x.to(cfg.device) for x in ev.activations(kind, layer)[:2])
         # one logistic-regression probe per element, for all sets at once (the columns are independent)
         lab_train, lab_test = ev.flat['train'], ev.flat['test']
         probe = metrics.fit_linear_probe(x_train, lab_train, steps=cfg.probe_steps)

@@ -180,9 +180,8 @@ def coverage_details(acts, labels, thresholds=None) -> dict:
         if best is None or per_t[k] >= best[0]:  # k runs downwards: ties go to the lowest t
             best = (per_t[k], thresholds[k], f1_best, feat_best)
     score, t, f1_best, feat_best = best
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
     return {"coverage": score, "threshold": t, "thresholds": thresholds, "per_threshold": per_t,
-            "element_f1": torch.where(present, f1_best, nan),
+            "element_f1": torch.where(present, f1_best, torch.full_like(f1_best, float("nan"))),
             "element_feature": torch.where(present, feat_best, torch.full_like(feat_best, -1))}
 
 
@@ -404,10 +403,12 @@ def sae_scores(sae, x, batch_size=8192) -> dict:
     dead_fraction(f)} with (x_hat, f) = sae(x). train.py logs these; evaluate.py reports them."""
     was_training = sae.training
     sae.eval()
+    device = next(sae.parameters()).device
     fve, n_active, fired = VarianceExplained(), 0, None
     for i in range(0, len(x), batch_size):
-        x_hat, f = sae(x[i:i + batch_size])
-        fve.update(x[i:i + batch_size], x_hat)
+        xb = x[i:i + batch_size].to(device)
+        x_hat, f = sae(xb)
+        fve.update(xb, x_hat)
         n_active += torch.count_nonzero(f).item()
         fired = (f > 0).any(0) if fired is None else fired | (f > 0).any(0)  # as dead_fraction
     sae.train(was_training)
@@ -476,7 +477,7 @@ def fit_linear_probe(x_train, labels_train, steps=300, lr=3e-2, weight_decay=0.0
     `steps` steps (full batch if batch_size is None, else random minibatches).
     Returns logits(x) -> float [N', G]: the trained probe as a function of raw activations."""
     x_train = x_train.float()
-    y_train = labels_train.float()  # [N, G]
+    y_train = labels_train.float().to(x_train.device)  # [N, G]
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # [d]
     z_train = (x_train - mean) / std
     d, n_el = x_train.shape[1], y_train.shape[1]

@@ -181,6 +181,11 @@ class SAE(nn.Module):
         """Renormalise decoder rows to unit norm (subclasses add annealing updates)."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
 
+    def set_total_steps(self, total_steps):
+        """Change the planned length of training before any scheduled update has happened
+        (train.py's --sae_minutes fits the steps to a time budget after timing the first ones)."""
+        self.cfg['total_steps'] = int(total_steps)
+
     def extra_repr(self):
         return ', '.join(f'{k}={v}' for k, v in self.cfg.items())
 
@@ -269,6 +274,12 @@ class PAnnealing:
         steps = torch.linspace(first, last, n, dtype=torch.float64).round().long().tolist()
         ps = torch.linspace(1.0, self.cfg['p_end'], n, dtype=torch.float64).tolist()
         return list(zip(steps, ps))
+
+    def set_total_steps(self, total_steps):
+        if self.n_anneal_done:
+            raise RuntimeError(f'{self.arch}: the p schedule has started; set total_steps before {self._schedule[0][0]}')
+        super().set_total_steps(total_steps)
+        self._schedule = self.p_schedule()
 
     def p_at(self, step):
         """The p that loss(x, step) uses: set by the last update at an earlier step."""

@@ -103,6 +103,16 @@ def test_othello_games_are_legal_and_reproducible():
             player = -player
 
 
+def test_othello_data_is_the_same_for_any_number_of_workers():
+    one = D.othello_games(2000, seed=3, chunk=256)
+    two = D.othello_games(2000, seed=3, chunk=256, workers=2)
+    assert one.shape == (2000, 60) and (one == two).all()
+    legal = D.othello_legal_bitboards(one, chunk=256)
+    assert torch.equal(legal, D.othello_legal_bitboards(one, chunk=256, workers=2))
+    assert torch.equal(legal, D.othello_legal_bitboards(one))  # chunking changes nothing either
+    assert legal.shape == (2000, 60) and legal.dtype == torch.int64
+
+
 def naive_replay(game):
     """Replay one game's tokens on the naive board; after each move yield (t, board, player to
     move next (passes applied), squares flipped by the move)."""
@@ -617,6 +627,34 @@ def test_train_tiny_othello_then_resume(tmp_path):
     assert torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)['iter'] == 60
 
 
+def test_lr_schedule_follows_the_clock_when_it_is_ahead():
+    import train as TR
+    cfg = TR.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    assert TR.lr_at(4, cfg, clock=0.9) == pytest.approx(5e-4)  # warm-up counts iterations only
+    assert TR.lr_at(10, cfg) == pytest.approx(1e-3)
+    assert TR.lr_at(60, cfg) == pytest.approx(5.5e-4)  # half way through the cosine
+    assert TR.lr_at(20, cfg, clock=0.5) == pytest.approx(5.5e-4)  # the clock is ahead: it decides
+    assert TR.lr_at(60, cfg, clock=0.1) == pytest.approx(5.5e-4)  # the iterations are ahead
+    assert TR.lr_at(20, cfg, clock=1.0) == pytest.approx(1e-4)
+
+
+def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path):
+    dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    # 0.0005 minutes: the LM stops after its first iterations; the SAE sweep is timed on 20 steps
+    # and shortened to its floor of 100; the control trains as many
+    rc, out = run_script('train.py', '--game=othello', '--preset=tiny', '--max_iters=5000', '--lm_minutes=0.0005',
+                         '--sae_steps=400', '--sae_minutes=0.0001', '--sae_archs=p_anneal,topk', *dirs)
+    assert rc == 0, out
+    ckpt = torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)
+    assert 1 <= ckpt['iter'] < 5000 and f"stopping at iter {ckpt['iter']} of 5000" in out
+    assert 'steps fit in --sae_minutes=0.0001' in out
+    for sub in ('saes', 'saes_random'):
+        sae = S.load(f'{tmp_path}/out/othello/{sub}/p_anneal_coef1.6.pt')
+        assert sae.meta['steps'] == 100 and sae.cfg['total_steps'] == 100
+        assert sae.meta['history'][-1]['step'] == 100
+        assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 100 steps
+
+
 @pytest.mark.parametrize('args, message', [
     (['train.py', '--bogus=1'], 'unknown option --bogus'),
     (['train.py', '--game=go'], 'unknown game'),
@@ -908,6 +946,18 @@ def test_p_schedule(arch):
     assert sae.p == pytest.approx(0.2) and sae.n_anneal_done == 10
     coefs = [h['coef'] for h in history]
     assert len(set(coefs)) == 9  # initial + a rescale at each of the 8 updates that change p in training
+
+
+def test_set_total_steps_moves_the_p_schedule_until_it_starts():
+    sae = small_sae('p_anneal', total_steps=1000, anneal_start=0.2)
+    sae.set_total_steps(60)
+    assert sae.cfg['total_steps'] == 60
+    assert sae._schedule == small_sae('p_anneal', total_steps=60, anneal_start=0.2).p_schedule()
+    for step in range(13):  # the first update falls on step 12
+        sae.after_optimizer_step(step)
+    assert sae.n_anneal_done == 1
+    with pytest.raises(RuntimeError, match='has started'):
+        sae.set_total_steps(100)
 
 
 @pytest.mark.parametrize('arch', ['p_anneal', 'gated_anneal'])

@@ -40,6 +40,7 @@ class TrainConfig:
     n_val: int = 0
     source: str = 'random'      # chess: random | stockfish | PATH.pgn
     n_label_games: int = 2000
+    workers: int = 2            # processes for making the data and the soft targets
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -49,6 +50,8 @@ class TrainConfig:
     # optimisation
     batch_size: int = 64
     max_iters: int = 3000
+    lm_minutes: float = 0.0     # > 0: also stop the LM after this many minutes of training; the lr
+                                # schedule then follows the clock or the iterations, whichever is ahead
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 100
@@ -69,6 +72,8 @@ class TrainConfig:
     sae_archs: str = 'standard,gated,p_anneal,gated_anneal,topk,batch_topk,jumprelu'
     sae_expansion: int = 8      # d_sae = sae_expansion * n_embd
     sae_steps: int = 4000
+    sae_minutes: float = 0.0    # > 0: fewer steps if sae_steps would take longer than this (timed on
+                                # the first steps); the random-init control gets the same steps
     sae_batch: int = 1024       # activations per step (the paper: 8192)
     sae_lr: float = 1e-3        # the paper: 3e-4 over 300M activations; a short run needs more
     sae_warmup: int = 100
@@ -130,7 +135,7 @@ def ensure_data(cfg, log=print):
         log(f"data: {os.path.dirname(paths['train'])}/ incomplete, generating it")
         D.prepare(D.DataConfig(game=cfg.game, n_games=cfg.n_games, n_val=cfg.n_val, source=cfg.source,
                                max_chars=cfg.block_size + 1, n_label_games=cfg.n_label_games,
-                               seed=cfg.seed, data_dir=cfg.data_dir), log=log)
+                               seed=cfg.seed, workers=cfg.workers, data_dir=cfg.data_dir), log=log)
     train, val = (D.load_data(cfg.game, s, cfg.data_dir) for s in ('train', 'val'))
     T = train['tokens'].shape[1]
     if T < cfg.block_size + 1:
@@ -140,11 +145,12 @@ def ensure_data(cfg, log=print):
     return train, val
 
 
-def lr_at(it, cfg):
-    """Linear warm-up, then cosine decay to min_lr at max_iters."""
+def lr_at(it, cfg, clock=0.0):
+    """Linear warm-up, then cosine decay to min_lr at max_iters. clock: the fraction of the
+    --lm_minutes budget used; the decay follows it where it is further along than the iterations."""
     if it < cfg.warmup_iters:
         return cfg.lr * (it + 1) / cfg.warmup_iters
-    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    progress = min(1.0, max(clock, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
@@ -168,6 +174,14 @@ def train_lm(cfg, log=print):
     train_tok, val_tok = train['tokens'][:, :T], val['tokens'][:, :T]  # (N, T) uint8
     pad_id, vocab = train['pad_id'], len(train['itos'])
 
+    # (N, T) legal-move bitboards of the train games, for soft targets; before any CUDA work, as
+    # the worker processes are forked
+    legal = None
+    if cfg.soft_targets:
+        t1 = time.time()
+        legal = D.othello_legal_bitboards(train_tok, workers=cfg.workers, progress=log)
+        log(f"soft targets: legal moves of {len(train_tok)} train games in {time.time() - t1:.1f}s")
+
     start_iter = 0
     if cfg.resume:
         model, ckpt = load_checkpoint(ckpt_path, cfg.game, cfg.device)
@@ -186,12 +200,6 @@ def train_lm(cfg, log=print):
     fwd = torch.compile(model) if cfg.compile else model
     autocast = autocast_for(cfg)
     gen = torch.Generator().manual_seed(cfg.seed + start_iter)  # batches differ after a resume
-
-    legal = None  # (N, T) legal-move bitboards of the train games, for soft targets
-    if cfg.soft_targets:
-        t1 = time.time()
-        legal = D.othello_legal_bitboards(train_tok)
-        log(f"soft targets: legal moves of {len(train_tok)} train games in {time.time() - t1:.1f}s")
 
     def batch(tokens, legal=None):
         """A random batch: inputs (B, T) and targets, token ids (B, T) or, given the legal-move
@@ -218,9 +226,13 @@ def train_lm(cfg, log=print):
     t0 = time.time()
     tokens_seen = 0
     loss = None
+    budget = cfg.lm_minutes * 60  # seconds; 0: no time limit
+    clock = lambda: (time.time() - t0) / budget if budget > 0 else 0.0  # fraction of the budget used
+    last_iter = start_iter
     for it in range(start_iter, cfg.max_iters):
+        lr = lr_at(it, cfg, clock())
         for group in optimizer.param_groups:
-            group['lr'] = lr_at(it, cfg)
+            group['lr'] = lr
         x, y = batch(train_tok, legal)
         with autocast():
             _, loss = fwd(x, y)
@@ -228,13 +240,20 @@ def train_lm(cfg, log=print):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        tokens_seen += (y.sum(-1) > 0 if cfg.soft_targets else y != pad_id).sum().item()
-        done = it + 1 - start_iter
-        if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:
+        tokens_seen += (y.sum(-1) > 0 if cfg.soft_targets else y != pad_id).sum()  # a tensor: no sync per step
+        done, last_iter = it + 1 - start_iter, it + 1
+        out_of_time = clock() >= 1
+        if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters or out_of_time:
             elapsed = time.time() - t0
             eta = elapsed / done * (cfg.max_iters - it - 1)
-            log(f"iter {it + 1}/{cfg.max_iters} | loss {loss.item():.4f} | lr {lr_at(it, cfg):.2e} | "
-                f"{tokens_seen / elapsed / 1e3:.1f}k tok/s | ETA {fmt_time(eta)}")
+            if budget > 0:
+                eta = min(eta, max(0.0, budget - elapsed))
+            log(f"iter {it + 1}/{cfg.max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                f"{tokens_seen.item() / elapsed / 1e3:.1f}k tok/s | ETA {fmt_time(eta)}")
+        if out_of_time:
+            if it + 1 < cfg.max_iters:
+                log(f"--lm_minutes={cfg.lm_minutes:g} used up: stopping at iter {it + 1} of {cfg.max_iters}")
+            break
         if (it + 1) % cfg.eval_interval == 0 and it + 1 < cfg.max_iters:
             vl = val_loss()
             log(f"iter {it + 1}: val loss {vl:.4f}")
@@ -248,7 +267,7 @@ def train_lm(cfg, log=print):
         rate = metrics.legal_move_rate(model, cfg.game, val_tok[:cfg.legal_games], cfg.device)
     log(f"legal-move rate on {min(cfg.legal_games, len(val_tok))} val games: {rate:.4f} "
         f"({time.time() - t1:.1f}s to measure)")
-    save(cfg.max_iters, val_loss=vl, legal_move_rate=rate, train_seconds=train_seconds)
+    save(last_iter, val_loss=vl, legal_move_rate=rate, train_seconds=train_seconds)
     log(f"wrote {ckpt_path}")
     return ckpt_path
 
@@ -298,9 +317,14 @@ def activation_batches(model, tokens, layer, pad_id, cfg, seed):
             yield buffer[perm[i:i + cfg.sae_batch]]
 
 
-def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out_dir, log=print):
+SAE_TIMING_STEPS = 20  # --sae_minutes: steps timed before the step count is fitted to the budget
+
+
+def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out_dir, log=print, n_steps=None):
     """Train every SAE of `sweep` [(arch, setting)] on the same activation batches (the model
-    runs once per batch, not once per SAE) and save each to out_dir/<name>.pt."""
+    runs once per batch, not once per SAE) and save each to out_dir/<name>.pt. Steps: n_steps,
+    else cfg.sae_steps, fewer if --sae_minutes says so (at least 5 x SAE_TIMING_STEPS).
+    Returns one dict per SAE: its name, final scores, speed and the steps it trained."""
     layer = cfg.layer if cfg.layer >= 0 else default_layer(model.config.n_layer)
     d_in = model.config.n_embd
     d_sae = cfg.sae_expansion * d_in
@@ -310,9 +334,11 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
                                        dataclasses.replace(cfg, sae_batch=8192, sae_buffer=8192), cfg.seed + 1))
     first = next(stream)  # normalisation and b_dec come from the first training batch
     saes, optimizers = {}, {}
+    fit_to_budget = n_steps is None and cfg.sae_minutes > 0 and cfg.sae_steps > 5 * SAE_TIMING_STEPS
+    n_steps = n_steps or cfg.sae_steps
     torch.manual_seed(cfg.seed)
     for arch, setting in sweep:
-        kwargs = dict(setting, total_steps=cfg.sae_steps)
+        kwargs = dict(setting, total_steps=n_steps)
         if 'anneal' in arch:
             kwargs['anneal_start'] = cfg.anneal_start
         sae = make_sae(arch, d_in, d_sae, **kwargs).to(cfg.device)
@@ -320,16 +346,24 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         sae.init_b_dec(first)
         saes[sae_name(arch, setting)] = sae.train()
         optimizers[sae_name(arch, setting)] = sae.make_optimizer(cfg.sae_lr)
-    log(f"sae: {len(saes)} SAEs, d_in {d_in} -> d_sae {d_sae}, layer {layer}, {cfg.sae_steps} steps x "
-        f"{cfg.sae_batch} activations, into {out_dir}/")
+    log(f"sae: {len(saes)} SAEs, d_in {d_in} -> d_sae {d_sae}, layer {layer}, {n_steps} steps x "
+        f"{cfg.sae_batch} activations, into {out_dir}/" + (f" (at most {cfg.sae_minutes:g} min)" if fit_to_budget else ""))
     seconds = dict.fromkeys(saes, 0.0)
     window = {name: [] for name in saes}
     history = {name: [] for name in saes}
     t0 = time.time()
-    for step in range(cfg.sae_steps):
+    step = 0
+    while step < n_steps:
+        if fit_to_budget and step == SAE_TIMING_STEPS:
+            # time per step so far, with 10% to spare for the buffer refills still to come
+            per_step = 1.1 * (time.time() - t0) / step
+            n_steps = max(5 * SAE_TIMING_STEPS, min(n_steps, int(cfg.sae_minutes * 60 / per_step)))
+            for sae in saes.values():
+                sae.set_total_steps(n_steps)
+            log(f"sae: {per_step:.3f}s a step: {n_steps} steps fit in --sae_minutes={cfg.sae_minutes:g}")
         x = first if step == 0 else next(stream)
         # linear warm-up, constant, then linear decay over the last 20% of steps
-        lr = cfg.sae_lr * min(1.0, (step + 1) / cfg.sae_warmup, 5 * (1 - step / cfg.sae_steps))
+        lr = cfg.sae_lr * min(1.0, (step + 1) / cfg.sae_warmup, 5 * (1 - step / n_steps))
         for name, sae in saes.items():
             t = time.perf_counter()
             for group in optimizers[name].param_groups:
@@ -342,11 +376,11 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             sae.after_optimizer_step(step)
             seconds[name] += time.perf_counter() - t
             window[name].append(stats)
-        if (step + 1) % cfg.sae_log_interval == 0 or step + 1 == cfg.sae_steps:
+        if (step + 1) % cfg.sae_log_interval == 0 or step + 1 == n_steps:
             elapsed = time.time() - t0
             rate = (step + 1) * cfg.sae_batch / elapsed  # activations through the whole sweep per second
-            log(f"sae step {step + 1}/{cfg.sae_steps} | {rate / 1e3:.1f}k act/s through all {len(saes)} SAEs "
-                f"({rate * len(saes) / 1e3:.0f}k SAE-act/s) | ETA {fmt_time(elapsed / (step + 1) * (cfg.sae_steps - step - 1))}")
+            log(f"sae step {step + 1}/{n_steps} | {rate / 1e3:.1f}k act/s through all {len(saes)} SAEs "
+                f"({rate * len(saes) / 1e3:.0f}k SAE-act/s) | ETA {fmt_time(elapsed / (step + 1) * (n_steps - step - 1))}")
             for name, sae in saes.items():
                 mse = sum(s['mse'] for s in window[name]) / len(window[name])
                 ev = metrics.sae_scores(sae, held_out)
@@ -354,15 +388,16 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
                 window[name] = []
                 log(f"  {name:24s} mse {mse:8.3f} | L0 {ev['l0']:6.1f} | FVE {ev['frac_var_explained']:.3f} | "
                     f"dead {ev['dead_fraction']:.3f} | p {sae.p:.2f}")
+        step += 1
     results = []
     for name, sae in saes.items():
         final = metrics.sae_scores(sae, held_out)
-        acts_per_s = cfg.sae_steps * cfg.sae_batch / seconds[name]
+        acts_per_s = n_steps * cfg.sae_batch / seconds[name]
         save_sae(sae.cpu(), os.path.join(out_dir, f'{name}.pt'), {
             'name': name, 'game': cfg.game, 'layer': layer, 'model': model_id,
             'train_config': dataclasses.asdict(cfg), 'final': final, 'history': history[name],
-            'acts_per_s': acts_per_s})
-        results.append({'name': name, **final, 'acts_per_s': acts_per_s})
+            'acts_per_s': acts_per_s, 'steps': n_steps})
+        results.append({'name': name, **final, 'acts_per_s': acts_per_s, 'steps': n_steps})
     log(f"sae: wrote {len(saes)} SAEs to {out_dir}/ in {fmt_time(time.time() - t0)}; "
         f"per SAE {min(r['acts_per_s'] for r in results) / 1e3:.1f}k-{max(r['acts_per_s'] for r in results) / 1e3:.1f}k act/s")
     for r in results:
@@ -402,8 +437,9 @@ def train_saes(cfg, log=print):
         random_id = {'path': random_path, 'iter': 0, 'sha256': D.file_digest(random_path), 'random_init': True}
         control = sweep if cfg.control == 'sweep' else [(a, SWEEP[a][len(SWEEP[a]) // 2]) for a in archs]
         log(f"sae: control on a random-init model ({len(control)} SAEs)")
+        # as many steps as the trained model's SAEs had (fewer than sae_steps under --sae_minutes)
         results += train_sae_sweep(cfg, random_model, random_id, tokens, val_tokens, train['pad_id'], control,
-                                   os.path.join(cfg.out_dir, cfg.game, 'saes_random'), log)
+                                   os.path.join(cfg.out_dir, cfg.game, 'saes_random'), log, n_steps=results[0]['steps'])
     return results
 
 
