@@ -661,6 +661,8 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path):
     (['train.py', '--max_iters=many'], 'not a valid int'),
     (['data.py', '--game=checkers'], 'unknown game'),
     (['train.py', '--game=chess', '--soft_targets=True'], 'Othello only'),
+    (['train.py', '--game=chess', '--preset=gpu'], 'sized for othello only'),
+    (['train.py', '--preset=huge'], 'unknown preset'),
 ])
 def test_bad_options_give_one_clear_line(args, message, tmp_path):
     rc, out = run_script(*args, f'--data_dir={tmp_path}')
