@@ -199,9 +199,9 @@ def othello_games(n_games, seed, chunk=8192, workers=1, progress=print):
     Made in chunks (the arrays stay in cache), chunk i seeded by (seed, i): reproducible, and the
     same for any number of `workers` (processes, for big sets)."""
     jobs = [(min(chunk, n_games - i), seed, i // chunk) for i in range(0, n_games, chunk)]
-    quiet = len(jobs) < 100  # progress lines only for big sets (800k games and more)
-    parts = _map_with_progress(_othello_job, jobs, workers, (lambda _: None) if quiet else progress,
-                               f'othello games, chunks of {chunk}', min_parallel=2)
+    # progress lines only for big sets (100 chunks: 800k games and more)
+    parts = _map_with_progress(_othello_job, jobs, workers, progress, f'othello games, chunks of {chunk}',
+                               min_parallel=2, min_report=100)
     return np.concatenate(parts or [np.zeros((0, 60), np.uint8)])
 
 
@@ -287,9 +287,8 @@ def othello_legal_bitboards(tokens, chunk=8192, workers=1, progress=print):
     batch of it."""
     tokens = np.asarray(tokens)
     jobs = [tokens[i:i + chunk] for i in range(0, len(tokens), chunk)]
-    quiet = len(jobs) < 100
-    parts = _map_with_progress(_legal_job, jobs, workers, (lambda _: None) if quiet else progress,
-                               f'legal moves, chunks of {chunk} games', min_parallel=2)
+    parts = _map_with_progress(_legal_job, jobs, workers, progress, f'legal moves, chunks of {chunk} games',
+                               min_parallel=2, min_report=100)
     return torch.from_numpy(np.concatenate(parts or [np.zeros((0, tokens.shape[1]), np.uint64)]).view(np.int64))
 
 
@@ -555,10 +554,12 @@ def _stockfish_job(args):
     seed, max_chars, engine_path = args
     return stockfish_game(seed, max_chars, engine_path)
 
-def _map_with_progress(fn, jobs, workers, progress, what, min_parallel=64):
+def _map_with_progress(fn, jobs, workers, progress, what, min_parallel=64, min_report=0):
     """[fn(j) for j in jobs], in a Pool of `workers` processes for big inputs, in order, printing
-    a progress line every ~10% with the rate."""
+    a progress line every ~10% with the rate (none for fewer than `min_report` jobs)."""
     n, out, t0 = len(jobs), [], time.time()
+    if n < min_report:
+        progress = lambda _: None
     step, next_report = max(1, n // 10), max(1, n // 10)
 
     def report(done):

@@ -65,10 +65,10 @@ def features_at(fn, tokens, games, positions, batch_size, device):
 
 
 def encode_all(sae, x, batch=8192):
-    """SAE features of x (N, d) in batches, computed on the SAE's device: (N, d_sae) on x's device."""
+    """SAE features of x (N, d) in batches: (N, d_sae) on the SAE's device, where they are scored."""
     device = next(sae.parameters()).device
     with torch.no_grad():
-        return torch.cat([sae.encode(x[i:i + batch].to(device)).to(x.device) for i in range(0, len(x), batch)])
+        return torch.cat([sae.encode(x[i:i + batch].to(device)) for i in range(0, len(x), batch)])
 
 
 def side_by_side(sets):
@@ -369,7 +369,7 @@ def explain_feature(cfg, log=print):
     if not 0 <= index < sae.cfg['d_sae']:
         raise D.UserError(f"{name} has {sae.cfg['d_sae']} features: INDEX must be in 0..{sae.cfg['d_sae'] - 1}")
     x_train = ev.activations(kind, sae.meta['layer'])[0]
-    acts = encode_all(sae, x_train)[:, index]  # (P,)
+    acts = encode_all(sae, x_train)[:, index].cpu()  # (P,), beside the labels
     print(f"{name}:{index} ({kind} model): fires on {(acts > 0).float().mean().item():.1%} of "
           f"{len(acts)} train positions, max activation {acts.max().item():.3f}")
     if acts.max() <= 0:
