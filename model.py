@@ -12,6 +12,7 @@ Beyond a normal GPT it exposes the residual stream for interpretability:
   mlp_hidden(idx, layer)        -> the GELU outputs of block `layer`'s MLP (a baseline dictionary)
 """
 import math
+import time
 from dataclasses import dataclass, asdict
 
 import torch
@@ -164,6 +165,66 @@ def choose_device(name='auto'):
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
         return 'mps'
     return 'cpu'
+
+
+def matmul_seconds(dtype, rows, width, reps=3):
+    """Best-of-`reps` seconds for one (rows, width) @ (width, 4 width) CPU matmul, the shape of a
+    transformer MLP, with inputs in `dtype` (fp32 or bf16), after one warm-up call."""
+    a, b = torch.randn(rows, width).to(dtype), torch.randn(width, 4 * width).to(dtype)
+    a @ b
+    best = float('inf')
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+DTYPES = ('auto', 'float32', 'bfloat16')
+BF16_MARGIN = 1.1  # bf16 autocast only where its matmul is at least this much faster than fp32
+
+
+def choose_precision(name, device, width, rows=1024, timer=None):
+    """The one place the LM's precision is picked: 'float32', or 'bfloat16' (autocast: bf16
+    matmuls over fp32 weights; SAE maths and loss reductions stay fp32 in any case).
+    Returns (dtype, reason), the reason a sentence saying what was measured or read.
+
+    auto on the CPU times the model's MLP matmul (rows x width @ width x 4 width, rows at most
+    1024) both ways and
+    takes bf16 only if it is BF16_MARGIN times faster: CPUs with bf16 units (AVX512-BF16, AMX)
+    run it faster, CPUs without them (AVX2 only) emulate it tens of times slower. A small probe
+    runs first, so a slow bf16 costs a fraction of a second to detect. auto on CUDA: bf16 where
+    the GPU supports it, else fp32 with TF32 matmuls; on MPS: fp32. An explicit 'bfloat16' is
+    kept, with a warning in the reason when it is measured slower than fp32.
+    `timer(dtype, rows, width, reps)` returns seconds per matmul (tests pass a fake one)."""
+    if name not in DTYPES:
+        raise UserError(f"--dtype={name}: use auto, float32 or bfloat16")
+    if name == 'float32':
+        return 'float32', 'asked for (--dtype=float32)'
+    if device.startswith('cuda'):
+        if torch.cuda.is_bf16_supported():
+            return 'bfloat16', f"{'asked for' if name == 'bfloat16' else 'auto'}: this GPU has bf16 units"
+        if name == 'bfloat16':
+            return 'bfloat16', 'asked for (--dtype=bfloat16); warning: this GPU has no bf16 units, so it is slow here'
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return 'float32', 'auto: this GPU has no bf16 units: fp32 with TF32 matmuls'
+    if device != 'cpu':
+        return name if name != 'auto' else 'float32', f"{device}: bf16 autocast is not measured here"
+    timer = timer or matmul_seconds
+    capability = torch.backends.cpu.get_cpu_capability()
+    # the probe: about 2^24 multiply-adds, a fraction of a second even where bf16 is emulated
+    probe_rows = max(16, min(rows, 256, 2 ** 22 // (width * width)))
+    speedup = timer(torch.float32, probe_rows, width, 3) / timer(torch.bfloat16, probe_rows, width, 1)
+    shape = probe_rows
+    if speedup > 0.5:  # close enough that the small probe may mislead: time the real shape
+        shape = min(rows, 1024)
+        speedup = timer(torch.float32, shape, width, 3) / timer(torch.bfloat16, shape, width, 3)
+    measured = (f"a ({shape}x{width}) @ ({width}x{4 * width}) matmul runs {speedup:.2f}x as fast "
+                f"in bf16 as in fp32 on this CPU ({capability})")
+    if name == 'bfloat16':
+        warn = '' if speedup >= 1 else '; warning: slower than fp32 here, --dtype=auto would use fp32'
+        return 'bfloat16', f'asked for (--dtype=bfloat16): {measured}{warn}'
+    return ('bfloat16' if speedup >= BF16_MARGIN else 'float32'), f'auto: {measured}'
 
 
 def save_checkpoint(path, model, game, extra):

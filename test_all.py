@@ -627,6 +627,50 @@ def test_train_tiny_othello_then_resume(tmp_path):
     assert torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)['iter'] == 60
 
 
+def fake_matmul_timer(bf16_speedup):
+    """A stand-in for model.matmul_seconds: bf16 runs `bf16_speedup` times as fast as fp32.
+    Records the calls, so a test can see which shapes were timed."""
+    calls = []
+
+    def timer(dtype, rows, width, reps):
+        calls.append((dtype, rows))
+        return 1e-3 * rows / (bf16_speedup if dtype == torch.bfloat16 else 1.0)
+    return timer, calls
+
+
+@pytest.mark.parametrize('speedup, want', [(0.03, 'float32'), (0.9, 'float32'), (1.05, 'float32'),
+                                           (1.5, 'bfloat16'), (3.0, 'bfloat16')])
+def test_auto_precision_takes_bf16_only_where_measured_faster(speedup, want):
+    from model import BF16_MARGIN, choose_precision
+    assert BF16_MARGIN > 1.05  # the (1.05, float32) case is a near tie: fp32 wins it
+    timer, calls = fake_matmul_timer(speedup)
+    dtype, reason = choose_precision('auto', 'cpu', 128, rows=4096, timer=timer)
+    assert dtype == want and f'{speedup:.2f}x' in reason
+    if speedup < 0.5:  # clearly slower on the small probe: the real shape is never timed in bf16
+        assert max(rows for d, rows in calls if d == torch.bfloat16) <= 256
+    else:  # a close call is timed again at the model's shape (at most 1024 rows)
+        assert (torch.bfloat16, 1024) in calls
+    # an explicit bf16 is kept, with a warning where it is slower; explicit fp32 times nothing
+    dtype, reason = choose_precision('bfloat16', 'cpu', 128, timer=timer)
+    assert dtype == 'bfloat16' and (('warning' in reason) == (speedup < 1))
+    timer, calls = fake_matmul_timer(speedup)
+    assert choose_precision('float32', 'cpu', 128, timer=timer)[0] == 'float32' and not calls
+    with pytest.raises(D.UserError, match='--dtype=float16'):
+        choose_precision('float16', 'cpu', 128, timer=timer)
+
+
+@pytest.mark.parametrize('speedup, want', [(0.05, 'float32'), (2.0, 'bfloat16')])
+def test_train_saves_the_measured_precision_in_the_checkpoint(speedup, want, tmp_path, monkeypatch):
+    import model as M
+    import train as TR
+    monkeypatch.setattr(M, 'matmul_seconds', fake_matmul_timer(speedup)[0])
+    TR.main(['--game=othello', '--preset=tiny', '--stage=lm', '--max_iters=3', '--eval_iters=1',
+             '--legal_games=2', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out'])
+    ckpt = torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)
+    assert ckpt['precision']['dtype'] == ckpt['train_config']['dtype'] == want
+    assert f'{speedup:.2f}x as fast in bf16' in ckpt['precision']['reason']
+
+
 def test_lr_schedule_follows_the_clock_when_it_is_ahead():
     import train as TR
     cfg = TR.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)

@@ -21,7 +21,7 @@ import torch
 
 import data as D
 import metrics
-from model import GPT, GPTConfig, choose_device, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, choose_device, choose_precision, load_checkpoint, save_checkpoint
 from sae import make_sae, save as save_sae
 
 
@@ -60,7 +60,8 @@ class TrainConfig:
     soft_targets: bool = False  # Othello: train on the exact next-move distribution (uniform over
                                 # the legal moves) instead of the sampled move: the same expected
                                 # gradient with far less noise (README, "Soft targets")
-    dtype: str = 'auto'         # auto (bf16 autocast on cuda, fp32 elsewhere) | float32 | bfloat16
+    dtype: str = 'auto'         # auto | float32 | bfloat16 (autocast). auto: bf16 only where a timed
+                                # matmul says it is faster here (model.choose_precision)
     compile: bool = False       # torch.compile the model (GPU)
     # reporting
     log_interval: int = 50
@@ -90,9 +91,8 @@ PRESETS = {
               'n_val': 200, 'n_label_games': 100, 'sae_steps': 40, 'sae_batch': 256, 'sae_buffer': 4096,
               'sae_warmup': 10, 'sae_log_interval': 20},
              {'othello': {'n_games': 2000}, 'chess': {'n_games': 200, 'block_size': 127}}),
-    # cpu: sized for the targets on a 2-core CPU (README); bf16 autocast because bench.py measures
-    # it 1.1-1.9x faster there at these shapes, with no loss in legal-move rate
-    'cpu': ({'dtype': 'bfloat16', 'sae_steps': 1000},
+    # cpu: sized for the targets on a 2-core CPU (README); the precision is measured (--dtype=auto)
+    'cpu': ({'sae_steps': 1000},
             {'othello': {'n_layer': 4, 'n_head': 4, 'n_embd': 128, 'max_iters': 4600, 'lr': 3e-3, 'min_lr': 2e-4,
                          'warmup_iters': 200, 'soft_targets': True},
              'chess': {'n_layer': 4, 'n_head': 6, 'n_embd': 192, 'block_size': 255, 'batch_size': 32,
@@ -164,18 +164,21 @@ def lr_at(it, cfg, clock=0.0):
 
 
 def autocast_for(cfg):
-    """bf16 autocast on CUDA (or when asked); plain fp32 otherwise."""
-    use_bf16 = cfg.dtype == 'bfloat16' or (cfg.dtype == 'auto' and cfg.device == 'cuda')
+    """bf16 autocast where cfg.dtype (resolved by model.choose_precision in main) says
+    bfloat16; plain fp32 otherwise."""
+    if cfg.dtype not in ('float32', 'bfloat16'):
+        raise ValueError(f"autocast_for: resolve --dtype={cfg.dtype} with model.choose_precision first")
     device_type = 'cuda' if cfg.device.startswith('cuda') else 'cpu'
-    return (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    return (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if cfg.dtype == 'bfloat16' else nullcontext
 
 
 def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def train_lm(cfg, log=print):
-    """The LM stage: returns the path of the checkpoint it wrote."""
+def train_lm(cfg, log=print, precision=''):
+    """The LM stage: returns the path of the checkpoint it wrote. precision: why cfg.dtype was
+    chosen (saved in the checkpoint beside the dtype)."""
     torch.manual_seed(cfg.seed)
     ckpt_path = os.path.join(cfg.out_dir, cfg.game, 'model.pt')
     train, val = ensure_data(cfg)
@@ -229,7 +232,7 @@ def train_lm(cfg, log=print):
     def save(it, **extra):
         save_checkpoint(ckpt_path, model, cfg.game, {
             'iter': it, 'train_config': dataclasses.asdict(cfg), 'optimizer': optimizer.state_dict(),
-            'data_config': train['config'], **extra})
+            'data_config': train['config'], 'precision': {'dtype': cfg.dtype, 'reason': precision}, **extra})
 
     model.train()
     t0 = time.time()
@@ -272,7 +275,7 @@ def train_lm(cfg, log=print):
     log(f"final val loss {vl:.4f} ({fmt_time(train_seconds)} training)")
     t1 = time.time()
     model.eval()
-    with autocast():  # as trained; chess decodes many prefixes, and bf16 halves that time on a CPU
+    with autocast():  # the precision chosen for training, where it was measured the faster
         rate = metrics.legal_move_rate(model, cfg.game, val_tok[:cfg.legal_games], cfg.device)
     log(f"legal-move rate on {min(cfg.legal_games, len(val_tok))} val games: {rate:.4f} "
         f"({time.time() - t1:.1f}s to measure)")
@@ -454,10 +457,12 @@ def train_saes(cfg, log=print):
 
 def main(argv):
     cfg = build_config(argv)
+    cfg.dtype, precision = choose_precision(cfg.dtype, cfg.device, cfg.n_embd)
     print(f"train.py config: {dataclasses.asdict(cfg)}")
+    print(f"precision: {cfg.dtype} ({precision})")
     t0 = time.time()
     if cfg.stage in ('lm', 'all'):
-        train_lm(cfg)
+        train_lm(cfg, precision=precision)
         print(f"LM stage done in {fmt_time(time.time() - t0)}")
     if cfg.stage in ('sae', 'all'):
         t1 = time.time()
