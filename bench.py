@@ -21,7 +21,7 @@ import torch
 import data as D
 import metrics
 from model import GPT, GPTConfig
-from sae import ARCHS, make_sae
+from sae import ARCHS, make_sae, train_step
 
 
 @dataclass
@@ -113,12 +113,7 @@ def bench_sae(cfg):
         step_no = [0]
 
         def step():
-            loss, _ = sae.loss(x, step_no[0])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.before_optimizer_step()
-            opt.step()
-            sae.after_optimizer_step(step_no[0])
+            train_step(sae, opt, x, step_no[0], 3e-4)
             step_no[0] += 1
         out.append((arch, 4096 / timed(step, cfg.seconds / 2)))
     print("SAE training at d_in 256, d_sae 2048, batch 4096 (activations/s; the brief's yardstick for "

@@ -27,7 +27,7 @@ Conventions shared by every architecture:
   reconstruction scores about d_in). Penalties are per-row sums averaged over the batch too.
 - stats: dict of python floats with the same keys for every architecture (STATS_KEYS).
 - Training step: loss.backward(); sae.before_optimizer_step(); opt.step();
-  sae.after_optimizer_step(step). `train_sae` below does exactly this.
+  sae.after_optimizer_step(step): `train_step` below, the one place it is written.
 """
 
 import math
@@ -51,6 +51,11 @@ def act_scale_for(x):
     if not mean_sq_norm > 0:
         raise ValueError('act_scale_for: the activation sample is all zeros (or not finite)')
     return math.sqrt(x.shape[-1] / mean_sq_norm)
+
+
+def active_per_row(f):
+    """The mean number of non-zero entries per row of f (B, d_sae): one read, no temporaries."""
+    return torch.count_nonzero(f.detach()) / f.shape[0]
 
 
 def lp_sum(acts, p):
@@ -128,38 +133,52 @@ class SAE(nn.Module):
         f = self.encode(x)
         return self.decode(f), f
 
+    def _enc_bias(self):
+        # (x - b_dec) W_enc + b_enc = x W_enc + (b_enc - b_dec W_enc): with b_dec folded into the
+        # bias, backward needs no (B, d_sae) @ (d_sae, d_in) product for b_dec's gradient (x needs
+        # none), one matmul in six of a training step
+        return self.b_enc - self.b_dec @ self.W_enc      # (d_sae,)
+
     def _pre_acts(self, x):
-        # x normalised (B, d_in) -> encoder pre-activations (B, d_sae)
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        # x normalised (B, d_in) -> encoder pre-activations (B, d_sae), bias added inside the matmul
+        return torch.addmm(self._enc_bias(), x, self.W_enc)
 
     def _decode_n(self, f):
         # f (B, d_sae) -> normalised reconstruction (B, d_in)
-        return f @ self.W_dec + self.b_dec
+        return torch.addmm(self.b_dec, f, self.W_dec)
+
+    def _decode_sparse_n(self, values, indices, offsets=None):
+        """The reconstruction from only the active latents: values and indices (B, k), or flat
+        (n,) with `offsets` (B,) where each row's entries start. Equal to _decode_n of the dense
+        f, at the cost of the active latents only (embedding_bag sums the W_dec rows it picks,
+        weighted by the values; its backward writes only those rows of W_dec's gradient)."""
+        return F.embedding_bag(indices, self.W_dec, offsets, mode='sum', per_sample_weights=values) + self.b_dec
 
     def _encode_n(self, x):
         raise NotImplementedError
 
     def _train_forward(self, x):
-        """x normalised (B, d_in) -> (f, x_hat, sparsity_loss, aux_loss); may update buffers."""
+        """x normalised (B, d_in) -> (l0, x_hat, sparsity_loss, aux_loss); may update buffers.
+        l0: the mean number of non-zero features per row (a tensor, no gradient)."""
         raise NotImplementedError
 
     def _penalty(self, acts):
-        # acts >= 0 (B, d_sae). L1 = sum_i |f_i|; decoder rows are unit norm, so no norm weighting
-        return self.coef * acts.sum(-1).mean()
+        # acts >= 0 (B, d_sae). L1 = sum_i |f_i| averaged over the batch; decoder rows are unit
+        # norm, so no norm weighting. One sum over everything: its gradient is a broadcast scalar
+        return self.coef * acts.sum() / acts.shape[0]
 
     # --- the loss ---
 
     def loss(self, x, step):
         """x RAW activations (B, d_in) -> (loss, stats). All maths in fp32, normalised space."""
         x = x.float() * self.act_scale                      # (B, d_in)
-        f, x_hat, sparsity_loss, aux_loss = self._train_forward(x)
+        l0, x_hat, sparsity_loss, aux_loss = self._train_forward(x)
         sq_err = (x - x_hat).pow(2).sum(-1)                 # (B,)
         mse = sq_err.mean()
         loss = mse + sparsity_loss + aux_loss
         with torch.no_grad():
             total_var = (x - x.mean(0)).pow(2).sum()
             fve = 1 - sq_err.sum() / total_var.clamp_min(1e-12)
-            l0 = (f != 0).float().sum(-1).mean()
             # one device->host copy for all the stats
             values = torch.stack([loss, mse, sparsity_loss, aux_loss, l0, fve]).tolist()
         stats = dict(zip(STATS_KEYS[:6], values), p=float(self.p), coef=float(self.coef))
@@ -198,12 +217,12 @@ class StandardSAE(SAE):
     arch = 'standard'
 
     def _encode_n(self, x):
-        return F.relu(self._pre_acts(x))                     # (B, d_sae)
+        return self._pre_acts(x).relu_()                     # (B, d_sae), in place: no copy
 
     def _train_forward(self, x):
         f = self._encode_n(x)
         x_hat = self._decode_n(f)
-        return f, x_hat, self._penalty(f), x.new_zeros(())
+        return active_per_row(f), x_hat, self._penalty(f), x.new_zeros(())
 
 
 class GatedSAE(SAE):
@@ -221,23 +240,26 @@ class GatedSAE(SAE):
         self.b_mag = nn.Parameter(torch.zeros(d_sae))    # (d_sae,)
 
     def _gate_and_mag(self, x):
-        shared = (x - self.b_dec) @ self.W_enc           # (B, d_sae)
-        pi_gate = shared + self.b_enc
-        pi_mag = shared * torch.exp(self.r_mag) + self.b_mag
+        pi_gate = self._pre_acts(x)                      # (B, d_sae): (x - b_dec) W_enc + b_enc
+        # pi_mag = (x - b_dec) W_enc exp(r_mag) + b_mag, from pi_gate without a second matmul
+        pi_mag = torch.addcmul(self.b_mag - self.b_enc * torch.exp(self.r_mag), pi_gate, torch.exp(self.r_mag))
         return pi_gate, pi_mag
 
+    @staticmethod
+    def _gated(pi_gate, pi_mag):
+        return torch.where(pi_gate > 0, pi_mag, 0.0).relu_()   # (B, d_sae): 1[pi_gate > 0] ReLU(pi_mag)
+
     def _encode_n(self, x):
-        pi_gate, pi_mag = self._gate_and_mag(x)
-        return (pi_gate > 0).float() * F.relu(pi_mag)    # (B, d_sae)
+        return self._gated(*self._gate_and_mag(x))
 
     def _train_forward(self, x):
         pi_gate, pi_mag = self._gate_and_mag(x)
-        f = (pi_gate > 0).float() * F.relu(pi_mag)
+        f = self._gated(pi_gate, pi_mag)
         x_hat = self._decode_n(f)
         gate_acts = F.relu(pi_gate)                      # (B, d_sae)
-        x_hat_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+        x_hat_gate = torch.addmm(self.b_dec.detach(), gate_acts, self.W_dec.detach())
         aux_loss = (x - x_hat_gate).pow(2).sum(-1).mean()
-        return f, x_hat, self._penalty(gate_acts), aux_loss
+        return active_per_row(f), x_hat, self._penalty(gate_acts), aux_loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +369,8 @@ class TopKSAE(SAE):
     is unused and 0). AuxK loss (Gao et al. 2024): latents that have not fired for dead_tokens
     training rows are 'dead'; the top aux_k of their pre-activations reconstruct the residual
     x - x_hat (detached), giving them gradient. The aux MSE is divided by the residual's variance
-    (scale free) and weighted by aux_coef."""
+    (scale free) and weighted by aux_coef. Training decodes from the k active latents only
+    (_decode_sparse_n): the dense (B, d_sae) f is never built."""
     arch = 'topk'
     DEFAULT_COEF = 0.0
 
@@ -358,7 +381,7 @@ class TopKSAE(SAE):
         self.register_buffer('tokens_since_fired', torch.zeros(d_sae, dtype=torch.long))
 
     def _relu_pre(self, x):
-        return F.relu(self._pre_acts(x))                 # (B, d_sae)
+        return self._pre_acts(x).relu_()                 # (B, d_sae)
 
     def _keep_topk_per_row(self, acts):
         values, indices = acts.topk(self.cfg['k'], dim=-1)               # (B, k)
@@ -368,17 +391,20 @@ class TopKSAE(SAE):
         return self._keep_topk_per_row(self._relu_pre(x))
 
     def _select_train(self, acts):
-        return self._keep_topk_per_row(acts)
+        """The training selection: (values, indices, offsets) for _decode_sparse_n."""
+        values, indices = acts.topk(self.cfg['k'], dim=-1)               # (B, k)
+        return values, indices, None
 
     def _train_forward(self, x):
         acts = self._relu_pre(x)                         # (B, d_sae)
-        f = self._select_train(acts)
-        x_hat = self._decode_n(f)
+        values, indices, offsets = self._select_train(acts)
+        x_hat = self._decode_sparse_n(values, indices, offsets)
+        active = values.detach() > 0                     # a kept zero is not a firing latent
         if self.training:  # dead-latent bookkeeping counts training rows only
-            fired = (f > 0).any(0).detach()              # (d_sae,)
             self.tokens_since_fired += x.shape[0]
-            self.tokens_since_fired[fired] = 0
-        return f, x_hat, x.new_zeros(()), self._aux_loss(x, x_hat, acts)
+            self.tokens_since_fired[indices[active]] = 0
+        l0 = active.sum() / x.shape[0]
+        return l0, x_hat, x.new_zeros(()), self._aux_loss(x, x_hat, acts)
 
     def _aux_loss(self, x, x_hat, acts):
         dead = self.tokens_since_fired >= self.cfg['dead_tokens']       # (d_sae,)
@@ -388,8 +414,7 @@ class TopKSAE(SAE):
         residual = (x - x_hat).detach()                                  # (B, d_in)
         dead_acts = acts * dead                                          # (B, d_sae)
         values, indices = dead_acts.topk(min(self.cfg['aux_k'], n_dead), dim=-1)
-        aux_f = torch.zeros_like(acts).scatter(-1, indices, values)
-        residual_hat = aux_f @ self.W_dec                                # (B, d_in), no bias
+        residual_hat = self._decode_sparse_n(values, indices) - self.b_dec  # (B, d_in), no bias
         aux_mse = (residual - residual_hat).pow(2).sum(-1).mean()
         residual_var = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return self.cfg['aux_coef'] * aux_mse / residual_var
@@ -409,24 +434,30 @@ class BatchTopKSAE(TopKSAE):
         self.cfg.update(threshold_decay=threshold_decay)
         self.register_buffer('threshold', torch.tensor(-1.0))  # normalised units; < 0 = unset
 
-    def _keep_topk_over_batch(self, acts):
-        flat = acts.flatten()                                            # (B * d_sae,)
-        values, indices = flat.topk(self.cfg['k'] * acts.shape[0])       # (k * B,) descending
-        return torch.zeros_like(flat).scatter(0, indices, values).view_as(acts), values
+    def _topk_over_batch(self, acts):
+        """The k*B largest entries of acts (B, d_sae): values (k*B,) descending and flat indices."""
+        return acts.flatten().topk(self.cfg['k'] * acts.shape[0])
 
     def _select_train(self, acts):
-        f, values = self._keep_topk_over_batch(acts)
+        values, flat = self._topk_over_batch(acts)
         if self.training and values[-1] > 0:
             with torch.no_grad():
                 smallest_kept = values[-1]
                 decay = self.cfg['threshold_decay']
                 new = smallest_kept if self.threshold < 0 else decay * self.threshold + (1 - decay) * smallest_kept
                 self.threshold.copy_(new)
-        return f
+        # group the kept entries by row for _decode_sparse_n: row r's entries start at offsets[r]
+        rows = torch.div(flat, acts.shape[1], rounding_mode='floor')
+        order = torch.argsort(rows)
+        counts = torch.bincount(rows, minlength=acts.shape[0])           # (B,)
+        offsets = torch.cumsum(counts, 0) - counts
+        return values[order], (flat % acts.shape[1])[order], offsets
 
     def encode_batch(self, x):
         """Training-time selection on RAW x (B, d_in): the top k*B activations of the batch."""
-        return self._keep_topk_over_batch(self._relu_pre(x.float() * self.act_scale))[0]
+        acts = self._relu_pre(x.float() * self.act_scale)
+        values, flat = self._topk_over_batch(acts)
+        return torch.zeros_like(acts).flatten().scatter(0, flat, values).view_as(acts)
 
     def _encode_n(self, x):
         acts = self._relu_pre(x)
@@ -438,9 +469,12 @@ class BatchTopKSAE(TopKSAE):
 # ----------------------------------------------------------------------------------------------
 # JumpReLU
 
-def _rectangle(u):
-    # the rectangle kernel: 1 on |u| < 1/2, else 0
-    return (u.abs() < 0.5).float()
+def _rectangle_sum(z, theta, eps, weight):
+    """sum over the batch of K((z - theta) / eps) * weight, K the rectangle kernel (1 on
+    |u| < 1/2, else 0): z (B, d_sae), theta (d_sae,), weight (B, d_sae) or broadcastable.
+    -> (d_sae,). Written to make as few (B, d_sae) temporaries as it can."""
+    window = (z - theta).abs_() < eps / 2                # (B, d_sae) bool
+    return torch.where(window, weight, 0.0).sum(0)
 
 
 class _JumpReLUFn(torch.autograd.Function):
@@ -458,8 +492,8 @@ class _JumpReLUFn(torch.autograd.Function):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_z = grad_out * (z > theta)
-        grad_theta = -(theta / eps) * _rectangle((z - theta) / eps) * grad_out
-        return grad_z, grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+        grad_theta = -(theta / eps) * _rectangle_sum(z, theta, eps, grad_out)
+        return grad_z, grad_theta, None
 
 
 class _StepFn(torch.autograd.Function):
@@ -475,8 +509,7 @@ class _StepFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_theta = -(1.0 / eps) * _rectangle((z - theta) / eps) * grad_out
-        return torch.zeros_like(z), grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+        return None, -(1.0 / eps) * _rectangle_sum(z, theta, eps, grad_out), None
 
 
 class JumpReLUSAE(SAE):
@@ -513,7 +546,7 @@ class JumpReLUSAE(SAE):
         f = _JumpReLUFn.apply(z, theta, self.cfg['bandwidth'])
         x_hat = self._decode_n(f)
         l0 = _StepFn.apply(z, theta, self.cfg['bandwidth']).sum(-1).mean()
-        return f, x_hat, self.coef * l0, x.new_zeros(())
+        return active_per_row(f), x_hat, self.coef * l0, x.new_zeros(())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,7 +607,23 @@ def load(path, game=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# a small training loop (tests; train.py may use it too)
+# training: the one SAE training step (train.py's sweep, bench.py and the tests all call it)
+
+def train_step(sae, optimizer, x, step, lr):
+    """One optimiser step of `sae` on RAW activations x (B, d_in) at learning rate `lr` (each
+    parameter group gets lr * its 'lr_scale', see make_optimizer). Returns the stats dict.
+    The order matters: the decoder-norm gradient projection before the optimiser step, the
+    renormalisation and any p-annealing update after it."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group['lr_scale']
+    loss, stats = sae.loss(x, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.before_optimizer_step()
+    optimizer.step()
+    sae.after_optimizer_step(step)
+    return stats
+
 
 def train_sae(sae, batches, lr=3e-4, warmup_steps=1000, total_steps=None):
     """Adam with linear lr warm-up over `batches` (an iterable of RAW (B, d_in) tensors), for
@@ -583,18 +632,10 @@ def train_sae(sae, batches, lr=3e-4, warmup_steps=1000, total_steps=None):
     total_steps = total_steps if total_steps is not None else sae.cfg['total_steps']
     optimizer = sae.make_optimizer(lr)
     warmup = max(1, warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))  # x each group's lr
     sae.train()
     history = []
     for step, x in enumerate(batches):
         if total_steps is not None and step >= total_steps:
             break
-        loss, stats = sae.loss(x, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.before_optimizer_step()
-        optimizer.step()
-        scheduler.step()
-        sae.after_optimizer_step(step)
-        history.append(stats)
+        history.append(train_step(sae, optimizer, x, step, lr * min(1.0, (step + 1) / warmup)))
     return history

@@ -784,6 +784,59 @@ def test_shapes_forward_and_stats(arch):
     assert sae.cfg['arch'] == arch and sae.cfg['d_in'] == D_IN and sae.cfg['d_sae'] == D_SAE
 
 
+def dense_reference_loss(sae, x_raw):
+    """The training loss written plainly from sae.py's docstrings, on dense (B, d_sae) features
+    and the unfolded encoder (x - b_dec) W_enc + b_enc: what the fast paths (b_dec folded into
+    the bias, in-place ReLU, TopK decoding from the active latents only) must equal."""
+    x = x_raw * sae.act_scale
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    aux = 0.0
+    if sae.arch == 'standard':
+        f = torch.relu(pre)
+        penalty = sae.coef * f.sum(-1).mean()
+    elif sae.arch == 'gated':
+        f = (pre > 0).float() * torch.relu((x - sae.b_dec) @ sae.W_enc * torch.exp(sae.r_mag) + sae.b_mag)
+        penalty = sae.coef * torch.relu(pre).sum(-1).mean()
+        aux = (x - (torch.relu(pre) @ sae.W_dec.detach() + sae.b_dec.detach())).pow(2).sum(-1).mean()
+    elif sae.arch == 'jumprelu':  # the value; the thresholds' straight-through gradient is not plain autograd
+        fires = (pre > torch.exp(sae.log_threshold)).float()
+        f, penalty = pre * fires, sae.coef * fires.sum(-1).mean()
+    elif sae.arch == 'topk':
+        acts = torch.relu(pre)
+        keep = torch.zeros_like(acts).scatter(-1, acts.topk(sae.cfg['k'], dim=-1).indices, 1.0)
+        f, penalty = acts * keep, 0.0
+    else:  # batch_topk: the k*B largest over the batch
+        acts = torch.relu(pre)
+        flat_keep = torch.zeros(acts.numel()).scatter(0, acts.flatten().topk(sae.cfg['k'] * len(x)).indices, 1.0)
+        f, penalty = acts * flat_keep.view_as(acts), 0.0
+    x_hat = f @ sae.W_dec + sae.b_dec
+    return (x - x_hat).pow(2).sum(-1).mean() + penalty + aux
+
+
+@pytest.mark.parametrize('arch', ['standard', 'gated', 'topk', 'batch_topk', 'jumprelu'])
+def test_fast_training_path_equals_the_dense_reference(arch):
+    torch.manual_seed(0)
+    sae = small_sae(arch, coef=0.3)
+    x = raw_batch(B=64)
+    sae.set_act_scale(x)
+    sae.init_b_dec(x)  # a non-zero b_dec, so folding it into the encoder bias is exercised
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5)
+        if arch == 'gated':
+            sae.r_mag.normal_(0, 0.3), sae.b_mag.normal_(0, 0.3)
+    grads = []
+    for loss_fn in (lambda: sae.loss(x, 0)[0], lambda: dense_reference_loss(sae, x)):
+        sae.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
+    (fast_loss, fast), (ref_loss, ref) = grads
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name in ref:
+        if name != 'log_threshold':  # JumpReLU's pseudo-derivative has tests of its own
+            torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize('arch', ARCHS)
 def test_decoder_rows_unit_norm_and_gradient_projection(arch):
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ import torch
 import data as D
 import metrics
 from model import GPT, GPTConfig, choose_device, choose_precision, load_checkpoint, save_checkpoint
-from sae import make_sae, save as save_sae
+from sae import make_sae, save as save_sae, train_step
 
 
 @dataclass
@@ -378,16 +378,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         lr = cfg.sae_lr * min(1.0, (step + 1) / cfg.sae_warmup, 5 * (1 - step / n_steps))
         for name, sae in saes.items():
             t = time.perf_counter()
-            for group in optimizers[name].param_groups:
-                group['lr'] = lr * group['lr_scale']
-            loss, stats = sae.loss(x, step)
-            optimizers[name].zero_grad(set_to_none=True)
-            loss.backward()
-            sae.before_optimizer_step()
-            optimizers[name].step()
-            sae.after_optimizer_step(step)
+            window[name].append(train_step(sae, optimizers[name], x, step, lr))
             seconds[name] += time.perf_counter() - t
-            window[name].append(stats)
         if (step + 1) % cfg.sae_log_interval == 0 or step + 1 == n_steps:
             elapsed = time.time() - t0
             rate = (step + 1) * cfg.sae_batch / elapsed  # activations through the whole sweep per second
