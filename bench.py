@@ -5,13 +5,22 @@ and noisy: compare numbers from the same run only).
 Reads/writes nothing. Run: python bench.py            (about a minute on 2 CPU cores)
                           python bench.py --only=sae  (othello | lm | sae | metrics)
 
+First the machine: processor, torch's CPU capability, threads, and this run's ceilings, a large
+fp32 matmul and a bf16 one (GFLOP/s). Then each figure in its units and, where it is matmul
+work, as a fraction of the fp32 ceiling (or bf16's, for bf16 autocast):
+
   othello  vectorised bitboard generator vs a naive per-square Python generator (games/s)
   lm       GPT training tokens/s at nanoGPT's yardstick shape (4 layers, 192 wide, context 255,
-           batch 32): fp32 vs bf16 autocast
-  sae      SAE training activations/s at d_in 256, d_sae 2048, batch 4096, one optimiser step
-           per batch as train.py does it, for every architecture
+           batch 32): fp32, and bf16 autocast where model.choose_precision's probe does not
+           already show it far slower. FLOP per token: 6 x parameters + 12 x layers x width x
+           context (forward and backward, attention included), as nanoGPT counts them.
+  sae      SAE training activations/s at d_in 256, d_sae 2048, batch 4096, one train_step per
+           batch, for every architecture. FLOP per activation: 10 x d_in x d_sae, the dense
+           minimum (the encoder and decoder matmuls forward, and the three backward products
+           that give the weights' gradients); TopK-style SAEs skip most of the decoder's share.
   metrics  coverage + board reconstruction, 4096 features x 20,000 positions x 768 elements
 """
+import platform
 import time
 from dataclasses import dataclass
 
@@ -20,7 +29,7 @@ import torch
 
 import data as D
 import metrics
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, choose_precision
 from sae import ARCHS, make_sae, train_step
 
 
@@ -74,7 +83,42 @@ def naive_othello_game(rng):
         player = -player
 
 
-def bench_othello(cfg):
+def processor_name():
+    """The CPU's model name as the OS reports it (Linux: /proc/cpuinfo), else platform's guess."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_ceiling(dtype, seconds):
+    """GFLOP/s of an n x n @ n x n matmul in `dtype`, n the largest of 256..2048 (doubling) whose
+    single call the previous size predicts to take under `seconds` / 4 (bf16 is emulated, tens
+    of times slower, on CPUs without bf16 units). Returns (GFLOP/s, n)."""
+    rate, n = None, 256
+    while True:
+        a = torch.randn(n, n).to(dtype)
+        t = timed(lambda: a @ a, seconds / 4, min_reps=1)
+        rate = 2 * n ** 3 / t / 1e9
+        if n >= 2048 or 8 * t > seconds / 4:
+            return rate, n
+        n *= 2
+
+
+def bench_machine(cfg):
+    fp32, n32 = matmul_ceiling(torch.float32, cfg.seconds)
+    bf16, n16 = matmul_ceiling(torch.bfloat16, cfg.seconds)
+    print(f"machine: {processor_name()}; torch {torch.__version__}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    print(f"ceilings: fp32 matmul {fp32:.1f} GFLOP/s ({n32}^3), bf16 matmul {bf16:.1f} GFLOP/s ({n16}^3)")
+    return {'float32': fp32, 'bfloat16': bf16}
+
+
+def bench_othello(cfg, ceilings):
     rng = np.random.default_rng(0)
     naive = 20 / timed(lambda: [naive_othello_game(rng) for _ in range(20)], cfg.seconds)
     fast = 100_000 / timed(lambda: D.othello_games(100_000, seed=1), cfg.seconds)
@@ -82,32 +126,41 @@ def bench_othello(cfg):
           f"-> {fast / naive:.0f}x")
 
 
-def bench_lm(cfg):
+def bench_lm(cfg, ceilings):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=33, block_size=255, n_layer=4, n_head=6, n_embd=192, pad_id=32))
+    L, H, D, T, B = 4, 6, 192, 255, 32
+    model = GPT(GPTConfig(vocab_size=33, block_size=T, n_layer=L, n_head=H, n_embd=D, pad_id=32))
     opt = model.configure_optimizer(1e-3, 0.1)
-    x, y = torch.randint(0, 32, (32, 255)), torch.randint(0, 32, (32, 255))
-    rates = {}
-    for name, bf16 in (('fp32', False), ('bf16 autocast', True)):
+    x, y = torch.randint(0, 32, (B, T)), torch.randint(0, 32, (B, T))
+    flop_per_token = 6 * model.n_params() + 12 * L * D * T
+    bf16_speedup_reason = choose_precision('bfloat16', 'cpu', D, rows=B * T)[1]
+    print(f"LM training ({L} layers, {D} wide, context {T}, batch {B}; {flop_per_token / 1e6:.1f} MFLOP a token):")
+    for name, dtype in (('fp32', 'float32'), ('bf16 autocast', 'bfloat16')):
+        if dtype == 'bfloat16' and 'slower than fp32' in bf16_speedup_reason:
+            print(f"  {name:14s} not timed: {bf16_speedup_reason.split(': ', 1)[1].split(';')[0]}")
+            continue
+
         def step():
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
                 loss = model(x, y)[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        rates[name] = 32 * 255 / timed(step, cfg.seconds)
-    print(f"LM training (4 layers, 192 wide, context 255, batch 32): fp32 {rates['fp32']:,.0f} tok/s, "
-          f"bf16 autocast {rates['bf16 autocast']:,.0f} tok/s -> {rates['bf16 autocast'] / rates['fp32']:.2f}x; "
-          f"vs the brief's nanoGPT yardstick 9.4k tok/s (another run): fp32 {rates['fp32'] / 9400:.2f}x")
+        rate = B * T / timed(step, cfg.seconds)
+        print(f"  {name:14s} {rate:9,.0f} tok/s = {rate * flop_per_token / 1e9:6.1f} GFLOP/s, "
+              f"{rate * flop_per_token / 1e9 / ceilings[dtype]:.0%} of the {dtype} matmul ceiling")
 
 
-def bench_sae(cfg):
+def bench_sae(cfg, ceilings):
     torch.manual_seed(0)
-    x = torch.randn(4096, 256) * 3 + 1
-    out = []
+    d_in, d_sae, B = 256, 2048, 4096
+    x = torch.randn(B, d_in) * 3 + 1
+    flop_per_act = 10 * d_in * d_sae
+    print(f"SAE training at d_in {d_in}, d_sae {d_sae}, batch {B} (one train_step a batch; "
+          f"{flop_per_act / 1e6:.1f} MFLOP an activation, dense):")
     for arch in ARCHS:
         kw = {'k': 32} if 'topk' in arch else {}
-        sae = make_sae(arch, 256, 2048, total_steps=10**6, **kw)
+        sae = make_sae(arch, d_in, d_sae, total_steps=10**6, **kw)
         sae.set_act_scale(x)
         opt = sae.make_optimizer(3e-4)  # as train.py (JumpReLU: its own threshold lr)
         step_no = [0]
@@ -115,14 +168,12 @@ def bench_sae(cfg):
         def step():
             train_step(sae, opt, x, step_no[0], 3e-4)
             step_no[0] += 1
-        out.append((arch, 4096 / timed(step, cfg.seconds / 2)))
-    print("SAE training at d_in 256, d_sae 2048, batch 4096 (activations/s; the brief's yardstick for "
-          "dictionary_learning's standard trainer, another run: 17k):")
-    for arch, rate in out:
-        print(f"  {arch:14s} {rate:9,.0f} act/s ({rate / 17000:.2f}x the yardstick)")
+        rate = B / timed(step, cfg.seconds / 2)
+        print(f"  {arch:14s} {rate:9,.0f} act/s = {rate * flop_per_act / 1e9:6.1f} GFLOP/s, "
+              f"{rate * flop_per_act / 1e9 / ceilings['float32']:.0%} of the fp32 matmul ceiling")
 
 
-def bench_metrics(cfg):
+def bench_metrics(cfg, ceilings):
     g = torch.Generator().manual_seed(0)
     F_, N, G = 4096, 20_000, 768
     labels = torch.rand(2 * N, G, generator=g) < 0.05
@@ -137,10 +188,13 @@ def bench_metrics(cfg):
 
 def main(argv):
     cfg = D.parse_config(BenchConfig(), argv, 'bench.py')
-    print(f"bench.py config: {cfg}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if cfg.only not in ('', 'othello', 'lm', 'sae', 'metrics'):
+        raise D.UserError(f"bench.py: unknown --only={cfg.only}: use othello, lm, sae or metrics")
+    print(f"bench.py config: {cfg}")
+    ceilings = bench_machine(cfg)
     for name, fn in (('othello', bench_othello), ('lm', bench_lm), ('sae', bench_sae), ('metrics', bench_metrics)):
         if cfg.only in ('', name):
-            fn(cfg)
+            fn(cfg, ceilings)
 
 
 if __name__ == '__main__':

@@ -390,30 +390,35 @@ class TopKSAE(SAE):
     def _encode_n(self, x):
         return self._keep_topk_per_row(self._relu_pre(x))
 
-    def _select_train(self, acts):
-        """The training selection: (values, indices, offsets) for _decode_sparse_n."""
-        values, indices = acts.topk(self.cfg['k'], dim=-1)               # (B, k)
+    def _select_train(self, pre):
+        """The training selection from pre-activations (B, d_sae): (values, indices, offsets)
+        for _decode_sparse_n, the values before their ReLU."""
+        values, indices = pre.topk(self.cfg['k'], dim=-1)                # (B, k)
         return values, indices, None
 
     def _train_forward(self, x):
-        acts = self._relu_pre(x)                         # (B, d_sae)
-        values, indices, offsets = self._select_train(acts)
+        # top-k of the pre-activations, then ReLU of the k values: the same features as top-k of
+        # ReLU(pre) (a negative among the k becomes a kept zero), with no (B, d_sae) ReLU to run
+        # forward and backward
+        pre = self._pre_acts(x)                          # (B, d_sae)
+        values, indices, offsets = self._select_train(pre)
+        values = values.relu()
         x_hat = self._decode_sparse_n(values, indices, offsets)
         active = values.detach() > 0                     # a kept zero is not a firing latent
         if self.training:  # dead-latent bookkeeping counts training rows only
             self.tokens_since_fired += x.shape[0]
             self.tokens_since_fired[indices[active]] = 0
         l0 = active.sum() / x.shape[0]
-        return l0, x_hat, x.new_zeros(()), self._aux_loss(x, x_hat, acts)
+        return l0, x_hat, x.new_zeros(()), self._aux_loss(x, x_hat, pre)
 
-    def _aux_loss(self, x, x_hat, acts):
+    def _aux_loss(self, x, x_hat, pre):
         dead = self.tokens_since_fired >= self.cfg['dead_tokens']       # (d_sae,)
         n_dead = int(dead.sum())
         if n_dead == 0:
             return x.new_zeros(())
         residual = (x - x_hat).detach()                                  # (B, d_in)
-        dead_acts = acts * dead                                          # (B, d_sae)
-        values, indices = dead_acts.topk(min(self.cfg['aux_k'], n_dead), dim=-1)
+        values, indices = (pre * dead).topk(min(self.cfg['aux_k'], n_dead), dim=-1)  # (B, aux_k)
+        values = values.relu()                           # as top-k of ReLU(pre) over the dead
         residual_hat = self._decode_sparse_n(values, indices) - self.b_dec  # (B, d_in), no bias
         aux_mse = (residual - residual_hat).pow(2).sum(-1).mean()
         residual_var = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
@@ -438,8 +443,8 @@ class BatchTopKSAE(TopKSAE):
         """The k*B largest entries of acts (B, d_sae): values (k*B,) descending and flat indices."""
         return acts.flatten().topk(self.cfg['k'] * acts.shape[0])
 
-    def _select_train(self, acts):
-        values, flat = self._topk_over_batch(acts)
+    def _select_train(self, pre):
+        values, flat = self._topk_over_batch(pre)
         if self.training and values[-1] > 0:
             with torch.no_grad():
                 smallest_kept = values[-1]
@@ -447,11 +452,11 @@ class BatchTopKSAE(TopKSAE):
                 new = smallest_kept if self.threshold < 0 else decay * self.threshold + (1 - decay) * smallest_kept
                 self.threshold.copy_(new)
         # group the kept entries by row for _decode_sparse_n: row r's entries start at offsets[r]
-        rows = torch.div(flat, acts.shape[1], rounding_mode='floor')
+        rows = torch.div(flat, pre.shape[1], rounding_mode='floor')
         order = torch.argsort(rows)
-        counts = torch.bincount(rows, minlength=acts.shape[0])           # (B,)
+        counts = torch.bincount(rows, minlength=pre.shape[0])            # (B,)
         offsets = torch.cumsum(counts, 0) - counts
-        return values[order], (flat % acts.shape[1])[order], offsets
+        return values[order], (flat % pre.shape[1])[order], offsets
 
     def encode_batch(self, x):
         """Training-time selection on RAW x (B, d_in): the top k*B activations of the batch."""
