@@ -242,7 +242,8 @@ class GatedSAE(SAE):
     def _gate_and_mag(self, x):
         pi_gate = self._pre_acts(x)                      # (B, d_sae): (x - b_dec) W_enc + b_enc
         # pi_mag = (x - b_dec) W_enc exp(r_mag) + b_mag, from pi_gate without a second matmul
-        pi_mag = torch.addcmul(self.b_mag - self.b_enc * torch.exp(self.r_mag), pi_gate, torch.exp(self.r_mag))
+        scale = torch.exp(self.r_mag)                    # (d_sae,)
+        pi_mag = torch.addcmul(self.b_mag - self.b_enc * scale, pi_gate, scale)
         return pi_gate, pi_mag
 
     @staticmethod
