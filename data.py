@@ -419,6 +419,76 @@ def random_game(seed, max_chars):
     rng = random.Random(seed)
     return _play(chess.Board(), lambda board, moves: rng.choice(moves), max_chars)
 
+def chess_next_char_distributions(transcript):
+    """
+    The exact next-character distributions of a random game: float tensor (len(transcript),
+    len(CHESS_ITOS)) whose row i is the distribution of character i + 1 given characters 0..i,
+    the end of the game on the pad id. In a random game every move is uniform over the legal
+    moves and the text is a fixed function of the moves, so:
+      - the move numbers, their '.', and the space before a move are determined: one-hot rows;
+      - inside a move, having typed p, each legal move whose SAN starts with p has weight 1; a
+        longer SAN votes for its next character, a SAN equal to p for the move's end: the space,
+        or the pad id where the game is over after it (mate, stalemate, the automatic draws);
+        'O-O' against 'O-O-O' is the one case where both happen at one prefix.
+    The last row of a transcript cut at max_chars is the distribution of the character cut off.
+    The readable reference (python-chess SAN for every legal move); DataError if the text is not
+    a legal game.
+    """
+    n = len(transcript)
+    rows = torch.zeros(n, len(CHESS_ITOS))
+    if n == 0 or transcript[0] != ';':
+        raise DataError(f"a chess transcript starts with ';': got {transcript[:10]!r}")
+    stoi = {c: k for k, c in enumerate(CHESS_CHARS)}
+    board, i, ply = chess.Board(), 0, 0  # i: the character whose row comes next
+
+    def fill(dist):
+        """Row i <- dist ({token id: weight}); check that character i + 1 is possible."""
+        total = sum(dist.values())
+        for token, w in dist.items():
+            rows[i, token] = w / total
+        if i + 1 < n and rows[i, stoi.get(transcript[i + 1], CHESS_PAD_ID)] == 0:
+            raise DataError(f"character {i + 1} ({transcript[i + 1]!r}) of {transcript!r} cannot follow "
+                            f"{transcript[:i + 1]!r} in a legal game")
+
+    while i < n:
+        moves = list(board.legal_moves)
+        if _game_over(board, moves):
+            raise DataError(f"{transcript!r} goes on after the game is over, at character {i + 1}")
+        for c in (f'{ply // 2 + 1}.' if ply % 2 == 0 else ''):  # the move number: determined
+            fill({stoi[c]: 1})
+            i += 1
+            if i >= n:
+                return rows
+        sans = [board.san(m) for m in moves]
+        ends = {}  # move index -> whether the game is over after it (computed when asked)
+
+        def game_over_after(k):
+            if k not in ends:
+                board.push(moves[k])
+                ends[k] = _game_over(board, list(board.legal_moves))
+                board.pop()
+            return ends[k]
+
+        typed = ''
+        while True:
+            dist = {}
+            for k, san in enumerate(sans):
+                if san.startswith(typed):
+                    nxt = stoi[san[len(typed)]] if len(san) > len(typed) else (
+                        CHESS_PAD_ID if game_over_after(k) else stoi[' '])
+                    dist[nxt] = dist.get(nxt, 0) + 1
+            fill(dist)
+            i += 1
+            if i >= n or transcript[i] == ' ':
+                break
+            typed += transcript[i]
+        if i >= n:
+            return rows
+        board.push(moves[sans.index(typed)])  # the space says the move is complete: typed is its SAN
+        ply += 1
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # stockfish games
 

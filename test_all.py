@@ -479,6 +479,82 @@ def test_fork_and_pin_boards():
 
 # ---------------------------------------------------------------- tokenizer and legal moves
 
+def brute_force_next_chars(plies):
+    """Every random game of `plies` moves from the start, each with its probability (a product of
+    1 / number of legal moves), as (transcript text + ' ', probability): the oracle for the first
+    plies of data.chess_next_char_distributions, by enumeration instead of by prefix counting."""
+    games = [((), 1.0)]
+    board = chess.Board()
+    for _ in range(plies):
+        longer = []
+        for moves, p in games:
+            for m in moves:
+                board.push(m)
+            legal = list(board.legal_moves)
+            for m in legal:
+                longer.append((moves + (m,), p / len(legal)))
+            for _ in moves:
+                board.pop()
+        games = longer
+    out = []
+    for moves, p in games:
+        sans = []
+        for m in moves:
+            sans.append(board.san(m))
+            board.push(m)
+        for _ in moves:
+            board.pop()
+        out.append((D.moves_to_transcript(sans) + ' ', p))
+    return out
+
+
+def test_chess_next_char_distributions_match_brute_force_enumeration():
+    games = brute_force_next_chars(3)  # 8902 games of three plies: no game ends that soon
+    stoi = {c: k for k, c in enumerate(D.CHESS_ITOS)}
+    for text, _ in [games[0], games[4000], games[-1], max(games, key=lambda g: len(g[0]))]:
+        rows = D.chess_next_char_distributions(text[:-1])
+        for i in range(len(text) - 1):  # up to the row after the third move's last character
+            prefix = text[:i + 1]
+            mass = {}
+            for t, p in games:
+                if t.startswith(prefix):
+                    mass[t[i + 1]] = mass.get(t[i + 1], 0.0) + p
+            want = torch.zeros(len(D.CHESS_ITOS), dtype=torch.float64)
+            for c, p in mass.items():
+                want[stoi[c]] = p
+            torch.testing.assert_close(rows[i].double(), want / want.sum(), atol=1e-6, rtol=0,
+                                       msg=f'{text!r} row {i}')
+
+
+def test_chess_next_char_distributions_known_answers_and_invariants():
+    stoi = {c: k for k, c in enumerate(D.CHESS_ITOS)}
+    # fool's mate: the mate is the only 'Qh4' move, and after the '#' the game is over
+    rows = D.chess_next_char_distributions(';1.f3 e5 2.g4 Qh4#')
+    assert rows[-2, stoi['#']] == 1 and rows[-1, D.CHESS_PAD_ID] == 1
+    # both castlings legal: after 'O-O' the move may be over (a space) or go on as 'O-O-O'
+    t = ';1.e4 a6 2.Nf3 a5 3.Be2 a4 4.d4 h6 5.Be3 h5 6.Nc3 b6 7.Qd2 b5 8.O-O-O'
+    board = chess.Board()
+    for san in D.transcript_to_moves(t, last_is_complete=True)[:-1]:
+        board.push_san(san)
+    legal = [board.san(m) for m in board.legal_moves]
+    assert 'O-O' in legal and 'O-O-O' in legal
+    row = D.chess_next_char_distributions(t)[t.index('O-O-O') + 2]  # the row after the typed 'O-O'
+    assert row[stoi[' ']] == row[stoi['-']] == 0.5
+    # random games cut at 256 characters: rows sum to 1, the played character is possible, and
+    # the characters of move numbers and the dot after them are one-hot
+    for seed in range(3):
+        t = D.random_game(seed, 256)
+        rows = D.chess_next_char_distributions(t)
+        torch.testing.assert_close(rows.sum(1), torch.ones(len(t)))
+        nxt = torch.tensor([stoi[c] for c in t[1:]])
+        assert (rows[torch.arange(len(t) - 1), nxt] > 0).all()
+        for m in re.finditer(r'(?<=[; ])\d+\.', t):  # a move number and its dot
+            for j in range(m.start(), m.end()):
+                assert rows[j - 1, stoi[t[j]]] == 1, (t, j)
+    with pytest.raises(D.DataError, match='cannot follow'):
+        D.chess_next_char_distributions(';1.e5')
+
+
 def test_encode_decode():
     ts = [';1.e4 e5 2.Nf3', ';1.d4']
     x = encode_chess(ts, 10, CHESS_PAD_ID)
