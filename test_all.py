@@ -1055,6 +1055,20 @@ def test_batch_topk_keeps_exactly_kB_per_batch_and_threshold_inference():
     assert (kept[kept != 0] > sae.threshold).all()
 
 
+def test_batch_topk_candidates_give_the_whole_batch_top_kB():
+    sae = small_sae('batch_topk', k=2)  # candidates: each row's top 8 of 64
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(50, D_SAE, generator=g)
+    one_row_wins = spread.clone()
+    one_row_wins[7] += 100.0  # row 7 holds the batch's 64 largest: more than its 8 candidates
+    for acts in (spread, one_row_wins, -spread.abs()):
+        values, flat = sae._topk_over_batch(acts)
+        want_values, want_flat = acts.flatten().topk(2 * 50)
+        torch.testing.assert_close(values, want_values)
+        assert set(flat.tolist()) == set(want_flat.tolist())
+        assert torch.equal(acts.flatten()[flat], values)
+
+
 def test_gated_aux_loss_uses_detached_decoder():
     torch.manual_seed(0)
     sae = small_sae('gated')
