@@ -2,8 +2,11 @@
 Speed figures for the README, each measured as a ratio within one run (machines are shared
 and noisy: compare numbers from the same run only).
 
-Reads/writes nothing. Run: python bench.py            (about a minute on 2 CPU cores)
-                          python bench.py --only=sae  (othello | lm | sae | metrics)
+Reads/writes nothing. Run: python bench.py               (about a minute on 2 CPU cores)
+                          python bench.py --only=sae     (othello | lm | sae | metrics)
+                          python bench.py --device=cuda  (LM and SAEs on the GPU, at the gpu
+                                                          preset's shapes: 8 x 512, context 59,
+                                                          batch 512; d_in 512, d_sae 4096, batch 8192)
 
 First the machine: processor, torch's CPU capability, threads, and this run's ceilings, a large
 fp32 matmul and a bf16 one (GFLOP/s). Then each figure in its units and, where it is matmul
@@ -11,10 +14,10 @@ work, as a fraction of the fp32 ceiling (or bf16's, for bf16 autocast):
 
   othello  vectorised bitboard generator vs a naive per-square Python generator (games/s)
   lm       GPT training tokens/s at nanoGPT's yardstick shape (4 layers, 192 wide, context 255,
-           batch 32): fp32, and bf16 autocast where model.choose_precision's probe does not
+           batch 32; SHAPES below): fp32, and bf16 autocast where model.choose_precision's probe does not
            already show it far slower. FLOP per token: 6 x parameters + 12 x layers x width x
            context (forward and backward, attention included), as nanoGPT counts them.
-  sae      SAE training activations/s at d_in 256, d_sae 2048, batch 4096, one train_step per
+  sae      SAE training activations/s at d_in 256, d_sae 2048, batch 4096 (SHAPES), one train_step per
            batch, for every architecture. FLOP per activation: 10 x d_in x d_sae, the dense
            minimum (the encoder and decoder matmuls forward, and the three backward products
            that give the weights' gradients); TopK-style SAEs skip most of the decoder's share.
@@ -37,15 +40,30 @@ from sae import ARCHS, make_sae, train_step
 class BenchConfig:
     only: str = ''      # run one benchmark: othello | lm | sae | metrics
     seconds: float = 5.0  # rough time per measurement
+    device: str = 'cpu'   # cpu | cuda: the LM and SAE benchmarks on a GPU, at the gpu preset's shapes
 
 
-def timed(fn, seconds, min_reps=2):
+# (LM: layers, heads, width, context, batch; SAE: d_in, d_sae, batch) per device type: the CPU's
+# are nanoGPT's yardstick shape and a 2-core-sized SAE; the GPU's are train.py's gpu preset's
+SHAPES = {'cpu': {'lm': (4, 6, 192, 255, 32), 'sae': (256, 2048, 4096)},
+          'cuda': {'lm': (8, 8, 512, 59, 512), 'sae': (512, 4096, 8192)}}
+
+
+def sync(device):
+    """Wait for the GPU's queued work (a no-op on the CPU), so a timer sees work done."""
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def timed(fn, seconds, min_reps=2, device='cpu'):
     """Seconds per call of fn, after one warm-up call, repeated for about `seconds`."""
     fn()
+    sync(device)
     reps, t0 = 0, time.perf_counter()
     while reps < min_reps or time.perf_counter() - t0 < seconds:
         fn()
         reps += 1
+    sync(device)
     return (time.perf_counter() - t0) / reps
 
 
@@ -95,25 +113,27 @@ def processor_name():
     return platform.processor() or platform.machine()
 
 
-def matmul_ceiling(dtype, seconds):
-    """GFLOP/s of an n x n @ n x n matmul in `dtype`, n the largest of 256..2048 (doubling) whose
-    single call the previous size predicts to take under `seconds` / 4 (bf16 is emulated, tens
-    of times slower, on CPUs without bf16 units). Returns (GFLOP/s, n)."""
-    rate, n = None, 256
+def matmul_ceiling(dtype, seconds, device):
+    """GFLOP/s of an n x n @ n x n matmul in `dtype`, n the largest of 256..2048 (8192 on a GPU),
+    doubling, whose single call the previous size predicts to take under `seconds` / 4 (bf16 is
+    emulated, tens of times slower, on CPUs without bf16 units). Returns (GFLOP/s, n)."""
+    rate, n, n_max = None, 256, 8192 if device.startswith('cuda') else 2048
     while True:
-        a = torch.randn(n, n).to(dtype)
-        t = timed(lambda: a @ a, seconds / 4, min_reps=1)
+        a = torch.randn(n, n, device=device).to(dtype)
+        t = timed(lambda: a @ a, seconds / 4, min_reps=1, device=device)
         rate = 2 * n ** 3 / t / 1e9
-        if n >= 2048 or 8 * t > seconds / 4:
+        if n >= n_max or 8 * t > seconds / 4:
             return rate, n
         n *= 2
 
 
 def bench_machine(cfg):
-    fp32, n32 = matmul_ceiling(torch.float32, cfg.seconds)
-    bf16, n16 = matmul_ceiling(torch.bfloat16, cfg.seconds)
+    fp32, n32 = matmul_ceiling(torch.float32, cfg.seconds, cfg.device)
+    bf16, n16 = matmul_ceiling(torch.bfloat16, cfg.seconds, cfg.device)
     print(f"machine: {processor_name()}; torch {torch.__version__}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    if cfg.device.startswith('cuda'):
+        print(f"GPU: {torch.cuda.get_device_name()}, fp32 matmuls in TF32: {torch.backends.cuda.matmul.allow_tf32}")
     print(f"ceilings: fp32 matmul {fp32:.1f} GFLOP/s ({n32}^3), bf16 matmul {bf16:.1f} GFLOP/s ({n16}^3)")
     return {'float32': fp32, 'bfloat16': bf16}
 
@@ -128,39 +148,39 @@ def bench_othello(cfg, ceilings):
 
 def bench_lm(cfg, ceilings):
     torch.manual_seed(0)
-    L, H, D, T, B = 4, 6, 192, 255, 32
-    model = GPT(GPTConfig(vocab_size=33, block_size=T, n_layer=L, n_head=H, n_embd=D, pad_id=32))
+    L, H, D, T, B = SHAPES[cfg.device]['lm']
+    model = GPT(GPTConfig(vocab_size=33, block_size=T, n_layer=L, n_head=H, n_embd=D, pad_id=32)).to(cfg.device)
     opt = model.configure_optimizer(1e-3, 0.1)
-    x, y = torch.randint(0, 32, (B, T)), torch.randint(0, 32, (B, T))
+    x, y = (torch.randint(0, 32, (B, T), device=cfg.device) for _ in range(2))
     flop_per_token = 6 * model.n_params() + 12 * L * D * T
-    bf16_speedup_reason = choose_precision('bfloat16', 'cpu', D, rows=B * T)[1]
+    bf16_reason = choose_precision('bfloat16', cfg.device, D, rows=B * T)[1]
     print(f"LM training ({L} layers, {D} wide, context {T}, batch {B}; {flop_per_token / 1e6:.1f} MFLOP a token):")
     for name, dtype in (('fp32', 'float32'), ('bf16 autocast', 'bfloat16')):
-        if dtype == 'bfloat16' and 'slower than fp32' in bf16_speedup_reason:
-            print(f"  {name:14s} not timed: {bf16_speedup_reason.split(': ', 1)[1].split(';')[0]}")
+        if dtype == 'bfloat16' and 'warning' in bf16_reason:
+            print(f"  {name:14s} not timed: {bf16_reason.split(': ', 1)[1].split(';')[0]}")
             continue
 
         def step():
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+            with torch.autocast(cfg.device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
                 loss = model(x, y)[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        rate = B * T / timed(step, cfg.seconds)
+        rate = B * T / timed(step, cfg.seconds, device=cfg.device)
         print(f"  {name:14s} {rate:9,.0f} tok/s = {rate * flop_per_token / 1e9:6.1f} GFLOP/s, "
               f"{rate * flop_per_token / 1e9 / ceilings[dtype]:.0%} of the {dtype} matmul ceiling")
 
 
 def bench_sae(cfg, ceilings):
     torch.manual_seed(0)
-    d_in, d_sae, B = 256, 2048, 4096
-    x = torch.randn(B, d_in) * 3 + 1
+    d_in, d_sae, B = SHAPES[cfg.device]['sae']
+    x = torch.randn(B, d_in, device=cfg.device) * 3 + 1
     flop_per_act = 10 * d_in * d_sae
     print(f"SAE training at d_in {d_in}, d_sae {d_sae}, batch {B} (one train_step a batch; "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation, dense):")
     for arch in ARCHS:
         kw = {'k': 32} if 'topk' in arch else {}
-        sae = make_sae(arch, d_in, d_sae, total_steps=10**6, **kw)
+        sae = make_sae(arch, d_in, d_sae, total_steps=10**6, **kw).to(cfg.device)
         sae.set_act_scale(x)
         opt = sae.make_optimizer(3e-4)  # as train.py (JumpReLU: its own threshold lr)
         step_no = [0]
@@ -168,7 +188,7 @@ def bench_sae(cfg, ceilings):
         def step():
             train_step(sae, opt, x, step_no[0], 3e-4)
             step_no[0] += 1
-        rate = B / timed(step, cfg.seconds / 2)
+        rate = B / timed(step, cfg.seconds / 2, device=cfg.device)
         print(f"  {arch:14s} {rate:9,.0f} act/s = {rate * flop_per_act / 1e9:6.1f} GFLOP/s, "
               f"{rate * flop_per_act / 1e9 / ceilings['float32']:.0%} of the fp32 matmul ceiling")
 
@@ -190,6 +210,10 @@ def main(argv):
     cfg = D.parse_config(BenchConfig(), argv, 'bench.py')
     if cfg.only not in ('', 'othello', 'lm', 'sae', 'metrics'):
         raise D.UserError(f"bench.py: unknown --only={cfg.only}: use othello, lm, sae or metrics")
+    if cfg.device not in SHAPES:
+        raise D.UserError(f"bench.py: unknown --device={cfg.device}: use cpu or cuda")
+    if cfg.device == 'cuda' and not torch.cuda.is_available():
+        raise D.UserError("bench.py: --device=cuda but torch sees no GPU here: use --device=cpu")
     print(f"bench.py config: {cfg}")
     ceilings = bench_machine(cfg)
     for name, fn in (('othello', bench_othello), ('lm', bench_lm), ('sae', bench_sae), ('metrics', bench_metrics)):
