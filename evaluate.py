@@ -341,7 +341,8 @@ def plot_pareto(path, rows, sets):
                     label = 'linear probe (micro-F1)' if r['arch'] == 'probe' else 'probes as a dictionary'
                     ax.axhline(r[key], lw=1, label=label, **lines[r['arch']])
             ax.set_xscale('log')
-            ax.set_xlabel('L0 (features active per position)')
+            if i == len(sets) - 1:  # the panels share one L0 scale: label it once, at the bottom
+                ax.set_xlabel('L0 (features active per position)')
             ax.set_ylabel(f'{metric} ({s})')
             ax.set_title(f"{metric}, {s}: {'trained' if kind == 'trained' else 'random-init'} model", fontsize=9)
             ax.grid(alpha=0.3)
