@@ -306,23 +306,6 @@ def othello_soft_targets(legal):
     return torch.nn.functional.pad(soft, (0, 1))
 
 
-def othello_perft(depth):
-    """Leaf counts at depths 1..depth from the start (a pass counts as a move, as in the
-    standard tables), by expanding every position one level at a time."""
-    own, opp = np.array([START_BLACK]), np.array([START_WHITE])
-    counts = []
-    for _ in range(depth):
-        legal = othello_legal(own, opp)
-        must_pass = (legal == 0) & (othello_legal(opp, own) != 0)
-        node, square = np.nonzero(to_planes(legal))
-        move = BIT[square]
-        flipped = othello_flips(own[node], opp[node], move)
-        own, opp = (np.concatenate([opp[node] & ~flipped, opp[must_pass]]),
-                    np.concatenate([own[node] | flipped | move, own[must_pass]]))
-        counts.append(len(own))
-    return counts
-
-
 # ----------------------------------------------------------------------------------------------
 # Chess  (CHESS_SECTION: transcripts, PGN import, board-state properties)
 

@@ -4,9 +4,10 @@ Score every SAE with the paper's metrics, beside the baselines, and print the pa
 Reads:  out/<game>/model.pt, out/<game>/model_random.pt, out/<game>/saes/*.pt,
         out/<game>/saes_random/*.pt (all from train.py), data/<game>/{val,labels}.pt (data.py)
 Writes: out/<game>/results.json (one row per SAE and baseline), out/<game>/results.md,
-        out/<game>/pareto.png (when matplotlib is installed)
+        out/<game>/pareto.png (L0 against coverage and board reconstruction, as the paper plots them);
+        with --feature NAME:INDEX only out/<game>/feature_NAME_INDEX.png (heat maps and top boards)
 Run:    python evaluate.py --game othello
-        python evaluate.py --game chess --feature p_anneal_coef1:17   (what does feature 17 encode?)
+        python evaluate.py --game chess --feature p_anneal_coef0.8:17   (what does feature 17 encode?)
 
 The held-out games labelled by data.py are split: the first n_train games score coverage and
 label the features for board reconstruction, the next n_test games are the test set (the
@@ -19,6 +20,7 @@ import dataclasses
 import glob
 import json
 import os
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -190,20 +192,22 @@ def evaluate(cfg, log=print):
         def reconstruct(resid, sae=sae):  # (B, T, d) -> (B, T, d)
             return sae(resid.reshape(-1, resid.shape[-1]).float())[0].view_as(resid).to(resid.dtype)
 
+        unsup = metrics.sae_scores(sae, x_unsup)
         row = {'name': sae.meta['name'], 'arch': sae.cfg['arch'], 'model': kind, 'layer': sae.meta['layer'],
-               'd_sae': sae.cfg['d_sae'], **metrics.sae_scores(sae, x_unsup),
-               'loss_recovered': metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), sae.meta['layer'],
-                                                        reconstruct, cfg.batch_size)}
+               'd_sae': sae.cfg['d_sae'], 'l0': unsup['l0'], 'explained_variance': unsup['explained_variance'],
+               'ce_loss_score': metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), sae.meta['layer'],
+                                                       reconstruct, cfg.batch_size),
+               'dead_fraction': unsup['dead_fraction']}
         row.update(score_features(encode_all(sae, x_train), encode_all(sae, x_test), ev))
         rows.append(row)
-        log(f"[{i + 1}/{len(saes)}] {kind:7s} {row['name']:24s} L0 {row['l0']:6.1f} | FVE {row['frac_var_explained']:.3f} | "
+        log(f"[{i + 1}/{len(saes)}] {kind:7s} {row['name']:24s} L0 {row['l0']:6.1f} | expl. var. {row['explained_variance']:.3f} | "
             + ' | '.join(f"{k.replace('reconstruction', 'rec').replace('coverage', 'cov')} {v:.3f}"
                          for k, v in row.items() if k.startswith(('coverage', 'reconstruction')))
             + f" ({time.time() - t:.1f}s)")
     # baselines: the layer's MLP neurons as a dictionary, and a linear probe on the residual stream
     m_train, m_test, m_unsup = ev.activations('trained', layer, 'mlp')
     rows.append({'name': 'mlp_neurons', 'arch': 'mlp', 'model': 'trained', 'layer': layer, 'd_sae': m_train.shape[1],
-                 'l0': metrics.l0(m_unsup > 0), 'frac_var_explained': None, 'loss_recovered': None,
+                 'l0': metrics.l0(m_unsup > 0), 'explained_variance': None, 'ce_loss_score': None,
                  'dead_fraction': metrics.dead_fraction(m_unsup.clamp_min(0)),
                  **score_features(m_train, m_test, ev)})
     for kind in ev.models:
@@ -216,7 +220,7 @@ def evaluate(cfg, log=print):
         scores = [metrics.probe_scores(logits_test[:, s], lab_test[:, s]) for s in slices]
         suffix = '' if kind == 'trained' else f'_{kind}'
         row = {'name': 'linear_probe' + suffix, 'arch': 'probe', 'model': kind, 'layer': layer, 'd_sae': None,
-               'l0': None, 'frac_var_explained': None, 'loss_recovered': None, 'dead_fraction': None}
+               'l0': None, 'explained_variance': None, 'ce_loss_score': None, 'dead_fraction': None}
         f1, accuracy = (mean_per_set([s[k] for s in scores], ev) for k in ('f1_micro', 'accuracy'))
         for name in f1:
             row.update({f'coverage_{name}': None, f'reconstruction_{name}': f1[name], f'probe_accuracy_{name}': accuracy[name]})
@@ -224,7 +228,7 @@ def evaluate(cfg, log=print):
         # the same probes as a dictionary, one feature per element (its probability), scored like an
         # SAE: what coverage and the reconstruction rule give with linear one-element features
         rows.append({'name': 'probe_dictionary' + suffix, 'arch': 'probe_dict', 'model': kind, 'layer': layer,
-                     'd_sae': lab_train.shape[1], 'l0': None, 'frac_var_explained': None, 'loss_recovered': None,
+                     'd_sae': lab_train.shape[1], 'l0': None, 'explained_variance': None, 'ce_loss_score': None,
                      'dead_fraction': None, **score_features(torch.sigmoid(logits_train), torch.sigmoid(logits_test), ev)})
     log(f"eval: {len(rows)} rows in {time.time() - t0:.1f}s")
     return rows
@@ -233,7 +237,7 @@ def evaluate(cfg, log=print):
 # ----------------------------------------------------------------------------------------------
 # The report
 
-PAPER = {  # best per architecture in the paper (its coverage normalisation): PAPER.md
+PAPER = {  # best per architecture in the paper's results (its coverage normalisation; README, Measured results)
     'othello': 'p-annealing rec 0.95 (L0 63), cov 0.45; standard rec 0.95 (L0 457), cov 0.40; gated rec 0.91, cov 0.52; '
                'topk rec 0.87, cov 0.49; random-init model rec 0.08, cov 0.27; MLP neurons rec 0.82, cov 0.55',
     'chess': 'p-annealing rec ~0.85 (L0 ~25), cov ~0.48; standard/gated rec ~0.80-0.83, cov ~0.45; topk rec ~0.82, '
@@ -256,9 +260,9 @@ def score(row):
 
 
 def markdown_table(rows, sets):
-    cols = ['name', 'model', 'l0', 'frac_var_explained', 'loss_recovered', 'dead_fraction']
+    cols = ['name', 'model', 'l0', 'explained_variance', 'ce_loss_score', 'dead_fraction']
     cols += [f'{m}_{s}' for s in sets for m in ('coverage', 'reconstruction')]
-    head = ['name', 'model', 'L0', 'var. expl.', 'loss rec.', 'dead'] + [
+    head = ['name', 'model', 'L0', 'expl. var.', 'CE loss score', 'dead'] + [
         f'{m} {s}' for s in sets for m in ('cov.', 'rec.')]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     lines += ['| ' + ' | '.join(f'{r[c]:.1f}' if c == 'l0' and r[c] is not None else fmt(r.get(c)) for c in cols) + ' |'
@@ -296,60 +300,185 @@ def report(cfg, rows, sets, seconds):
         ''])
 
 
-def plot(path, rows, sets):
-    """L0 against coverage, reconstruction and loss recovered; one colour per architecture."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    panels = [f'coverage_{s}' for s in sets] + [f'reconstruction_{s}' for s in sets] + ['loss_recovered']
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: it writes PNG files and needs no display."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_pareto(path, rows, sets):
+    """pareto.png, as the paper draws its results: one row of panels per BSP set; in each row, L0
+    (log scale) against coverage on the trained model, then on the random-init model, then the
+    same for board reconstruction, the two models side by side on a shared y axis. One marker and
+    colour per SAE architecture (a line joins its sweep); the layer's MLP neurons are one grey
+    point; the linear probe (its micro-F1) and the probes scored as a dictionary are horizontal
+    lines, as they have no L0."""
+    plt = pyplot()
     archs = sorted({r['arch'] for r in rows if r['arch'] not in BASELINES})
-    colours = dict(zip(archs, plt.rcParams['axes.prop_cycle'].by_key()['color'] * 3))
-    for ax, key in zip(axes, panels):
-        for arch in archs:
-            for kind, marker in (('trained', 'o'), ('random', 'x')):
+    style = {a: dict(marker='osD^vP*Xph<>'[i % 12], color=plt.get_cmap('tab10')(i % 10)) for i, a in enumerate(archs)}
+    lines = {'probe': dict(color='k', ls='--'), 'probe_dict': dict(color='tab:brown', ls=':')}
+    panels = [(metric, kind) for metric in ('coverage', 'reconstruction') for kind in ('trained', 'random')]
+    fig, axes = plt.subplots(len(sets), len(panels), figsize=(4 * len(panels), 3.3 * len(sets) + 0.8), squeeze=False,
+                             sharex=True)  # one L0 scale for every panel
+    for i, s in enumerate(sets):
+        for j, (metric, kind) in enumerate(panels):
+            ax, key = axes[i, j], f'{metric}_{s}'
+            if j % 2:
+                ax.sharey(axes[i, j - 1])  # trained and random-init side by side, on one scale
+            for arch in archs:
                 pts = sorted((r['l0'], r[key]) for r in rows if r['arch'] == arch and r['model'] == kind
-                             and r.get(key) is not None)
+                             and r.get(key) is not None and r['l0'])
                 if pts:
-                    ax.plot(*zip(*pts), marker=marker, color=colours[arch], ls='-' if kind == 'trained' else ':',
-                            label=f'{arch}' + (' (random model)' if kind == 'random' else ''))
-        for r in rows:  # baselines as horizontal lines
-            if r['arch'] in BASELINES and r.get(key) is not None:
-                ax.axhline(r[key], color={'probe': 'k', 'probe_dict': 'tab:brown'}.get(r['arch'], 'grey'),
-                           ls='--' if r['model'] == 'trained' else ':', lw=1, label=r['name'])
-        ax.set_xscale('log')
-        ax.set_xlabel('L0')
-        ax.set_title(key.replace('_', ' '))
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+                    ax.plot(*zip(*pts), lw=0.8, label=arch, **style[arch])
+            for r in rows:
+                if r['model'] != kind or r.get(key) is None:
+                    continue
+                if r['arch'] == 'mlp':
+                    ax.plot([r['l0']], [r[key]], marker='s', color='grey', ls='', label='MLP neurons')
+                elif r['arch'] in lines:
+                    label = 'linear probe (micro-F1)' if r['arch'] == 'probe' else 'probes as a dictionary'
+                    ax.axhline(r[key], lw=1, label=label, **lines[r['arch']])
+            ax.set_xscale('log')
+            if i == len(sets) - 1:  # the panels share one L0 scale: label it once, at the bottom
+                ax.set_xlabel('L0 (features active per position)')
+            ax.set_ylabel(f'{metric} ({s})')
+            ax.set_title(f"{metric}, {s}: {'trained' if kind == 'trained' else 'random-init'} model", fontsize=9)
+            ax.grid(alpha=0.3)
+    legend = {}
+    for ax in axes.flat:  # one legend for the figure, each label once
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc='lower center', ncol=min(6, len(legend)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.8 / (3.3 * len(sets) + 0.8), 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+
+
+def write_outputs(cfg, rows, sets, text, log=print):
+    """results.json and results.md first, then pareto.png: a plot that fails (no matplotlib, no
+    disk space for it, a bug) costs the picture only, never the results."""
+    out = os.path.join(cfg.out_dir, cfg.game)
+    tmp = os.path.join(out, 'results.json.tmp')
+    with open(tmp, 'w') as f:
+        json.dump({'config': dataclasses.asdict(cfg), 'sets': sets, 'rows': rows}, f, indent=1)
+    os.replace(tmp, os.path.join(out, 'results.json'))
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(out, 'results.md'))
+    wrote = ['results.json', 'results.md']
+    try:
+        plot_pareto(os.path.join(out, 'pareto.png'), rows, sets)
+        wrote.append('pareto.png')
+    except Exception as e:
+        log(f"pareto.png not written ({type(e).__name__}: {e}); the results are in results.json")
+    log(f"wrote {', '.join(os.path.join(out, w) for w in wrote)}")
 
 
 # ----------------------------------------------------------------------------------------------
 # --feature NAME:INDEX: what one feature encodes
 
-def board_diagram(ev, split, i):
-    """Text diagram of the board at labelled position i of a split."""
+def board_grid(ev, split, i):
+    """The board at labelled position i of a split: (8 rows of 8 symbols, rank 8 first; caption).
+    Othello: X the player to move, O the other, * a legal move, . empty. Chess: python-chess's
+    piece letters (upper case White), . empty."""
     g, p = (int(v[i]) for v in ev.where[split])
     if ev.cfg.game == 'othello':
-        planes = ev.labels[split]['mine_theirs'][i]  # (128,) mine then theirs
-        legal = ev.labels[split]['legal'][i]
-        rows = []
-        for rank in range(7, -1, -1):
-            rows.append(f'{rank + 1} ' + ' '.join('X' if planes[8 * rank + f] else 'O' if planes[64 + 8 * rank + f]
-                                                  else '*' if legal[8 * rank + f] else '.' for f in range(8)))
-        return (f'game {g}, move {p + 1} (X: the player to move, O: the other, *: legal moves)\n'
-                + '\n'.join(rows) + '\n  a b c d e f g h')
+        planes = ev.labels[split]['mine_theirs'][i]  # (128,) mine then theirs, square = 8 * rank + file
+        legal = ev.labels[split]['legal'][i]  # (64,)
+        grid = [['X' if planes[8 * rank + f] else 'O' if planes[64 + 8 * rank + f] else '*' if legal[8 * rank + f]
+                 else '.' for f in range(8)] for rank in range(7, -1, -1)]
+        return grid, f'game {g}, move {p + 1}'
     text = D.decode_chess(ev.tokens[g])
     board = chess.Board()
     for san in D.transcript_to_moves(text[:p + 1], last_is_complete=True):
         board.push_san(san)
-    return f'game {g}, character {p}: ...{text[max(0, p - 40):p + 1]}\n{board}'
+    grid = [[str(board.piece_at(8 * rank + f) or '.') for f in range(8)] for rank in range(7, -1, -1)]
+    return grid, f'game {g}, character {p}: ...{text[max(0, p - 40):p + 1]}'
+
+
+def board_diagram(ev, split, i):
+    """Text diagram of the board at labelled position i of a split."""
+    grid, caption = board_grid(ev, split, i)
+    if ev.cfg.game == 'othello':
+        caption += ' (X: the player to move, O: the other, *: legal moves)'
+    return caption + '\n' + '\n'.join(f'{8 - r} ' + ' '.join(row) for r, row in enumerate(grid)) + '\n  a b c d e f g h'
+
+
+def square_planes(ev, split='train'):
+    """The label columns that name one square each, grouped into 8x8 planes by the name before
+    '@' (Othello: mine, theirs, legal; chess: the 12 piece letters, attacked_by_black,
+    white_legal_dest): {plane: (label matrix bool [P, G], [(column, square) * 64])}."""
+    planes = {}
+    for set_name, lab in ev.labels[split].items():
+        props = lab if isinstance(lab, dict) else {None: lab}
+        for prop, l in props.items():
+            names = ev.names[set_name][prop] if isinstance(ev.names[set_name], dict) else ev.names[set_name]
+            for j, el in enumerate(names):
+                plane, at, square = el.rpartition('@')
+                if at:
+                    planes.setdefault(plane, (l, []))[1].append((j, D.SQUARE_NAMES.index(square)))
+    return planes
+
+
+def feature_heatmaps(acts, planes):
+    """Mean activation of one feature (acts float [P]) over the positions where each square's
+    element is true: {plane: float [8, 8], rank 8 in row 0; nan where the element never occurs}."""
+    maps = {}
+    for plane, (lab, columns) in planes.items():
+        cols = torch.tensor([j for j, _ in columns])
+        hit = lab[:, cols].float()  # (P, 64 or fewer)
+        mean = (acts.float() @ hit) / hit.sum(0)  # 0 / 0 = nan: never true
+        grid = torch.full((64,), float('nan'))
+        grid[torch.tensor([sq for _, sq in columns])] = mean
+        maps[plane] = grid.view(8, 8).flip(0)  # rows: rank 8 first
+    return maps
+
+
+def plot_feature(path, title, maps, boards, game):
+    """The --feature picture: the heat maps (mean activation per square, one panel per plane)
+    above the boards where the feature fires most (boards: [(activation, grid, caption)])."""
+    plt = pyplot()
+    n = max(len(maps), len(boards))
+    fig, axes = plt.subplots(2, n, figsize=(3.3 * n, 7.2), squeeze=False)
+    files = list('abcdefgh')
+    for ax in axes.flat:
+        ax.set_xticks(range(8), files)
+        ax.set_yticks(range(8), [str(8 - r) for r in range(8)])
+        ax.tick_params(length=0, labelsize=7)
+    for ax, (plane, grid) in zip(axes[0], maps.items()):
+        cmap = plt.get_cmap('viridis').copy()
+        cmap.set_bad('lightgrey')  # squares where the element never occurs
+        im = ax.imshow(grid.numpy(), cmap=cmap)
+        ax.set_title(f'mean activation where {plane}@square', fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax, (act, grid, caption) in zip(axes[1], boards):
+        if game == 'othello':
+            ax.imshow([[0] * 8] * 8, cmap='Greens', vmin=-1, vmax=1)
+            for r, row in enumerate(grid):
+                for f, c in enumerate(row):
+                    if c in 'XO':
+                        ax.add_patch(plt.Circle((f, r), 0.4, facecolor='black' if c == 'X' else 'white', edgecolor='black'))
+                    elif c == '*':
+                        ax.plot(f, r, '.', color='grey')
+        else:
+            ax.imshow([[(r + f) % 2 for f in range(8)] for r in range(8)], cmap='Greys', vmin=-3, vmax=4)
+            for r, row in enumerate(grid):
+                for f, c in enumerate(row):
+                    if c != '.':
+                        ax.text(f, r, chess.Piece.from_symbol(c).unicode_symbol(), ha='center', va='center', fontsize=15)
+        ax.set_title(f'activation {act:.3f}\n' + '\n'.join(textwrap.wrap(caption, 40)), fontsize=7)
+    for ax in axes[0][len(maps):]:
+        ax.axis('off')
+    for ax in axes[1][len(boards):]:
+        ax.axis('off')
+    if game == 'othello':
+        title += '\nboards: black discs belong to the player to move, white to the other; dots: legal moves'
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def explain_feature(cfg, log=print):
@@ -388,8 +517,21 @@ def explain_feature(cfg, log=print):
     for f1, prec, rec, t, el in sorted(best, reverse=True)[:5]:
         print(f'  {el:32s} F1 {f1:.3f} | precision {prec:.3f} | recall {rec:.3f} | t {t:.1f}')
     print('boards where it fires most:')
-    for i in acts.argsort(descending=True)[:cfg.top_boards].tolist():
+    top = acts.argsort(descending=True)[:cfg.top_boards].tolist()
+    for i in top:
         print(f'activation {acts[i].item():.3f}, ' + board_diagram(ev, 'train', i) + '\n')
+    # the picture: heat maps of the planes that hold the best-matching elements, then the top boards
+    path = os.path.join(ev.dir, f'feature_{name}_{index}.png')
+    try:
+        planes = square_planes(ev)
+        ranked = [el.split('/', 1)[1].rpartition('@')[0] for *_, el in sorted(best, reverse=True)]
+        shown = [p for p in dict.fromkeys(ranked + list(planes)) if p in planes][:3]  # best-matching first
+        maps = feature_heatmaps(acts, {p: planes[p] for p in shown})
+        boards = [(acts[i].item(), *board_grid(ev, 'train', i)) for i in top]
+        plot_feature(path, f'{name}:{index} ({kind} model)', maps, boards, cfg.game)
+        print(f'wrote {path}')
+    except Exception as e:
+        print(f'{path} not written ({type(e).__name__}: {e})')
 
 
 def main(argv):
@@ -406,16 +548,7 @@ def main(argv):
     sets = [k[len('reconstruction_'):] for k in rows[0] if k.startswith('reconstruction_')]  # the BSP sets
     text = report(cfg, rows, sets, time.time() - t0)
     print(text)
-    out = os.path.join(cfg.out_dir, cfg.game)
-    tmp = os.path.join(out, 'results.json.tmp')
-    with open(tmp, 'w') as f:
-        json.dump({'config': dataclasses.asdict(cfg), 'sets': sets, 'rows': rows}, f, indent=1)
-    os.replace(tmp, os.path.join(out, 'results.json'))
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, 'results.md'))
-    wrote = ['results.json', 'results.md'] + (['pareto.png'] if plot(os.path.join(out, 'pareto.png'), rows, sets) else [])
-    print(f"wrote {', '.join(os.path.join(out, w) for w in wrote)}")
+    write_outputs(cfg, rows, sets, text)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,7 @@
-"""Every evaluation formula in one place (see PAPER.md, "Metrics").
+"""Every evaluation formula in one place, each defined in the docstring of the function that
+computes it. Coverage and board reconstruction are the supervised metrics of Karvonen et al. 2024
+(the paper's section on measuring SAE quality with board-state properties); L0, explained
+variance and loss recovered are the usual unsupervised ones.
 
 Reads and writes no files. Used by train.py (L0, explained variance, dead features while
 training; the LM's legal-move rate) and by evaluate.py (everything else), e.g.
@@ -23,7 +26,20 @@ the (train) split; features with max_f <= 0 are dead and never fire; at threshol
 feature f fires at position n when acts[n, f] > t * max_f.  The comparison is done in float64.
 
 Counting is done with one sparse x dense matrix product per threshold over the 0/1 firing
-pattern (float32 values, exact for counts below 2**24), so no loop runs over features.
+pattern (float32 values, exact for counts below 2**24), so no loop runs over features. Each fast
+function is held against a short brute-force version of its definition (plain Python loops) in
+test_all.py: bf_coverage and bf_reconstruction in test_coverage_matches_brute_force,
+test_reconstruction_matches_brute_force and test_by_group_scores_equal_each_set_alone_by_brute_force.
+
+Two changes to the paper's metric code, both on purpose:
+- Coverage averages over the elements that occur at least once in the split. The paper's code
+  divides by every element of a BSP set, including ones that can never be true (pawns on ranks 1
+  and 8), which caps its scores below 1; our coverage is higher for the same features.
+- Board reconstruction chooses its threshold on the train split and reports the test split (the
+  paper's code picks the threshold on the test split: reconstruction_details' 'test_f1' gives
+  that choice back as max(test_f1)).
+Variance explained is also taken over the whole evaluation set (the paper's code used 25
+activations).
 """
 import warnings
 
@@ -189,7 +205,7 @@ def coverage_by_group(acts, labels, group_sizes, thresholds=None) -> list:
     """`coverage` of several BSP sets at once, sharing one firing pattern (much faster than one
     call per set). labels: bool [N, G], the sets' columns side by side; group_sizes: their widths
     (summing to G). Returns [coverage of set i], each with its own best t, exactly as
-    coverage(acts, labels[:, set i]) would give."""
+    coverage(acts, labels[:, set i]) would give (test_by_group_scores_equal_each_set_alone_by_brute_force)."""
     thresholds = _check_thresholds(thresholds)
     slices = group_slices(group_sizes, labels.shape[1])
     present = labels.bool().any(0)  # [G]
@@ -210,6 +226,8 @@ def coverage(acts, labels, thresholds=None) -> float:
         F1(f, g)   = 2 TP / (2 TP + FP + FN) of the classifier fires_f against labels[:, g]
         C(t)       = mean over elements g occurring at least once of max_f F1(f, g)
     coverage = max_t C(t).   (0.0 if no element occurs; best F1 is 0 if no feature is live.)
+    A high coverage says: for most elements of the set, some single feature is a good classifier
+    of it. Brute-force definition: bf_coverage in test_all.py (test_coverage_matches_brute_force).
     """
     return coverage_details(acts, labels, thresholds)["coverage"]
 
@@ -219,7 +237,8 @@ def single_feature_scores(acts, labels, thresholds=None) -> dict:
     grid, as a fraction of max_f = max acts) with the best F1 of "acts > t * max_f" against g.
     acts: float [N]; labels: bool [N, G].
     Returns {'f1', 'precision', 'recall', 'threshold'}: float64 [G] each, at each element's best t
-    (precision = TP / fired, recall = TP / true; 0 where undefined)."""
+    (precision = TP / fired, recall = TP / true; 0 where undefined). Brute force:
+    test_single_feature_scores_match_brute_force."""
     thresholds = _check_thresholds(thresholds)
     acts, labels = acts.double(), labels.bool()
     max_f = acts.max()
@@ -325,6 +344,9 @@ def board_reconstruction(acts_train, labels_train, acts_test, labels_test,
         predicted board at n: pred[n, g] = OR over firing features f of label(f, g)
         micro-F1 = 2 TP / (2 TP + FP + FN), pooled over all positions x elements
     t* = argmax_t micro-F1 on train (lowest t on ties); returns micro-F1 on test at t*.
+    A high score says: the features that fire at a position, read as a dictionary of precise
+    one-element detectors, rebuild that position's board. Brute-force definition:
+    bf_reconstruction in test_all.py (test_reconstruction_matches_brute_force).
     """
     return reconstruction_details(acts_train, labels_train, acts_test, labels_test,
                                   thresholds)["f1"]
@@ -335,7 +357,8 @@ def board_reconstruction(acts_train, labels_train, acts_test, labels_test,
 # ---------------------------------------------------------------------------------------------
 
 def l0(f) -> float:
-    """L0 = mean over rows of the number of non-zero features.  f: [..., F]."""
+    """L0 = mean over rows of the number of non-zero features.  f: [..., F].
+    (test_l0_and_dead_fraction)"""
     return (f != 0).sum(-1, dtype=torch.float64).mean().item()
 
 
@@ -389,8 +412,10 @@ class VarianceExplained:
 
 
 def explained_variance(x, x_hat) -> float:
-    """FVE = 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 over the whole set (float64).
-    x, x_hat: [..., d].  Same numbers as one VarianceExplained update."""
+    """FVE = 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 over the whole set (float64): the
+    fraction of the activations' variance that the reconstruction explains (1: perfect, 0: no
+    better than the mean). x, x_hat: [..., d].  Same numbers as one VarianceExplained update.
+    (test_explained_variance)"""
     ve = VarianceExplained()
     ve.update(x, x_hat)
     return ve.compute()
@@ -399,8 +424,10 @@ def explained_variance(x, x_hat) -> float:
 @torch.no_grad()
 def sae_scores(sae, x, batch_size=8192) -> dict:
     """The unsupervised scores of one SAE on activations x (N, d), encoded in batches:
-    {'l0': l0(f), 'frac_var_explained': explained_variance(x, x_hat), 'dead_fraction':
-    dead_fraction(f)} with (x_hat, f) = sae(x). train.py logs these; evaluate.py reports them."""
+    {'l0': l0(f), 'explained_variance': explained_variance(x, x_hat), 'dead_fraction':
+    dead_fraction(f)} with (x_hat, f) = sae(x). train.py logs these; evaluate.py reports them.
+    'frac_var_explained' is an alias of 'explained_variance' (the name train.py's log lines and
+    the 'final' scores saved in SAE files use)."""
     was_training = sae.training
     sae.eval()
     device = next(sae.parameters()).device
@@ -412,7 +439,8 @@ def sae_scores(sae, x, batch_size=8192) -> dict:
         n_active += torch.count_nonzero(f).item()
         fired = (f > 0).any(0) if fired is None else fired | (f > 0).any(0)  # as dead_fraction
     sae.train(was_training)
-    return {'l0': n_active / len(x), 'frac_var_explained': fve.compute(),
+    explained = fve.compute()
+    return {'l0': n_active / len(x), 'explained_variance': explained, 'frac_var_explained': explained,
             'dead_fraction': 1.0 - fired.double().mean().item()}
 
 
@@ -459,7 +487,8 @@ def cross_entropies(model, tokens, layer, reconstruct, batch_size=64) -> dict:
 
 def loss_recovered(model, tokens, layer, reconstruct, batch_size=64) -> float:
     """Loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), with the CEs of
-    `cross_entropies` (1 = reconstruction as good as the clean model, 0 = as bad as zeros)."""
+    `cross_entropies` (1 = reconstruction as good as the clean model, 0 = as bad as zeros).
+    SAELens calls it ce_loss_score, the name results.json uses. (test_loss_recovered_identity_and_zero)"""
     ce = cross_entropies(model, tokens, layer, reconstruct, batch_size)
     gap = ce["zero"] - ce["clean"]
     return (ce["zero"] - ce["sae"]) / gap if gap != 0 else float("nan")

@@ -6,14 +6,25 @@ streamed from the LM) and by evaluate.py (loads them and encodes activations int
 Reads nothing by itself; `save` writes one `.pt` file per SAE and `load` rebuilds any SAE from
 that file alone.
 
-Architectures (see PAPER.md):
-    standard      ReLU SAE with an L1 penalty
-    gated         Gated SAE (Rajamanoharan et al. 2024), L1 on the gate path + auxiliary loss
-    p_anneal      standard, with the paper's p-annealing of an Lp^p penalty
-    gated_anneal  gated, with p-annealing of the gate's penalty
-    topk          TopK SAE with AuxK loss (Gao et al. 2024)
-    batch_topk    BatchTopK: top k*B over the whole batch in training, a tracked threshold after
-    jumprelu      JumpReLU with straight-through estimators (Rajamanoharan et al. 2024b)
+Architectures. The paper (Karvonen et al. 2024) trains standard and gated SAEs, each also with its
+p-annealing (its p-annealing section), and TopK as a comparison; BatchTopK and JumpReLU are the
+other kinds in common use. With x the normalised activation (below), f the features and
+x_hat = f W_dec + b_dec, each minimises, averaged over a batch:
+    standard      f = ReLU((x - b_dec) W_enc + b_enc)
+                  ||x - x_hat||^2 + coef * sum_i f_i                       (L1)
+    gated         f = 1[pi_gate > 0] * ReLU(pi_mag), gate and magnitude paths sharing W_enc
+                  (Rajamanoharan et al. 2024); ||x - x_hat||^2 + coef * sum_i ReLU(pi_gate)_i
+                  + ||x - (ReLU(pi_gate) W_dec + b_dec)||^2 with the decoder detached there
+    p_anneal      standard with the penalty coef * sum_i f_i^p, p annealed from 1 toward p_end:
+                  sum_i f_i^p tends to the L0 count as p -> 0, but is not convex for p < 1, so
+                  training starts at the convex L1 and moves p down step by step (PAnnealing)
+    gated_anneal  gated with coef * sum_i ReLU(pi_gate)_i^p, annealed the same way
+    topk          f keeps the k largest of ReLU((x - b_dec) W_enc + b_enc) per row, no penalty;
+                  ||x - x_hat||^2 + an AuxK term that revives dead features (Gao et al. 2024)
+    batch_topk    the k * B largest over a batch of B rows in training, a threshold after
+    jumprelu      f = z * 1[z > theta]; ||x - x_hat||^2 + coef * (number of active features),
+                  trained through straight-through estimators (Rajamanoharan et al. 2024b)
+Each class's docstring gives its details.
 
 Conventions shared by every architecture:
 - Parameters W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc (d_sae,), b_dec (d_in,); plain
@@ -267,14 +278,20 @@ class GatedSAE(SAE):
 # p-annealing (the paper's method), as a mixin over standard and gated
 
 class PAnnealing:
-    """Penalty coef * sum_i f_i^p. p starts at 1; n_anneal_steps updates at steps evenly spread
-    from anneal_start to the final step (total_steps - 1) set p to the values of
-    linspace(1, p_end, n_anneal_steps) in turn (as in the paper's code: the first update keeps
-    p = 1, the last sets p_end on the final step, so the last trained p is about 0.29 for 10
-    updates and p_end = 0.2). At each update the coefficient is rescaled so the penalty value is
-    continuous: coef <- coef * mean(L_p) / mean(L_p_next), means over the last history_len
-    batches before the update. Updates run in after_optimizer_step(step), so loss(x, step) uses
-    the p set by updates at earlier steps: see p_at(step)."""
+    """p-annealing, the paper's method (its p-annealing section): the penalty is
+    coef * L_p with L_p = sum_i f_i^p per row (lp_sum), averaged over the batch.
+    Schedule: p starts at 1; n_anneal_steps updates at steps evenly spread from anneal_start
+    (a fraction of training, or a step) to the final step (total_steps - 1) set p to the values
+    of linspace(1, p_end, n_anneal_steps) in turn. As in the paper's code the first update keeps
+    p = 1 and the last sets p_end on the final step, so the last trained p is about 0.29 for 10
+    updates and p_end = 0.2.
+    Coefficient rescale: a smaller p changes the size of L_p (features below 1 grow, above 1
+    shrink), so at each update coef <- coef * mean(L_p) / mean(L_p_next), the means taken over
+    the last history_len batches before the update, each batch's L_p_next computed with the next
+    p on the same features. The penalty's value is then continuous across the update, and only
+    its shape changes. (tests: test_penalty_value_continuous_at_each_rescale, test_p_schedule.)
+    Updates run in after_optimizer_step(step), so loss(x, step) uses the p set by updates at
+    earlier steps: see p_at(step)."""
 
     def _init_anneal(self, anneal_start, p_end, n_anneal_steps, history_len):
         if self.cfg['total_steps'] is None:

@@ -64,6 +64,10 @@ def naive_legal(board, player):
     return [(r, c) for r in range(8) for c in range(8) if naive_flips(board, player, r, c)]
 
 
+def naive_has_move(board, player):
+    return any(naive_flips(board, player, r, c) for r in range(8) for c in range(8))
+
+
 def naive_start():
     board = [[0] * 8 for _ in range(8)]  # board[rank][file]; 1 = Black, -1 = White
     board[3][3] = board[4][4] = -1  # d4, e5 White
@@ -71,8 +75,47 @@ def naive_start():
     return board
 
 
+def naive_replay(game):
+    """Replay one game's tokens on the naive board by the rules: every move must be legal, a side
+    passes only when it has no legal move, and the game stops (a pad token) only when neither side
+    has one. After each move yield (t, board, the player to move next (passes applied), the
+    squares the move flipped, whether that player moves again because the other one passes)."""
+    board, player = naive_start(), 1
+    for t, tok in enumerate(game):
+        if tok == D.OTHELLO_PAD:
+            assert not naive_has_move(board, player) and not naive_has_move(board, -player), f"game stopped at move {t}"
+            return
+        r, c = divmod(D.OTHELLO_SQUARES[tok], 8)
+        flips = naive_flips(board, player, r, c)
+        assert flips, f"illegal move {D.OTHELLO_ITOS[tok]} at move {t + 1}"
+        board[r][c] = player
+        for rr, cc in flips:
+            board[rr][cc] = player
+        again = not naive_has_move(board, -player) and naive_has_move(board, player)
+        player = player if again else -player
+        yield t, board, player, flips, again
+
+
+def othello_perft(depth):
+    """Leaf counts at depths 1..depth from the start (a pass counts as a move, as in the
+    standard tables), expanding every position one level at a time with data.py's vectorised
+    move generator (othello_legal, othello_flips on uint64 bitboards)."""
+    own, opp = np.array([D.START_BLACK]), np.array([D.START_WHITE])
+    counts = []
+    for _ in range(depth):
+        legal = D.othello_legal(own, opp)
+        must_pass = (legal == 0) & (D.othello_legal(opp, own) != 0)
+        node, square = np.nonzero(D.to_planes(legal))
+        move = D.BIT[square]
+        flipped = D.othello_flips(own[node], opp[node], move)
+        own, opp = (np.concatenate([opp[node] & ~flipped, opp[must_pass]]),
+                    np.concatenate([own[node] | flipped | move, own[must_pass]]))
+        counts.append(len(own))
+    return counts
+
+
 def test_othello_perft_matches_known_counts():
-    assert D.othello_perft(8) == [4, 12, 56, 244, 1396, 8200, 55092, 390216]
+    assert othello_perft(8) == [4, 12, 56, 244, 1396, 8200, 55092, 390216]
 
 
 def test_othello_games_are_legal_and_reproducible():
@@ -82,25 +125,9 @@ def test_othello_games_are_legal_and_reproducible():
     assert not (a == D.othello_games(300, seed=8)).all()
     n_moves = (a != D.OTHELLO_PAD).sum(1)
     assert n_moves.min() >= 9 and (n_moves == 60).mean() > 0.8  # most random games fill the board
-    # replay every game on the naive board: every move legal, passes only when forced
-    n_pass = 0
-    for game in a[:100]:
-        board, player = naive_start(), 1
-        for tok in game:
-            if not naive_legal(board, player):
-                player = -player
-                n_pass += 1
-            if tok == D.OTHELLO_PAD:
-                assert not naive_legal(board, player) and not naive_legal(board, -player)
-                break
-            s = D.OTHELLO_SQUARES[tok]
-            r, c = divmod(s, 8)
-            flips = naive_flips(board, player, r, c)
-            assert flips, f"illegal move {D.OTHELLO_ITOS[tok]}"
-            board[r][c] = player
-            for rr, cc in flips:
-                board[rr][cc] = player
-            player = -player
+    for game in a[:100]:  # naive_replay checks every move, pass and ending by the rules
+        for _ in naive_replay(game.tolist()):
+            pass
 
 
 def test_othello_data_is_the_same_for_any_number_of_workers():
@@ -113,31 +140,11 @@ def test_othello_data_is_the_same_for_any_number_of_workers():
     assert legal.shape == (2000, 60) and legal.dtype == torch.int64
 
 
-def naive_replay(game):
-    """Replay one game's tokens on the naive board; after each move yield (t, board, player to
-    move next (passes applied), squares flipped by the move)."""
-    board, player = naive_start(), 1
-    for t, tok in enumerate(game):
-        if tok == D.OTHELLO_PAD:
-            return
-        if not naive_legal(board, player):
-            player = -player
-        r, c = divmod(D.OTHELLO_SQUARES[tok], 8)
-        flips = naive_flips(board, player, r, c)
-        board[r][c] = player
-        for rr, cc in flips:
-            board[rr][cc] = player
-        player = -player
-        if not naive_legal(board, player) and naive_legal(board, -player):
-            player = -player  # the next player passes
-        yield t, board, player, flips
-
-
 def test_othello_states_agree_with_naive_replay():
     tokens = torch.from_numpy(D.othello_games(40, seed=3)).long()
     states = D.othello_states(tokens)
     for g in range(len(tokens)):
-        for t, board, player, flips in naive_replay(tokens[g].tolist()):
+        for t, board, player, flips, _ in naive_replay(tokens[g].tolist()):
             mine = [board[s // 8][s % 8] == player for s in range(64)]
             theirs = [board[s // 8][s % 8] == -player for s in range(64)]
             legal = [False] * 64
@@ -159,7 +166,7 @@ def test_othello_soft_targets_are_uniform_over_naive_legal_moves():
     n_moves = (tokens != D.OTHELLO_PAD).sum(1)
     for g in range(len(tokens)):
         assert (soft[g, n_moves[g]:] == 0).all()  # the game is over: ignored rows
-        for t, board, player, _ in naive_replay(tokens[g].tolist()):
+        for t, board, player, *_ in naive_replay(tokens[g].tolist()):
             legal = naive_legal(board, player)  # empty after the last move
             expected = torch.zeros(61)
             for rr, cc in legal:
@@ -168,26 +175,18 @@ def test_othello_soft_targets_are_uniform_over_naive_legal_moves():
 
 
 def test_othello_states_handle_a_pass():
-    # find a generated game with a pass and check the side to move after it
+    # games where data.py says a side passes (the disc just played is the next mover's own), each
+    # replayed on the naive board, which decides passes by the rules
     tokens = torch.from_numpy(D.othello_games(2000, seed=11)).long()
     states = D.othello_states(tokens)
+    square = torch.as_tensor(D.OTHELLO_SQUARES + [0])[tokens]  # (N, 60), pad -> a dummy square
+    again = states['mine'].gather(-1, square[..., None])[..., 0] & (tokens != D.OTHELLO_PAD)  # (N, 60)
     found = 0
-    for g in range(len(tokens)):
-        board, player = naive_start(), 1
-        for t, tok in enumerate(tokens[g].tolist()):
-            if tok == D.OTHELLO_PAD:
-                break
-            r, c = divmod(D.OTHELLO_SQUARES[tok], 8)
-            if not naive_flips(board, player, r, c):  # the move is the other side's: a pass happened
-                player = -player
-                found += 1
-                # at the position before, the player to move next was already the passer's opponent
-                mover_discs = [board[s // 8][s % 8] == player for s in range(64)]
-                assert states['mine'][g, t - 1].tolist() == mover_discs
-            for rr, cc in naive_flips(board, player, r, c):
-                board[rr][cc] = player
-            board[r][c] = player
-            player = -player
+    for g in again.any(1).nonzero()[:20, 0].tolist():
+        for t, board, player, _, naive_again in naive_replay(tokens[g].tolist()):
+            found += naive_again
+            assert bool(again[g, t]) == naive_again
+            assert states['mine'][g, t].tolist() == [board[s // 8][s % 8] == player for s in range(64)]
     assert found > 0
 
 
@@ -196,6 +195,73 @@ def test_othello_states_reject_an_illegal_move():
     tokens[0, 0] = D.OTHELLO_ITOS.index('a1')
     with pytest.raises(D.DataError, match='illegal'):
         D.othello_states(tokens)
+
+
+# the README's exercise "a new board-state property": stable discs, and the rule they follow
+
+def naive_stable(board):
+    """Stable discs by the usual edge-anchored rule, as a fixpoint on the naive board: a disc is
+    stable when, along each of the four lines through it (its row, its column, its two
+    diagonals), the line is full or one of its two neighbours on it is off the board or a
+    stable disc of the same colour. Such a disc can never be flipped. [64] bools by square."""
+    stable = [[False] * 8 for _ in range(8)]
+
+    def on_board(r, c):
+        return 0 <= r < 8 and 0 <= c < 8
+
+    def full(r, c, dr, dc):
+        for sign in (1, -1):
+            rr, cc = r + sign * dr, c + sign * dc
+            while on_board(rr, cc):
+                if board[rr][cc] == 0:
+                    return False
+                rr, cc = rr + sign * dr, cc + sign * dc
+        return True
+
+    def anchored(r, c, dr, dc):
+        return any(not on_board(r + k * dr, c + k * dc) or (stable[r + k * dr][c + k * dc] and
+                   board[r + k * dr][c + k * dc] == board[r][c]) for k in (1, -1))
+
+    changed = True
+    while changed:
+        changed = False
+        for r in range(8):
+            for c in range(8):
+                if board[r][c] and not stable[r][c] and all(
+                        full(r, c, dr, dc) or anchored(r, c, dr, dc) for dr, dc in ((0, 1), (1, 0), (1, 1), (1, -1))):
+                    stable[r][c] = changed = True
+    return [stable[s // 8][s % 8] for s in range(64)]
+
+
+def test_naive_stable_rule_known_answers():
+    board = naive_start()
+    assert not any(naive_stable(board))  # every disc of the start can still flip
+    board[0][0] = board[0][1] = 1  # a1 (a corner) and b1 beside it on the edge, one colour
+    board[1][1] = -1  # b2: open squares around it
+    stable = naive_stable(board)
+    assert stable[0] and stable[1] and not stable[9]
+    assert all(naive_stable([[1] * 8 for _ in range(8)]))  # a full board: every line is full
+    tokens = D.othello_games(3, seed=4)
+    for game in tokens.tolist():  # a stable disc stays stable, and keeps its colour, to the end
+        before = []
+        for _, board, *_ in naive_replay(game):
+            now = naive_stable(board)
+            colour = [board[s // 8][s % 8] for s in range(64)]
+            assert all(now[s] and colour[s] == c for s, c in before)
+            before = [(s, colour[s]) for s in range(64) if now[s]]
+        assert before  # some disc is stable by the end of a game
+
+
+def test_othello_stable_discs_match_the_naive_rule():
+    if not hasattr(D, 'othello_stable'):
+        pytest.skip('exercise (README, Exercises): write data.othello_stable(mine, theirs)')
+    tokens = torch.from_numpy(D.othello_games(10, seed=4)).long()
+    states = D.othello_states(tokens)
+    stable = D.othello_stable(states['mine'], states['theirs'])  # bool (N, T, 64)
+    assert stable.shape == states['mine'].shape and stable.dtype == torch.bool
+    for g in range(len(tokens)):
+        for t, board, *_ in naive_replay(tokens[g].tolist()):
+            assert stable[g, t].tolist() == naive_stable(board), (g, t)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1267,7 +1333,8 @@ def test_make_sae_unknown_arch():
 
 
 # ------------------------------------------------------------------------------------------------
-# metrics.py: brute-force oracles written straight from PAPER.md's definitions
+# metrics.py: brute-force oracles written straight from the definitions in metrics.coverage's and
+# metrics.board_reconstruction's docstrings, as plain loops
 
 THRESHOLDS = [i / 10 for i in range(10)]
 
@@ -1524,6 +1591,7 @@ def test_reconstruction_picks_threshold_on_train():
     assert d["threshold"] == 0.5 and d["f1"] == pytest.approx(4 / 54)
     assert d["feature_labels"].tolist() == [[True, False], [False, False]]
     assert bf_reconstruction(acts_tr, lab_tr, acts_te, lab_te, [0.0, 0.5])[0] == d["f1"]
+    assert metrics.board_reconstruction(acts_tr, lab_tr, acts_te, lab_te, [0.0, 0.5]) == pytest.approx(4 / 54)
 
 
 def test_f1_helpers():
@@ -1571,12 +1639,15 @@ def test_explained_variance():
 # ---------------------------------------------------------------------------------------------
 
 class FakeModel(nn.Module):
-    """Embedding + residual tanh "blocks" + head; forward / residual / forward_from."""
+    """A stand-in with model.py's interface (config, forward, residual, forward_from): embedding
+    + residual tanh "blocks" + head. Given `pick` (x (B, T) -> token ids (B, T)), its logits put
+    all the mass on pick(x) instead: an LM whose answers are known."""
 
-    def __init__(self, vocab=11, d=16, n_layer=3, pad_id=0):
+    def __init__(self, vocab=11, d=16, n_layer=3, pad_id=0, block_size=None, pick=None):
         super().__init__()
         torch.manual_seed(0)
-        self.config = SimpleNamespace(pad_id=pad_id, vocab_size=vocab, n_layer=n_layer)
+        self.config = SimpleNamespace(pad_id=pad_id, vocab_size=vocab, n_layer=n_layer, block_size=block_size)
+        self.pick = pick
         self.wte = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n_layer))
         self.head = nn.Linear(d, vocab)
@@ -1601,6 +1672,9 @@ class FakeModel(nn.Module):
         return logits, self._loss(logits, targets)
 
     def forward(self, idx, targets=None):
+        if self.pick is not None:
+            logits = F.one_hot(self.pick(idx), self.config.vocab_size).float()
+            return logits, self._loss(logits, targets)
         h = self.wte(idx)
         for block in self.blocks:
             h = h + torch.tanh(block(h))
@@ -1681,21 +1755,7 @@ def test_single_feature_scores_match_brute_force():
 
 
 # ------------------------------------------------------------------------------------------------
-# The legal-move rate, with stand-in models whose answers are known
-
-class StubLM:
-    """Logits that put all mass on one token per position: `pick(x)` -> (B, T) token ids."""
-
-    def __init__(self, pick, vocab, block_size, pad_id):
-        self.pick, self.vocab = pick, vocab
-        self.config = SimpleNamespace(block_size=block_size, pad_id=pad_id)
-
-    def eval(self):
-        return self
-
-    def __call__(self, x, targets=None):
-        return F.one_hot(self.pick(x), self.vocab).float(), None
-
+# The legal-move rate, with FakeModels whose answers are known
 
 def peek_next(x):
     """An oracle that 'predicts' the true next token by reading it (the last repeats)."""
@@ -1705,21 +1765,21 @@ def peek_next(x):
 def test_legal_move_rate_othello_known_answers():
     tokens = torch.from_numpy(D.othello_games(30, seed=2)).long()  # (30, 60)
     # an oracle that knows each game (one batch of 30): it predicts the real next move
-    oracle = StubLM(lambda x: tokens[:len(x), 1:x.shape[1] + 1], 61, 59, D.OTHELLO_PAD)
+    oracle = FakeModel(61, block_size=59, pad_id=D.OTHELLO_PAD, pick=lambda x: tokens[:len(x), 1:x.shape[1] + 1])
     assert metrics.legal_move_rate(oracle, 'othello', tokens) == 1.0
-    always_pad = StubLM(lambda x: torch.full_like(x, D.OTHELLO_PAD), 61, 59, D.OTHELLO_PAD)
+    always_pad = FakeModel(61, block_size=59, pad_id=D.OTHELLO_PAD, pick=lambda x: torch.full_like(x, D.OTHELLO_PAD))
     assert metrics.legal_move_rate(always_pad, 'othello', tokens) == 0.0
     # predicting the move just played is never legal (that square is taken)
-    repeat = StubLM(lambda x: x, 61, 59, D.OTHELLO_PAD)
+    repeat = FakeModel(61, block_size=59, pad_id=D.OTHELLO_PAD, pick=lambda x: x)
     assert metrics.legal_move_rate(repeat, 'othello', tokens) == 0.0
 
 
 def test_legal_move_rate_chess_known_answers():
     games = [random_game(s, 120) for s in range(6)]
     tokens = encode_chess(games, 121)
-    oracle = StubLM(peek_next, 33, 120, CHESS_PAD_ID)
+    oracle = FakeModel(33, block_size=120, pad_id=CHESS_PAD_ID, pick=peek_next)
     assert metrics.legal_move_rate(oracle, 'chess', tokens) == 1.0
-    spaces = StubLM(lambda x: torch.zeros_like(x), 33, 120, CHESS_PAD_ID)  # ' ' is id 0
+    spaces = FakeModel(33, block_size=120, pad_id=CHESS_PAD_ID, pick=torch.zeros_like)  # ' ' is id 0
     assert CHESS_CHARS[0] == ' ' and metrics.legal_move_rate(spaces, 'chess', tokens) == 0.0
 
 
@@ -1749,10 +1809,12 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     for r in results['rows']:
         for k in ('reconstruction_mine_theirs', 'reconstruction_legal'):
             assert 0.0 <= r[k] <= 1.0
+    assert {'l0', 'explained_variance', 'ce_loss_score', 'dead_fraction'} <= set(rows['topk_k40/trained'])
     assert '| name |' in open(f'{tmp_path}/out/othello/results.md').read()
-    name = saes[0][:-3]
-    rc, out = run_script('evaluate.py', '--game=othello', f'--feature={name}:3', *dirs)
-    assert rc == 0 and 'best-matching board-state elements' in out or 'never fires' in out, out
+    assert os.path.getsize(f'{tmp_path}/out/othello/pareto.png') > 0
+    rc, out = run_script('evaluate.py', '--game=othello', '--feature=topk_k160:3', *dirs)  # k 160 of 256: it fires
+    assert rc == 0 and 'best-matching board-state elements' in out, out
+    assert os.path.getsize(f'{tmp_path}/out/othello/feature_topk_k160_3.png') > 0
     rc, out = run_script('evaluate.py', '--game=othello', '--feature=nosuch:3', *dirs)
     assert rc != 0 and 'no SAE named' in out and 'Traceback' not in out
     # a later sweep of one architecture keeps the other SAEs, and says so
@@ -1772,3 +1834,49 @@ def test_sae_scores_in_batches_equal_the_one_shot_metrics():
     # fp32 matmuls of another batch shape may round differently: equal to float32 precision
     assert abs(s['frac_var_explained'] - metrics.explained_variance(x, x_hat)) < 1e-6
     assert s['dead_fraction'] == metrics.dead_fraction(f)
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate.py's pictures
+
+def test_pareto_png_is_written_and_a_failed_plot_keeps_the_results(tmp_path, monkeypatch):
+    import json
+    import evaluate as E
+    sets = ['mine_theirs', 'legal']
+    rows = [{'name': f'{arch}_{i}', 'arch': arch, 'model': kind, 'l0': l0,
+             **{f'{m}_{s}': 0.1 * i + (kind == 'trained') * 0.3 for s in sets for m in ('coverage', 'reconstruction')}}
+            for kind in ('trained', 'random') for arch in ('standard', 'topk') for i, l0 in enumerate((5.0, 20.0, 80.0))]
+    rows += [{'name': 'linear_probe', 'arch': 'probe', 'model': 'trained', 'l0': None,
+              **{f'{m}_{s}': None if m == 'coverage' else 0.9 for s in sets for m in ('coverage', 'reconstruction')}},
+             {'name': 'mlp_neurons', 'arch': 'mlp', 'model': 'trained', 'l0': 50.0,
+              **{f'{m}_{s}': 0.5 for s in sets for m in ('coverage', 'reconstruction')}}]
+    cfg = E.EvalConfig(out_dir=str(tmp_path))
+    out = tmp_path / 'othello'
+    out.mkdir()
+    log = []
+    E.write_outputs(cfg, rows, sets, '# the table', log=log.append)
+    assert (out / 'pareto.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and (out / 'pareto.png').stat().st_size > 10_000
+    assert json.loads((out / 'results.json').read_text())['rows'] == rows
+    for f in out.iterdir():
+        f.unlink()
+
+    def broken(*args):
+        raise RuntimeError('no room for a picture')
+    monkeypatch.setattr(E, 'plot_pareto', broken)
+    log = []
+    E.write_outputs(cfg, rows, sets, '# the table', log=log.append)
+    assert json.loads((out / 'results.json').read_text())['rows'] == rows
+    assert (out / 'results.md').read_text() == '# the table' and not (out / 'pareto.png').exists()
+    assert any('pareto.png not written (RuntimeError: no room for a picture)' in line for line in log)
+
+
+def test_feature_heatmap_is_the_mean_activation_where_each_square_is_true():
+    import evaluate as E
+    acts = torch.tensor([1.0, 3.0, 0.0, 5.0])
+    lab = torch.zeros(4, 3, dtype=torch.bool)
+    lab[:2, 0] = True  # a1 at positions 0 and 1: mean 2
+    lab[3, 1] = True  # h8 at position 3: mean 5; the third column (e4) never occurs
+    maps = E.feature_heatmaps(acts, {'mine': (lab, [(0, 0), (1, 63), (2, D.SQUARE_NAMES.index('e4'))])})
+    grid = maps['mine']  # rank 8 first
+    assert grid[7, 0] == 2.0 and grid[0, 7] == 5.0 and torch.isnan(grid[4, 4])
+    assert torch.isnan(grid).sum() == 62  # squares with no column, and e4
