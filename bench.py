@@ -142,6 +142,8 @@ def bench_metrics(cfg):
 
 def main(argv):
     cfg = D.parse_config(BenchConfig(), argv, 'bench.py')
+    D.check_options(cfg, 'bench.py', {'only': (lambda v: v in ('', 'othello', 'lm', 'sae', 'metrics'),
+                                               'othello, lm, sae or metrics'), 'seconds': D.POSITIVE_REAL})
     print(f"bench.py config: {cfg}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, fn in (('othello', bench_othello), ('lm', bench_lm), ('sae', bench_sae), ('metrics', bench_metrics)):
         if cfg.only in ('', name):

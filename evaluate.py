@@ -160,16 +160,25 @@ class Evaluation:
         return self._cache[key]
 
 
+def stale_sae(ev, sae, kind, path):
+    """Why `sae` (read from `path`) does not belong to the current model file of `kind`, in one
+    line; None if it does (the model file's digest is the one the SAE recorded when trained)."""
+    model_file = os.path.join(ev.dir, 'model.pt' if kind == 'trained' else 'model_random.pt')
+    if kind not in ev.models or sae.meta.get('model', {}).get('sha256') != D.file_digest(model_file):
+        return (f"{path}: trained on another {os.path.basename(model_file)}; "
+                f"re-run `python train.py --game {ev.cfg.game} --stage sae`")
+    return None
+
+
 def load_saes(ev):
     """Every SAE under out/<game>/saes*/ that was trained on the current model files."""
     found = []
     for sub, kind in (('saes', 'trained'), ('saes_random', 'random')):
         for path in sorted(glob.glob(os.path.join(ev.dir, sub, '*.pt'))):
             sae = S.load(path, ev.cfg.game)
-            model_file = os.path.join(ev.dir, 'model.pt' if kind == 'trained' else 'model_random.pt')
-            if kind not in ev.models or sae.meta.get('model', {}).get('sha256') != D.file_digest(model_file):
-                ev.log(f"skip {path}: trained on another {os.path.basename(model_file)}; "
-                       f"re-run `python train.py --game {ev.cfg.game} --stage sae`")
+            stale = stale_sae(ev, sae, kind, path)
+            if stale:
+                ev.log(f"skip {stale}")
                 continue
             found.append((kind, sae.to(ev.cfg.device)))
     if not found:
@@ -325,7 +334,7 @@ def plot(path, rows, sets):
         ax.set_title(key.replace('_', ' '))
     axes[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    D.atomic_write({path: lambda tmp: fig.savefig(tmp, dpi=120, format='png')})
     plt.close(fig)
     return True
 
@@ -365,7 +374,11 @@ def explain_feature(cfg, log=print):
     else:
         names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ev.dir, 'saes*', '*.pt')))
         raise D.UserError(f"no SAE named {name!r} under {ev.dir}/saes*/; have: {', '.join(names) or 'none'}")
-    sae = S.load(path, cfg.game).to(cfg.device)
+    sae = S.load(path, cfg.game)
+    stale = stale_sae(ev, sae, kind, path)
+    if stale:
+        raise D.UserError(stale)
+    sae = sae.to(cfg.device)
     if not 0 <= index < sae.cfg['d_sae']:
         raise D.UserError(f"{name} has {sae.cfg['d_sae']} features: INDEX must be in 0..{sae.cfg['d_sae'] - 1}")
     x_train = ev.activations(kind, sae.meta['layer'])[0]
@@ -396,25 +409,33 @@ def main(argv):
     cfg = D.parse_config(EvalConfig(), argv, 'evaluate.py')
     if cfg.game not in ('othello', 'chess'):
         raise D.UserError(f"unknown game {cfg.game!r}: use --game othello or --game chess")
+    D.check_options(cfg, 'evaluate.py', {**{k: D.POSITIVE for k in ('n_train', 'n_test', 'n_unsup_games', 'batch_size',
+                                                                    'probe_steps')}, 'top_boards': D.NON_NEGATIVE})
     cfg.device = choose_device(cfg.device)
     print(f"evaluate.py config: {dataclasses.asdict(cfg)}")
     if cfg.feature:
         explain_feature(cfg)
         return
-    t0 = time.time()
-    rows = evaluate(cfg)
-    sets = [k[len('reconstruction_'):] for k in rows[0] if k.startswith('reconstruction_')]  # the BSP sets
-    text = report(cfg, rows, sets, time.time() - t0)
-    print(text)
     out = os.path.join(cfg.out_dir, cfg.game)
-    tmp = os.path.join(out, 'results.json.tmp')
-    with open(tmp, 'w') as f:
-        json.dump({'config': dataclasses.asdict(cfg), 'sets': sets, 'rows': rows}, f, indent=1)
-    os.replace(tmp, os.path.join(out, 'results.json'))
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, 'results.md'))
-    wrote = ['results.json', 'results.md'] + (['pareto.png'] if plot(os.path.join(out, 'pareto.png'), rows, sets) else [])
+    if not os.path.isdir(out):
+        raise D.UserError(f"{out}/ not found: run `python train.py --game {cfg.game}` first")
+    with D.lock_dir(out, 'out_dir'):  # not while train.py writes there
+        t0 = time.time()
+        rows = evaluate(cfg)
+        sets = [k[len('reconstruction_'):] for k in rows[0] if k.startswith('reconstruction_')]  # the BSP sets
+        text = report(cfg, rows, sets, time.time() - t0)
+        print(text)
+
+        def write_json(tmp):
+            with open(tmp, 'w') as f:
+                json.dump({'config': dataclasses.asdict(cfg), 'sets': sets, 'rows': rows}, f, indent=1)
+
+        def write_md(tmp):
+            with open(tmp, 'w') as f:
+                f.write(text)
+
+        D.atomic_write({os.path.join(out, 'results.json'): write_json, os.path.join(out, 'results.md'): write_md})
+        wrote = ['results.json', 'results.md'] + (['pareto.png'] if plot(os.path.join(out, 'pareto.png'), rows, sets) else [])
     print(f"wrote {', '.join(os.path.join(out, w) for w in wrote)}")
 
 
