@@ -236,7 +236,10 @@ def lock_dir(path, flag):
     os.makedirs(path, exist_ok=True)
     lock = os.path.join(path, '.lock')
     while True:
-        f = open(lock, 'a+')
+        try:
+            f = open(lock, 'a+')
+        except OSError as e:  # a read-only directory, say
+            raise UserError(f"cannot write {lock} ({e.strerror}): pick another --{flag}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
