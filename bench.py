@@ -208,10 +208,9 @@ def bench_metrics(cfg, ceilings):
 
 def main(argv):
     cfg = D.parse_config(BenchConfig(), argv, 'bench.py')
-    if cfg.only not in ('', 'othello', 'lm', 'sae', 'metrics'):
-        raise D.UserError(f"bench.py: unknown --only={cfg.only}: use othello, lm, sae or metrics")
-    if cfg.device not in SHAPES:
-        raise D.UserError(f"bench.py: unknown --device={cfg.device}: use cpu or cuda")
+    D.check_options(cfg, 'bench.py', {'only': (lambda v: v in ('', 'othello', 'lm', 'sae', 'metrics'),
+                                               'othello, lm, sae or metrics'), 'seconds': D.POSITIVE_REAL,
+                                      'device': (lambda v: v in SHAPES, 'cpu or cuda')})
     if cfg.device == 'cuda' and not torch.cuda.is_available():
         raise D.UserError("bench.py: --device=cuda but torch sees no GPU here: use --device=cpu")
     print(f"bench.py config: {cfg}")

@@ -14,17 +14,27 @@ h8 = 63). Tokens: the 60 playable squares (ids 0..59) plus a pad token (id 60).
 Chess: PGN text in the paper's format ';1.e4 e5 2.Nf3 ...' over its 32-character vocabulary, plus
 a pad token (id 32) for games shorter than the context; python-chess is the rules engine.
 """
+import contextlib
 import dataclasses
+import glob
 import hashlib
+import logging
+import math
 import multiprocessing
 import multiprocessing.util
 import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
+
+try:
+    import fcntl  # the out_dir lock; absent on Windows, where runs are not locked
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import torch
@@ -86,32 +96,98 @@ def _convert(val, default, key, script):
         if isinstance(default, float):
             return float(val)
         return val
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"{script}: --{key}={val!r} is not a valid {type(default).__name__}") from None
+
+
+# Allowed values of numeric options, for check_options: (test, what the error message offers).
+# NaN fails every comparison, so no test below lets it through.
+POSITIVE = (lambda v: v >= 1, 'an integer >= 1')
+NON_NEGATIVE = (lambda v: v >= 0, 'an integer >= 0')
+POSITIVE_REAL = (lambda v: 0 < v < math.inf, 'a finite number > 0')
+NON_NEGATIVE_REAL = (lambda v: 0 <= v < math.inf, 'a finite number >= 0')
+FRACTION = (lambda v: 0 <= v < 1, 'a number in [0, 1)')
+
+
+def check_options(cfg, script, rules):
+    """Refuse the first option outside its allowed values, before any work: one line naming the
+    flag, its value and what is allowed. rules: {field: (test(value) -> bool, 'allowed values')},
+    checked in order, so a rule may rely on the fields before it."""
+    for key, (ok, allowed) in rules.items():
+        value = getattr(cfg, key)
+        if not ok(value):
+            raise UserError(f"{script}: --{key}={value} is not allowed: use {allowed}")
+
+
+def check_output_dir(path, flag):
+    """Refuse, before any work, a directory to write in that cannot be one: some part of `path`
+    is a regular file, or the nearest existing directory above it is read-only."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--{flag}: {existing} is a file, not a directory: remove it or pick another --{flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--{flag}: cannot write in {existing}: pick another --{flag}")
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # a kill (SIGTERM) unwinds like Ctrl-C: temp files go, locks are freed
 
 
 def run_cli(main):
     """Every script's entry point: progress lines appear at once (also in a log file), and a
-    UserError is one line on stderr with exit code 2, never a traceback."""
+    UserError is one line on stderr with exit code 2, never a traceback; Ctrl-C or a kill is one
+    line and exit code 130, after every temp file has been removed (atomic_write)."""
     sys.stdout.reconfigure(line_buffering=True)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; every file written so far is complete (none is half-written)", file=sys.stderr)
+        sys.exit(130)
+
+
+def atomic_write(writers):
+    """Write files so that a crash, a full disk, Ctrl-C or a kill never leaves half a file or a
+    temp file: writers maps each path to write(tmp_path), which writes that file's contents to
+    tmp_path. All are written first, to temp names beside their paths (`<path>.tmp<pid>`, removed
+    on any failure; no stage reads them), then renamed into place in the given order. With several
+    files the last is deleted before the renames begin: a set whose last file marks it complete
+    (data.py's labels.pt) shows as incomplete, never as a mix of old and new files.
+    A failed write (disk full, permissions) is a UserError; the previous files are unchanged."""
+    tmps = {path: f"{path}.tmp{os.getpid()}" for path in writers}
+    try:
+        try:
+            for path, write in writers.items():
+                os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+                write(tmps[path])
+        except OSError as e:
+            raise UserError(f"could not write {path}: {e.strerror or e} (the previous file, if any, is unchanged)") from None
+        if len(writers) > 1 and os.path.exists(path):
+            os.remove(path)  # `path` is the last file here
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _torch_writer(obj):
+    def write(tmp):
+        with open(tmp, 'wb') as f:  # through a Python file, a full disk is an OSError (ENOSPC)
+            torch.save(obj, f)
+        torch.load(tmp, weights_only=True)  # what is saved must load safely: fail now, not later
+    return write
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file beside `path`, then rename: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        torch.load(tmp, weights_only=True)  # what is saved must load safely: fail now, not later
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save `obj` to `path` through atomic_write: a crash never leaves half a file."""
+    atomic_write({path: _torch_writer(obj)})
 
 
 def file_digest(path):
@@ -137,6 +213,63 @@ def load_file(path, kind, hint):
     if obj.get('version') != FORMAT_VERSION:
         raise UserError(f"{path} has format version {obj.get('version')}, this code reads {FORMAT_VERSION}: run `{hint}`")
     return obj
+
+
+_LOCKED = set()  # directories this process holds the lock of (train.py's out_dir and data_dir may be one)
+
+
+@contextlib.contextmanager
+def lock_dir(path, flag):
+    """Hold an exclusive lock on directory `path` (made if missing) for the `with` block, so a
+    second run writing there refuses at once instead of mixing its files with this one's. The lock
+    is flock on path/.lock, which holds the owner's pid for the message: the OS releases it when
+    the process ends, however it ends, so a dead run never blocks the next. Temp files found under
+    `path` once the lock is held can only be left by a killed run: they are removed. On leaving,
+    the lock file goes, and so do the directories made here if the run left them empty."""
+    path = os.path.abspath(path)
+    if fcntl is None or path in _LOCKED:
+        yield
+        return
+    existing = path
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    os.makedirs(path, exist_ok=True)
+    lock = os.path.join(path, '.lock')
+    while True:
+        try:
+            f = open(lock, 'a+')
+        except OSError as e:  # a read-only directory, say
+            raise UserError(f"cannot write {lock} ({e.strerror}): pick another --{flag}") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or '?'
+            f.close()
+            raise UserError(f"{path} is in use by another run (pid {owner}): wait for it to end or pick "
+                            f"another --{flag}") from None
+        try:  # the file we locked may have been removed by its last owner meanwhile: then again
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        for tmp in glob.glob(os.path.join(glob.escape(path), '**', '*.tmp[0-9]*'), recursive=True):
+            os.remove(tmp)
+        _LOCKED.add(path)
+        yield
+    finally:
+        _LOCKED.discard(path)
+        os.remove(lock)  # while still locked, so no one can lock this file after us
+        f.close()
+        d = path
+        while d != existing and not os.listdir(d):
+            os.rmdir(d)
+            d = os.path.dirname(d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,14 +705,23 @@ def pgn_games(path, n_games, max_chars, progress=print):
     """
     Stream up to n_games standard games from a .pgn file (one game in memory at a time) and return
     (transcripts cut to max_chars, number of games skipped). Skipped: games with an unparseable or
-    illegal move, with no moves, variants, and games starting from a FEN.
+    illegal move, with no moves, variants, games starting from a FEN, and text python-chess's
+    parser fails on. A binary file (NUL bytes) is refused.
     """
     if not os.path.isfile(path):
         raise DataError(f'PGN file not found: {path}')
+    with open(path, 'rb') as f:
+        if b'\0' in f.read(1 << 16):
+            raise DataError(f'{path} is not a PGN file (it holds binary bytes): pass a text .pgn file')
     out, skipped = [], 0
+    logging.getLogger('chess.pgn').setLevel(logging.CRITICAL)  # bad games are counted in `skipped`, not logged
     with open(path, encoding='utf-8-sig', errors='replace') as f:
         while len(out) < n_games:
-            game = chess.pgn.read_game(f)
+            try:
+                game = chess.pgn.read_game(f)  # reads at least one line, so the loop ends
+            except Exception:  # python-chess raises on some malformed text (IndexError, ...)
+                skipped += 1
+                continue
             if game is None:
                 break
             transcript = _pgn_game_to_transcript(game)
@@ -623,19 +765,35 @@ def _map_with_progress(fn, jobs, workers, progress, what, min_parallel=64, min_r
         results = map(fn, jobs)
         pool = None
     else:
-        pool = multiprocessing.Pool(workers)
+        pool = make_pool(workers)
         results = pool.imap(fn, jobs, chunksize=max(1, min(64, n // (workers * 20))))
+    finished = False
     try:
         for r in results:
             out.append(r)
             if len(out) >= next_report:
                 report(len(out))
                 next_report += step
+        finished = True
     finally:
         if pool is not None:
-            pool.close()  # let workers exit normally, running their finalizers (engine quit)
+            if finished:
+                pool.close()  # let workers exit normally, running their finalizers (engine quit)
+            else:
+                pool.terminate()  # Ctrl-C or an error: stop now, not after the queued jobs
             pool.join()
     return out
+
+
+def make_pool(workers):
+    """A process pool whose workers leave Ctrl-C to the main process (which then ends them), so
+    an interrupted run prints one line, not a traceback per worker."""
+    return multiprocessing.Pool(workers, initializer=_worker_signals)
+
+
+def _worker_signals():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # run_cli's handler is inherited; terminate() sends SIGTERM
 
 def chess_games(n_games, source, seed, max_chars, workers=2, progress=print, engine_path='stockfish'):
     """
@@ -811,7 +969,7 @@ def chess_labels(transcripts, max_chars=256, max_positions=20, workers=1):
     if n_chunks == 1:
         parts = [_labels_job(jobs[0])]
     else:
-        with multiprocessing.Pool(workers) as pool:
+        with make_pool(workers) as pool:
             parts = pool.map(_labels_job, jobs)
     for part, a in zip(parts, bounds[:-1]):
         part['game'] += a  # chunk-relative -> global game index
@@ -942,6 +1100,15 @@ def prepare(cfg, log=print):
     """Make train/val token sets and the labels of the first n_label_games val games."""
     if cfg.game not in DEFAULT_GAMES:
         raise UserError(f"unknown game {cfg.game!r}: use --game othello or --game chess")
+    check_options(cfg, 'data.py', {'n_games': NON_NEGATIVE, 'n_val': NON_NEGATIVE,
+                                   'max_chars': (lambda v: v >= 2, 'an integer >= 2'),
+                                   'n_label_games': POSITIVE, 'workers': POSITIVE})
+    check_output_dir(os.path.join(cfg.data_dir, cfg.game), 'data_dir')
+    with lock_dir(os.path.join(cfg.data_dir, cfg.game), 'data_dir'):
+        return _prepare(cfg, log)
+
+
+def _prepare(cfg, log):
     n_train = cfg.n_games or DEFAULT_GAMES[cfg.game][0]
     n_val = cfg.n_val or DEFAULT_GAMES[cfg.game][1]
     t0 = time.time()
@@ -971,13 +1138,10 @@ def prepare(cfg, log=print):
     labels = make_labels(cfg.game, val[:cfg.n_label_games], cfg.max_chars, cfg.workers)
     log(f"data: board states of {min(len(val), cfg.n_label_games)} val games "
         f"({len(labels['pos'])} positions) in {time.time() - t0:.1f}s")
-    # write the labels last: their presence means the whole set is complete
-    for p in paths.values():
-        if os.path.exists(p):
-            os.remove(p)
-    atomic_save({**meta, 'tokens': tokens[:n_train].clone()}, paths['train'])
-    atomic_save({**meta, 'tokens': val.clone()}, paths['val'])
-    atomic_save({**meta, 'format': 'boardgame-saes/labels', **labels}, paths['labels'])
+    # the labels last: their presence means the whole set is complete (a failure keeps the old set)
+    atomic_write({paths['train']: _torch_writer({**meta, 'tokens': tokens[:n_train].clone()}),
+                  paths['val']: _torch_writer({**meta, 'tokens': val.clone()}),
+                  paths['labels']: _torch_writer({**meta, 'format': 'boardgame-saes/labels', **labels})})
     log(f"data: wrote {paths['train']} ({n_train} games), {paths['val']} ({len(val)}), {paths['labels']}")
     return paths
 

@@ -162,16 +162,25 @@ class Evaluation:
         return self._cache[key]
 
 
+def stale_sae(ev, sae, kind, path):
+    """Why `sae` (read from `path`) does not belong to the current model file of `kind`, in one
+    line; None if it does (the model file's digest is the one the SAE recorded when trained)."""
+    model_file = os.path.join(ev.dir, 'model.pt' if kind == 'trained' else 'model_random.pt')
+    if kind not in ev.models or sae.meta.get('model', {}).get('sha256') != D.file_digest(model_file):
+        return (f"{path}: trained on another {os.path.basename(model_file)}; "
+                f"re-run `python train.py --game {ev.cfg.game} --stage sae`")
+    return None
+
+
 def load_saes(ev):
     """Every SAE under out/<game>/saes*/ that was trained on the current model files."""
     found = []
     for sub, kind in (('saes', 'trained'), ('saes_random', 'random')):
         for path in sorted(glob.glob(os.path.join(ev.dir, sub, '*.pt'))):
             sae = S.load(path, ev.cfg.game)
-            model_file = os.path.join(ev.dir, 'model.pt' if kind == 'trained' else 'model_random.pt')
-            if kind not in ev.models or sae.meta.get('model', {}).get('sha256') != D.file_digest(model_file):
-                ev.log(f"skip {path}: trained on another {os.path.basename(model_file)}; "
-                       f"re-run `python train.py --game {ev.cfg.game} --stage sae`")
+            stale = stale_sae(ev, sae, kind, path)
+            if stale:
+                ev.log(f"skip {stale}")
                 continue
             found.append((kind, sae.to(ev.cfg.device)))
     if not found:
@@ -352,7 +361,7 @@ def plot_pareto(path, rows, sets):
             legend.setdefault(label, handle)
     fig.legend(legend.values(), legend.keys(), loc='lower center', ncol=min(6, len(legend)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.8 / (3.3 * len(sets) + 0.8), 1, 1))
-    fig.savefig(path, dpi=110)
+    D.atomic_write({path: lambda tmp: fig.savefig(tmp, dpi=110, format='png')})
     plt.close(fig)
 
 
@@ -360,13 +369,16 @@ def write_outputs(cfg, rows, sets, text, log=print):
     """results.json and results.md first, then pareto.png: a plot that fails (no matplotlib, no
     disk space for it, a bug) costs the picture only, never the results."""
     out = os.path.join(cfg.out_dir, cfg.game)
-    tmp = os.path.join(out, 'results.json.tmp')
-    with open(tmp, 'w') as f:
-        json.dump({'config': dataclasses.asdict(cfg), 'sets': sets, 'rows': rows}, f, indent=1)
-    os.replace(tmp, os.path.join(out, 'results.json'))
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, 'results.md'))
+
+    def write_json(tmp):
+        with open(tmp, 'w') as f:
+            json.dump({'config': dataclasses.asdict(cfg), 'sets': sets, 'rows': rows}, f, indent=1)
+
+    def write_md(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+
+    D.atomic_write({os.path.join(out, 'results.json'): write_json, os.path.join(out, 'results.md'): write_md})
     wrote = ['results.json', 'results.md']
     try:
         plot_pareto(os.path.join(out, 'pareto.png'), rows, sets)
@@ -448,8 +460,7 @@ def plot_feature(path, title, maps, boards, game):
         ax.set_yticks(range(8), [str(8 - r) for r in range(8)])
         ax.tick_params(length=0, labelsize=7)
     for ax, (plane, grid) in zip(axes[0], maps.items()):
-        cmap = plt.get_cmap('viridis').copy()
-        cmap.set_bad('lightgrey')  # squares where the element never occurs
+        cmap = plt.get_cmap('viridis').with_extremes(bad='lightgrey')  # squares where the element never occurs
         im = ax.imshow(grid.numpy(), cmap=cmap)
         ax.set_title(f'mean activation where {plane}@square', fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -477,7 +488,7 @@ def plot_feature(path, title, maps, boards, game):
         title += '\nboards: black discs belong to the player to move, white to the other; dots: legal moves'
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    D.atomic_write({path: lambda tmp: fig.savefig(tmp, dpi=100, format='png')})
     plt.close(fig)
 
 
@@ -494,7 +505,11 @@ def explain_feature(cfg, log=print):
     else:
         names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ev.dir, 'saes*', '*.pt')))
         raise D.UserError(f"no SAE named {name!r} under {ev.dir}/saes*/; have: {', '.join(names) or 'none'}")
-    sae = S.load(path, cfg.game).to(cfg.device)
+    sae = S.load(path, cfg.game)
+    stale = stale_sae(ev, sae, kind, path)
+    if stale:
+        raise D.UserError(stale)
+    sae = sae.to(cfg.device)
     if not 0 <= index < sae.cfg['d_sae']:
         raise D.UserError(f"{name} has {sae.cfg['d_sae']} features: INDEX must be in 0..{sae.cfg['d_sae'] - 1}")
     x_train = ev.activations(kind, sae.meta['layer'])[0]
@@ -538,17 +553,23 @@ def main(argv):
     cfg = D.parse_config(EvalConfig(), argv, 'evaluate.py')
     if cfg.game not in ('othello', 'chess'):
         raise D.UserError(f"unknown game {cfg.game!r}: use --game othello or --game chess")
+    D.check_options(cfg, 'evaluate.py', {**{k: D.POSITIVE for k in ('n_train', 'n_test', 'n_unsup_games', 'batch_size',
+                                                                    'probe_steps')}, 'top_boards': D.NON_NEGATIVE})
     cfg.device = choose_device(cfg.device)
     print(f"evaluate.py config: {dataclasses.asdict(cfg)}")
     if cfg.feature:
         explain_feature(cfg)
         return
-    t0 = time.time()
-    rows = evaluate(cfg)
-    sets = [k[len('reconstruction_'):] for k in rows[0] if k.startswith('reconstruction_')]  # the BSP sets
-    text = report(cfg, rows, sets, time.time() - t0)
-    print(text)
-    write_outputs(cfg, rows, sets, text)
+    out = os.path.join(cfg.out_dir, cfg.game)
+    if not os.path.isdir(out):
+        raise D.UserError(f"{out}/ not found: run `python train.py --game {cfg.game}` first")
+    with D.lock_dir(out, 'out_dir'):  # not while train.py writes there
+        t0 = time.time()
+        rows = evaluate(cfg)
+        sets = [k[len('reconstruction_'):] for k in rows[0] if k.startswith('reconstruction_')]  # the BSP sets
+        text = report(cfg, rows, sets, time.time() - t0)
+        print(text)
+        write_outputs(cfg, rows, sets, text)
 
 
 if __name__ == '__main__':

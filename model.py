@@ -157,14 +157,19 @@ class GPT(nn.Module):
 
 
 def choose_device(name='auto'):
-    """The one place a device is picked: cuda, then mps, then cpu, unless `name` says which."""
-    if name != 'auto':
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
+    """The one place a device is picked: cuda, then mps, then cpu, unless `name` says which; a
+    device this machine lacks is a UserError."""
+    has_mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'mps' if has_mps else 'cpu'
+    kind, _, index = name.partition(':')
+    if kind not in ('cpu', 'cuda', 'mps') or (index and (kind != 'cuda' or not index.isdigit())):
+        raise UserError(f"--device={name} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (kind == 'cuda' and int(index or 0) >= n_cuda) or (kind == 'mps' and not has_mps):
+        found = f"{n_cuda} CUDA device(s)" + (", mps" if has_mps else "")
+        raise UserError(f"--device={name} is not available here (this machine has {found}): use --device=auto or cpu")
+    return name
 
 
 def matmul_seconds(dtype, rows, width, reps=3):

@@ -1880,3 +1880,269 @@ def test_feature_heatmap_is_the_mean_activation_where_each_square_is_true():
     grid = maps['mine']  # rank 8 first
     assert grid[7, 0] == 2.0 and grid[0, 7] == 5.0 and torch.isnan(grid[4, 4])
     assert torch.isnan(grid).sum() == 62  # squares with no column, and e4
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile input: every case gets one line (no traceback), a non-zero exit, its previous good files
+# intact, and no temp or lock file left behind (README, "Hostile input")
+
+import errno
+import signal
+import time
+
+import bench
+import evaluate as EV
+import train as TR
+
+
+def run_main(main, argv, monkeypatch, capsys):
+    """A script's main through data.run_cli in this process, as its command line: (exit code, stderr)."""
+    monkeypatch.setattr(sys, 'argv', ['script.py', *argv])
+    sigterm = signal.getsignal(signal.SIGTERM)  # run_cli installs its own
+    code = 0
+    try:
+        D.run_cli(main)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return code, capsys.readouterr().err
+
+
+def files_under(path):
+    """Every file under `path`, relative to it (hidden ones included)."""
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+
+
+def assert_one_line(err, *needles):
+    assert err.count('\n') == 1 and err.startswith('error: ') and 'Traceback' not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize('main, argv, flag', [
+    (TR.main, ['--batch_size=0'], '--batch_size=0'),
+    (TR.main, ['--max_iters=-1'], '--max_iters=-1'),
+    (TR.main, ['--layer=99'], '--layer=99'),  # tiny: 2 layers
+    (TR.main, ['--layer=-2'], '--layer=-2'),
+    (TR.main, ['--lr=nan'], '--lr=nan'),
+    (TR.main, ['--lr=inf'], '--lr=inf'),
+    (TR.main, ['--min_lr=-1e-4'], '--min_lr'),
+    (TR.main, ['--dropout=1'], '--dropout'),
+    (TR.main, ['--n_head=0'], '--n_head=0'),
+    (TR.main, ['--n_embd=33'], '--n_embd=33'),  # tiny: 2 heads
+    (TR.main, ['--block_size=0'], '--block_size=0'),
+    (TR.main, ['--sae_expansion=0'], '--sae_expansion=0'),
+    (TR.main, ['--sae_batch=0'], '--sae_batch=0'),
+    (TR.main, ['--sae_steps=0'], '--sae_steps=0'),
+    (TR.main, ['--sae_buffer=100'], '--sae_buffer=100'),  # fewer than one batch: no batch ever
+    (TR.main, ['--sae_warmup=0'], '--sae_warmup=0'),
+    (TR.main, ['--grad_clip=0'], '--grad_clip=0'),
+    (TR.main, ['--eval_iters=0'], '--eval_iters=0'),
+    (TR.main, ['--max_iters=1e999'], '--max_iters'),
+    (TR.main, ['--sae_archs=topk,bogus'], 'bogus'),  # would fail only after the LM had trained
+    (TR.main, ['--control=maybe'], '--control'),
+    (TR.main, ['--device=cuda:99'], '--device=cuda:99'),  # no machine has 100 GPUs
+    (TR.main, ['--device=tpu'], '--device=tpu'),
+    (D.main, ['--n_games=-5'], '--n_games=-5'),
+    (D.main, ['--n_val=-3'], '--n_val=-3'),
+    (D.main, ['--workers=0'], '--workers=0'),
+    (D.main, ['--game=chess', '--max_chars=1'], '--max_chars=1'),
+    (EV.main, ['--n_train=0'], '--n_train=0'),
+    (EV.main, ['--batch_size=-1'], '--batch_size=-1'),
+    (EV.main, ['--device=cuda:99'], '--device=cuda:99'),
+    (bench.main, ['--only=nosuch'], '--only=nosuch'),
+    (bench.main, ['--seconds=0'], '--seconds=0'),
+])
+def test_bad_values_are_refused_before_any_work(main, argv, flag, tmp_path, monkeypatch, capsys):
+    dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    dirs = {TR.main: dirs, EV.main: dirs, D.main: dirs[:1], bench.main: []}[main]
+    code, err = run_main(main, argv + dirs, monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, flag)
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_bad_value_on_the_command_line(tmp_path):
+    rc, out = run_script('train.py', '--batch_size=0', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out')
+    assert rc == 2 and out.strip().splitlines()[-1].startswith('error: train.py: --batch_size=0') and 'Traceback' not in out
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope='module')
+def tiny_out(tmp_path_factory):
+    """A tiny Othello data set and out dir: model.pt (2 layers, iter 5) and one SAE trained on it."""
+    root = tmp_path_factory.mktemp('tiny_out')
+    D.prepare(D.DataConfig(game='othello', n_games=30, n_val=20, n_label_games=10, workers=1,
+                           data_dir=str(root / 'data')), log=lambda _: None)
+    model_path = str(root / 'out' / 'othello' / 'model.pt')
+    model = GPT(GPTConfig(vocab_size=61, block_size=59, n_layer=2, n_head=2, n_embd=16, pad_id=60))
+    save_checkpoint(model_path, model, 'othello', {'iter': 5})
+    torch.manual_seed(0)
+    sae = S.make_sae('topk', 16, 32, k=4, total_steps=1)
+    S.save(sae, str(root / 'out' / 'othello' / 'saes' / 'topk_k4.pt'),
+           {'name': 'topk_k4', 'game': 'othello', 'layer': 0, 'model': {'sha256': D.file_digest(model_path)}})
+    return root
+
+
+def test_layer_and_resume_are_checked_against_the_checkpoint(tiny_out, monkeypatch, capsys):
+    dirs = [f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
+    before = files_under(tiny_out)
+    code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--layer=2', *dirs], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, '--layer=2', 'use -1 or 0..1', 'model.pt has 2 layers')
+    code, err = run_main(TR.main, ['--preset=tiny', '--stage=lm', '--resume', '--max_iters=5', *dirs], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, 'is at iter 5', '--max_iters')
+    assert files_under(tiny_out) == before  # no lock file left, nothing trained or written
+
+
+def test_out_dir_naming_a_file_fails_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / 'a_file').write_text('keep me')
+    for out_dir in ('a_file', 'a_file/deeper'):
+        code, err = run_main(TR.main, ['--preset=tiny', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/{out_dir}'],
+                             monkeypatch, capsys)
+        assert code == 2
+        assert_one_line(err, '--out_dir', 'is a file')
+    os.makedirs(tmp_path / 'out' / 'othello')
+    (tmp_path / 'out' / 'othello' / 'saes').write_text('')  # where the SAE stage writes
+    code, err = run_main(TR.main, ['--preset=tiny', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out'],
+                         monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, '--out_dir', 'saes is a file')
+    assert files_under(tmp_path) == ['a_file', 'out/othello/saes']  # no data made, no LM trained
+    assert (tmp_path / 'a_file').read_text() == 'keep me'
+
+
+@pytest.mark.parametrize('failure, code, message', [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2, 'No space left on device'),
+    (KeyboardInterrupt(), 130, 'interrupted'),
+])
+def test_full_disk_or_ctrl_c_while_saving_keeps_the_previous_data(failure, code, message, tmp_path, monkeypatch, capsys):
+    argv = ['--n_games=30', '--n_val=20', '--n_label_games=10', '--workers=1', f'--data_dir={tmp_path}']
+    monkeypatch.setattr(sys, 'stdout', open(os.devnull, 'w'))  # progress lines
+    D.prepare(D.parse_config(D.DataConfig(), argv, 'data.py'), log=lambda _: None)
+    before = {f: (tmp_path / f).read_bytes() for f in files_under(tmp_path)}
+    assert sorted(before) == ['othello/labels.pt', 'othello/train.pt', 'othello/val.pt']
+    real_save, calls = torch.save, []
+
+    def save_then_fail(obj, f):  # the second file (val.pt) fails half-way
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b'half a file')
+            raise failure
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, 'save', save_then_fail)
+    got, err = run_main(D.main, argv + ['--seed=7'], monkeypatch, capsys)
+    assert got == code and len(calls) == 2
+    assert_one_line(err, message)
+    assert {f: (tmp_path / f).read_bytes() for f in files_under(tmp_path)} == before  # no temp or lock file either
+
+
+def test_random_bytes_or_junk_text_as_a_pgn_file(tmp_path, monkeypatch, capsys):
+    rng = random.Random(0)
+    (tmp_path / 'random.pgn').write_bytes(rng.randbytes(20_000))
+    # text python-chess's parser raises on (an IndexError on a NAG before any move, for one)
+    (tmp_path / 'junk.pgn').write_text(''.join(rng.choice('abcdefgh12345678NBRQK+#x=O-[]{}()"!?$ .;\n')
+                                               for _ in range(20_000)))
+    for name, message in (('random.pgn', 'not a PGN file'), ('junk.pgn', 'no valid games')):
+        code, err = run_main(D.main, ['--game=chess', f'--source={tmp_path}/{name}', f'--data_dir={tmp_path}/data'],
+                             monkeypatch, capsys)
+        assert code == 2
+        assert_one_line(err, name, message)
+    assert not os.path.exists(tmp_path / 'data')
+
+
+def test_ctrl_c_during_training_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    lr_at = TR.lr_at
+
+    def ctrl_c_at_iter_3(it, cfg, clock=0.0):  # Ctrl-C raises KeyboardInterrupt wherever Python is
+        if it == 3:
+            raise KeyboardInterrupt
+        return lr_at(it, cfg, clock)
+
+    monkeypatch.setattr(TR, 'lr_at', ctrl_c_at_iter_3)
+    code, err = run_main(TR.main, ['--preset=tiny', '--stage=lm', '--n_layer=1', '--n_embd=16', '--batch_size=4',
+                                   '--eval_interval=2', '--eval_iters=1', '--n_games=100', '--n_val=20',
+                                   '--n_label_games=5', '--workers=1', f'--data_dir={tmp_path}/data',
+                                   f'--out_dir={tmp_path}/out'], monkeypatch, capsys)
+    assert code == 130
+    assert_one_line(err, 'interrupted')
+    assert torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)['iter'] == 2  # the last save, whole
+    assert files_under(tmp_path / 'out') == ['othello/model.pt']  # no temp file, no lock file
+
+
+def test_a_kill_while_writing_leaves_the_previous_file_and_no_temp(tmp_path):
+    # evaluate.py writes results.json and results.md (and every other file) through atomic_write
+    (tmp_path / 'results.json').write_text('{"previous": true}')
+    script = ("import sys, time, data as D\n"
+              "def write(tmp):\n"
+              "    f = open(tmp, 'w'); f.write('{\"rows\": ['); f.flush()\n"
+              "    print('half written', flush=True); time.sleep(60)\n"
+              f"D.run_cli(lambda argv: D.atomic_write({{{str(tmp_path / 'results.json')!r}: write}}))\n")
+    p = subprocess.Popen([sys.executable, '-c', script], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == 'half written\n'
+        assert len(files_under(tmp_path)) == 2  # results.json and its temp file
+        p.terminate()  # SIGTERM, what `kill` sends
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130
+    assert_one_line(err, 'interrupted')
+    assert files_under(tmp_path) == ['results.json'] and (tmp_path / 'results.json').read_text() == '{"previous": true}'
+
+
+def test_evaluate_feature_refuses_an_sae_of_another_model(tiny_out, monkeypatch, capsys):
+    argv = ['--feature=topk_k4:1', f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out', '--n_train=5', '--n_test=5']
+    code, err = run_main(EV.main, argv, monkeypatch, capsys)  # trained on this model: explained
+    assert code == 0, err
+    model_path = tiny_out / 'out' / 'othello' / 'model.pt'
+    before = model_path.read_bytes()
+    try:  # another model.pt (retrained since): the SAE no longer belongs to it
+        save_checkpoint(str(model_path), GPT(GPTConfig(vocab_size=61, block_size=59, n_layer=2, n_head=2, n_embd=16)),
+                        'othello', {'iter': 6})
+        code, err = run_main(EV.main, argv, monkeypatch, capsys)
+        assert code == 2
+        assert_one_line(err, 'topk_k4.pt: trained on another model.pt', '--stage sae')
+    finally:
+        model_path.write_bytes(before)
+
+
+def test_a_second_run_refuses_while_the_first_lives_and_not_once_it_is_killed(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'out' / 'othello'
+    ready, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the first run: holds the lock, with a file half-written, until killed
+        try:
+            lock = D.lock_dir(str(out), 'out_dir')
+            lock.__enter__()
+            (out / f'model.pt.tmp{os.getpid()}').write_text('half')
+            os.write(ready_w, b'1')
+            time.sleep(120)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    try:
+        assert os.read(ready, 1) == b'1'
+        dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+        for main, argv in ((TR.main, ['--preset=tiny']), (EV.main, [])):
+            code, err = run_main(main, argv + dirs, monkeypatch, capsys)
+            assert code == 2
+            assert_one_line(err, f'in use by another run (pid {pid})', '--out_dir')
+        assert not os.path.exists(tmp_path / 'data')  # refused before making data
+    finally:
+        os.kill(pid, signal.SIGKILL)  # no clean-up runs: the lock file and the temp file stay
+        os.waitpid(pid, 0)
+        os.close(ready)
+    assert sorted(os.listdir(out)) == ['.lock', f'model.pt.tmp{pid}'] and (out / '.lock').read_text() == f'{pid}\n'
+    (out / 'notes.tmp').write_text('a user file')  # not one of ours: kept
+    with D.lock_dir(str(out), 'out_dir'):  # the dead run does not block, and its temp file goes
+        assert (out / '.lock').read_text() == f'{os.getpid()}\n'
+        assert sorted(os.listdir(out)) == ['.lock', 'notes.tmp']
+    assert os.listdir(out) == ['notes.tmp']
+    with pytest.raises(D.UserError):  # an error inside releases the lock too, and the empty directory goes
+        with D.lock_dir(str(tmp_path / 'other'), 'out_dir'):
+            raise D.UserError('boom')
+    assert not os.path.exists(tmp_path / 'other')

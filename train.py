@@ -134,7 +134,42 @@ def build_config(argv):
         raise D.UserError("--soft_targets works for Othello only (chess targets are characters): drop it")
     if cfg.game == 'othello' and cfg.block_size > 59:
         raise D.UserError("Othello games have 60 moves: --block_size must be at most 59")
+    if cfg.control not in ('one', 'sweep', 'none'):
+        raise D.UserError(f"unknown --control {cfg.control!r}: use one, sweep or none")
+    sae_archs(cfg)
+    positive, non_negative = D.POSITIVE, D.NON_NEGATIVE
+    D.check_options(cfg, 'train.py', {
+        'n_games': non_negative, 'n_val': non_negative, 'n_label_games': positive, 'workers': positive,
+        'n_layer': positive, 'n_head': positive,
+        'n_embd': (lambda v: v >= 1 and v % cfg.n_head == 0, f'a multiple of --n_head={cfg.n_head}'),
+        'block_size': positive, 'dropout': D.FRACTION, 'batch_size': positive, 'max_iters': positive,
+        'lm_minutes': D.NON_NEGATIVE_REAL, 'lr': D.POSITIVE_REAL,
+        'min_lr': (lambda v: 0 <= v <= cfg.lr, f'a number in [0, --lr={cfg.lr:g}]'),
+        'warmup_iters': non_negative, 'weight_decay': D.NON_NEGATIVE_REAL, 'grad_clip': D.POSITIVE_REAL,
+        'log_interval': positive, 'eval_interval': positive, 'eval_iters': positive, 'legal_games': positive,
+        'layer': (lambda v: v >= -1, '-1 (the default depth) or a block index >= 0'),
+        'sae_expansion': positive, 'sae_steps': positive, 'sae_minutes': D.NON_NEGATIVE_REAL,
+        'sae_batch': positive, 'sae_lr': D.POSITIVE_REAL, 'sae_warmup': positive, 'anneal_start': D.FRACTION,
+        'sae_buffer': (lambda v: v >= cfg.sae_batch, f'at least --sae_batch={cfg.sae_batch}'),
+        'sae_log_interval': positive})
+    if cfg.stage != 'sae' and not cfg.resume:  # else the checkpoint's n_layer decides, once loaded
+        check_layer(cfg, cfg.n_layer, f'--n_layer={cfg.n_layer}')
     return cfg
+
+
+def check_layer(cfg, n_layer, source):
+    """--layer must name a block of the model the SAEs read: -1 or 0..n_layer-1."""
+    if cfg.layer >= n_layer:
+        raise D.UserError(f"train.py: --layer={cfg.layer} is not allowed: use -1 or 0..{n_layer - 1} ({source})")
+
+
+def sae_archs(cfg):
+    """The architectures of --sae_archs, a comma-separated list of SWEEP's keys."""
+    archs = [a.strip() for a in cfg.sae_archs.split(',') if a.strip()]
+    unknown = [a for a in archs if a not in SWEEP]
+    if unknown or not archs:
+        raise D.UserError(f"unknown --sae_archs {unknown or cfg.sae_archs!r}; choose from {','.join(SWEEP)}")
+    return archs
 
 
 def ensure_data(cfg, log=print):
@@ -181,6 +216,16 @@ def train_lm(cfg, log=print, precision=''):
     chosen (saved in the checkpoint beside the dtype)."""
     torch.manual_seed(cfg.seed)
     ckpt_path = os.path.join(cfg.out_dir, cfg.game, 'model.pt')
+    if cfg.resume:  # first: a checkpoint that cannot be resumed fails before any work (on the
+        # CPU until the soft targets' worker processes have been forked)
+        model, ckpt = load_checkpoint(ckpt_path, cfg.game, 'cpu')
+        if ckpt['model_config']['block_size'] != cfg.block_size:
+            raise D.UserError(f"{ckpt_path} has context {ckpt['model_config']['block_size']}, "
+                              f"not {cfg.block_size}: pass --block_size={ckpt['model_config']['block_size']}")
+        if ckpt['iter'] >= cfg.max_iters:
+            raise D.UserError(f"{ckpt_path} is at iter {ckpt['iter']}: --max_iters must be above it to continue")
+        if cfg.stage == 'all':
+            check_layer(cfg, model.config.n_layer, f"{ckpt_path} has {model.config.n_layer} layers")
     train, val = ensure_data(cfg)
     T = cfg.block_size + 1
     train_tok, val_tok = train['tokens'][:, :T], val['tokens'][:, :T]  # (N, T) uint8
@@ -196,11 +241,7 @@ def train_lm(cfg, log=print, precision=''):
 
     start_iter = 0
     if cfg.resume:
-        model, ckpt = load_checkpoint(ckpt_path, cfg.game, cfg.device)
-        if ckpt['model_config']['block_size'] != cfg.block_size:
-            raise D.UserError(f"{ckpt_path} has context {ckpt['model_config']['block_size']}, "
-                              f"not {cfg.block_size}: pass --block_size={ckpt['model_config']['block_size']}")
-        start_iter = ckpt['iter']
+        model, start_iter = model.to(cfg.device), ckpt['iter']
         log(f"resuming {ckpt_path} from iter {start_iter} (model config from the checkpoint)")
     else:
         model = GPT(GPTConfig(vocab_size=vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
@@ -418,15 +459,11 @@ def train_saes(cfg, log=print):
     """The SAE stage: the sweep on the trained model, then the control on a random-init model."""
     ckpt_path = os.path.join(cfg.out_dir, cfg.game, 'model.pt')
     model, ckpt = load_checkpoint(ckpt_path, cfg.game, cfg.device)
+    check_layer(cfg, model.config.n_layer, f"{ckpt_path} has {model.config.n_layer} layers")
     train, val = ensure_data(cfg)
     T = model.config.block_size + 1
     tokens, val_tokens = train['tokens'][:, :T], val['tokens'][:, :T]
-    archs = [a.strip() for a in cfg.sae_archs.split(',') if a.strip()]
-    unknown = [a for a in archs if a not in SWEEP]
-    if unknown or not archs:
-        raise D.UserError(f"unknown --sae_archs {unknown or cfg.sae_archs!r}; choose from {','.join(SWEEP)}")
-    if cfg.control not in ('one', 'sweep', 'none'):
-        raise D.UserError(f"unknown --control {cfg.control!r}: use one, sweep or none")
+    archs = sae_archs(cfg)
     sweep = [(a, s) for a in archs for s in SWEEP[a]]
     model_id = {'path': ckpt_path, 'iter': ckpt['iter'], 'sha256': D.file_digest(ckpt_path), 'random_init': False}
     results = train_sae_sweep(cfg, model, model_id, tokens, val_tokens, train['pad_id'], sweep,
@@ -450,16 +487,20 @@ def train_saes(cfg, log=print):
 def main(argv):
     cfg = build_config(argv)
     cfg.dtype, precision = choose_precision(cfg.dtype, cfg.device, cfg.n_embd)
+    out = os.path.join(cfg.out_dir, cfg.game)
+    for sub in ('saes', 'saes_random'):  # fail now, not after the LM has trained
+        D.check_output_dir(os.path.join(out, sub), 'out_dir')
     print(f"train.py config: {dataclasses.asdict(cfg)}")
     print(f"precision: {cfg.dtype} ({precision})")
     t0 = time.time()
-    if cfg.stage in ('lm', 'all'):
-        train_lm(cfg, precision=precision)
-        print(f"LM stage done in {fmt_time(time.time() - t0)}")
-    if cfg.stage in ('sae', 'all'):
-        t1 = time.time()
-        train_saes(cfg)
-        print(f"SAE stage done in {fmt_time(time.time() - t1)}")
+    with D.lock_dir(out, 'out_dir'):  # a second run on this out_dir refuses at once
+        if cfg.stage in ('lm', 'all'):
+            train_lm(cfg, precision=precision)
+            print(f"LM stage done in {fmt_time(time.time() - t0)}")
+        if cfg.stage in ('sae', 'all'):
+            t1 = time.time()
+            train_saes(cfg)
+            print(f"SAE stage done in {fmt_time(time.time() - t1)}")
     print(f"train.py done in {fmt_time(time.time() - t0)}; next: python evaluate.py --game {cfg.game}")
 
 
