@@ -82,6 +82,9 @@ def lp_sum(acts, p):
 # ----------------------------------------------------------------------------------------------
 # the base class: parameters, normalisation, encode/decode, the shared loss and the decoder norm
 
+ARCHS = {}  # arch name -> class: every class below that sets `arch` enters itself (SAE.__init_subclass__)
+
+
 class SAE(nn.Module):
     arch = None
     DEFAULT_COEF = 5.0  # sparsity coefficient; a sweep variable, this is only a starting point
@@ -104,6 +107,13 @@ class SAE(nn.Module):
         self.coef = coef
         self.n_anneal_done = 0
         self.meta = {}
+
+    def __init_subclass__(cls, **kwargs):
+        # a class that names its own arch is an architecture make_sae and load know: one class
+        # (and one SWEEP line in train.py) is all a new variant needs
+        super().__init_subclass__(**kwargs)
+        if 'arch' in cls.__dict__:
+            ARCHS[cls.arch] = cls
 
     def make_optimizer(self, lr):
         """Adam over this SAE's parameters. Each group carries 'lr_scale': a schedule sets a
@@ -585,17 +595,8 @@ class JumpReLUSAE(SAE):
 
 
 # ----------------------------------------------------------------------------------------------
-# registry, save / load
+# make, save / load
 
-ARCHS = {
-    'standard': StandardSAE,
-    'gated': GatedSAE,
-    'p_anneal': PAnnealSAE,
-    'gated_anneal': GatedAnnealSAE,
-    'topk': TopKSAE,
-    'batch_topk': BatchTopKSAE,
-    'jumprelu': JumpReLUSAE,
-}
 
 
 def make_sae(arch, d_in, d_sae, **kwargs):

@@ -1325,6 +1325,25 @@ def test_load_errors_are_clear(tmp_path):
     assert issubclass(S.SAEFileError, ValueError)
 
 
+def test_a_new_architecture_is_one_class(tmp_path):
+    class DoubledL1(S.StandardSAE):  # a variant: setting `arch` is its whole registration
+        arch = 'doubled_l1_test'
+
+        def _penalty(self, acts):
+            return 2 * super()._penalty(acts)
+    try:
+        sae = S.make_sae('doubled_l1_test', D_IN, D_SAE, coef=0.5)
+        S.save(sae, str(tmp_path / 'v.pt'))
+        loaded = S.load(str(tmp_path / 'v.pt'))
+        assert type(loaded) is DoubledL1 and 'doubled_l1_test' in S.ARCHS
+        x = raw_batch()
+        base = S.StandardSAE(D_IN, D_SAE, coef=0.5)
+        base.load_state_dict(sae.state_dict())
+        assert sae.loss(x, 0)[1]['sparsity_loss'] == pytest.approx(2 * base.loss(x, 0)[1]['sparsity_loss'])
+    finally:
+        S.ARCHS.pop('doubled_l1_test', None)
+
+
 def test_make_sae_unknown_arch():
     with pytest.raises(ValueError, match='unknown SAE arch'):
         S.make_sae('nope', 4, 8)

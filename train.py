@@ -11,6 +11,7 @@ and saved in the checkpoint.
 """
 import dataclasses
 import glob
+import inspect
 import math
 import os
 import time
@@ -22,7 +23,7 @@ import torch
 import data as D
 import metrics
 from model import GPT, GPTConfig, choose_device, choose_precision, load_checkpoint, save_checkpoint
-from sae import make_sae, save as save_sae, train_step
+from sae import ARCHS, make_sae, save as save_sae, train_step
 
 
 @dataclass
@@ -70,7 +71,7 @@ class TrainConfig:
     legal_games: int = 500      # val games for the legal-move rate (chess: decoded moves, slower)
     # SAE stage (the sweep of SWEEP below, then the random-init control)
     layer: int = -1             # residual stream after this block (0-based); -1: the paper's depth (6 of 8)
-    sae_archs: str = 'standard,gated,p_anneal,gated_anneal,topk,batch_topk,jumprelu'
+    sae_archs: str = 'all'      # all (every architecture in SWEEP) or a comma-separated list of them
     sae_expansion: int = 8      # d_sae = sae_expansion * n_embd
     sae_steps: int = 4000
     sae_minutes: float = 0.0    # > 0: fewer steps if sae_steps would take longer than this (timed on
@@ -164,7 +165,9 @@ def check_layer(cfg, n_layer, source):
 
 
 def sae_archs(cfg):
-    """The architectures of --sae_archs, a comma-separated list of SWEEP's keys."""
+    """The architectures of --sae_archs: all of SWEEP's keys, or a comma-separated list of them."""
+    if cfg.sae_archs == 'all':
+        return list(SWEEP)
     archs = [a.strip() for a in cfg.sae_archs.split(',') if a.strip()]
     unknown = [a for a in archs if a not in SWEEP]
     if unknown or not archs:
@@ -341,6 +344,9 @@ SWEEP = {
 }
 
 
+SAE_OPTIONS = ('anneal_start',)  # TrainConfig fields passed to every architecture that takes them
+
+
 def default_layer(n_layer):
     """The paper reads the residual stream after block 6 of 8: the same relative depth."""
     return max(0, round(0.75 * n_layer) - 1)
@@ -392,8 +398,10 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     torch.manual_seed(cfg.seed)
     for arch, setting in sweep:
         kwargs = dict(setting, total_steps=n_steps)
-        if 'anneal' in arch:
-            kwargs['anneal_start'] = cfg.anneal_start
+        # the config's SAE options go to the architectures whose constructor takes them
+        # (p-annealing's anneal_start), read from the signature rather than from arch names
+        takes = inspect.signature(ARCHS[arch]).parameters
+        kwargs.update({key: getattr(cfg, key) for key in SAE_OPTIONS if key in takes})
         sae = make_sae(arch, d_in, d_sae, **kwargs).to(cfg.device)
         sae.set_act_scale(first)
         sae.init_b_dec(first)
