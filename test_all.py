@@ -348,8 +348,84 @@ def _random_moves(seed, n_plies):
         board.push(m)
     return sans
 
+# Attacks from the piece rules alone (no python-chess attack tables): the oracle for squares
+# attacked, checks, forks and pins. `pieces` maps square (a1 = 0, rank * 8 + file) -> symbol
+# 'PNBRQK' (White) or 'pnbrqk' (Black).
+
+STEPS = {'N': [(1, 2), (2, 1), (-1, 2), (-2, 1), (1, -2), (2, -1), (-1, -2), (-2, -1)],
+         'K': [(dr, df) for dr in (-1, 0, 1) for df in (-1, 0, 1) if (dr, df) != (0, 0)]}
+RAYS = {'R': [(1, 0), (-1, 0), (0, 1), (0, -1)], 'B': [(1, 1), (1, -1), (-1, 1), (-1, -1)]}
+RAYS['Q'] = RAYS['R'] + RAYS['B']
+VALUE = {'P': 1, 'N': 3, 'B': 3, 'R': 5, 'Q': 9, 'K': 100}  # the fork rule's values
+
+
+def naive_attacks(pieces, sq):
+    """The squares the piece on sq attacks (a slider stops at the first piece, which it attacks)."""
+    sym = pieces[sq]
+    kind, (rank, file) = sym.upper(), divmod(sq, 8)
+    out = set()
+    if kind == 'P':
+        lines, slide = [(1 if sym == 'P' else -1, df) for df in (-1, 1)], False
+    elif kind in STEPS:
+        lines, slide = STEPS[kind], False
+    else:
+        lines, slide = RAYS[kind], True
+    for dr, df in lines:
+        r, f = rank + dr, file + df
+        while 0 <= r < 8 and 0 <= f < 8:
+            out.add(r * 8 + f)
+            if not slide or r * 8 + f in pieces:
+                break
+            r, f = r + dr, f + df
+    return out
+
+
+def naive_attackers(pieces, target, white):
+    return {sq for sq, sym in pieces.items() if sym.isupper() == white and target in naive_attacks(pieces, sq)}
+
+
+def naive_king(pieces, white):
+    return next(sq for sq, sym in pieces.items() if sym == ('K' if white else 'k'))
+
+
+def naive_fork(pieces):
+    """Some White piece attacks two Black non-king pieces, each worth more than it or undefended."""
+    for sq, sym in pieces.items():
+        if sym.isupper():
+            hits = [t for t in naive_attacks(pieces, sq) if t in pieces and pieces[t] in 'pnbrq'
+                    and (VALUE[pieces[t].upper()] > VALUE[sym] or not naive_attackers(pieces, t, white=False))]
+            if len(hits) >= 2:
+                return True
+    return False
+
+
+def naive_pin(pieces):
+    """Some White piece is pinned to its king: take it off the board and a Black piece that did
+    not attack the king before does now (the king may be in check already)."""
+    king = naive_king(pieces, white=True)
+    before = naive_attackers(pieces, king, white=False)
+    for sq, sym in pieces.items():
+        if sym.isupper() and sym != 'K':
+            without = {s: v for s, v in pieces.items() if s != sq}
+            if naive_attackers(without, king, white=False) - before:
+                return True
+    return False
+
+
+def naive_gives_check(board):
+    """Some legal move leaves the Black king attacked: push each one and look."""
+    for m in board.legal_moves:
+        board.push(m)
+        pieces = {sq: p.symbol() for sq, p in board.piece_map().items()}
+        board.pop()
+        if naive_attackers(pieces, naive_king(pieces, white=False), white=True):
+            return True
+    return False
+
+
 def _expected(board):
-    """The labels, computed directly with python-chess."""
+    """The labels, computed directly: python-chess for legal moves and SAN, the piece rules
+    above for attacks, checks, forks and pins."""
     start = chess.Board()
     piece = np.zeros((64, 12), dtype=bool)
     for sq in chess.SQUARES:
@@ -357,6 +433,7 @@ def _expected(board):
         if p is not None and start.piece_at(sq) != p:
             piece[sq, 'PNBRQKpnbrqk'.index(p.symbol())] = True
     legal = list(board.legal_moves)
+    pieces = {sq: p.symbol() for sq, p in board.piece_map().items()}
     white_bishops = [sq for sq in board.pieces(chess.BISHOP, chess.WHITE)]
     colours = {(chess.square_file(sq) + chess.square_rank(sq)) % 2 for sq in white_bishops}
     disambiguated = False
@@ -365,19 +442,18 @@ def _expected(board):
         if san[0] in 'NBRQK' and not san.startswith('O') and len(san) > 3:
             disambiguated = True
     s = {
-        'attacked_by_black': np.array([board.is_attacked_by(chess.BLACK, sq) for sq in chess.SQUARES]),
+        'attacked_by_black': np.array([bool(naive_attackers(pieces, sq, white=False)) for sq in chess.SQUARES]),
         'white_legal_dest': np.array([any(m.to_square == sq for m in legal) for sq in chess.SQUARES]),
-        'in_check': board.is_check(),
-        'can_give_check': any(board.gives_check(m) for m in legal),
+        'in_check': bool(naive_attackers(pieces, naive_king(pieces, white=True), white=False)),
+        'can_give_check': naive_gives_check(board),
         'has_queen': len(board.pieces(chess.QUEEN, chess.WHITE)) > 0,
         'can_capture_queen': any(board.piece_at(m.to_square) == chess.Piece(chess.QUEEN, chess.BLACK) for m in legal),
         'bishop_pair': colours == {0, 1},
         'castling_any': bool(board.castling_rights & chess.BB_RANK_1),
         'castling_kingside': bool(board.castling_rights & chess.BB_H1),
         'castling_queenside': bool(board.castling_rights & chess.BB_A1),
-        'pin': any(board.is_pinned(chess.WHITE, sq) for sq in board.pieces(chess.PAWN, chess.WHITE) |
-                   board.pieces(chess.KNIGHT, chess.WHITE) | board.pieces(chess.BISHOP, chess.WHITE) |
-                   board.pieces(chess.ROOK, chess.WHITE) | board.pieces(chess.QUEEN, chess.WHITE)),
+        'fork': naive_fork(pieces),
+        'pin': naive_pin(pieces),
         'en_passant': any(board.is_en_passant(m) for m in legal),
         'ambiguous_move': disambiguated,
     }
@@ -404,10 +480,13 @@ def test_labels_match_python_chess():
             piece, s = _expected(board)
             assert L['game'][row] == gi and L['pos'][row] == dot
             assert np.array_equal(L['piece'][row], piece)
+            assert set(s) == set(CHESS_STRATEGY_SIZES)  # every property has its oracle
             for name, v in s.items():
                 assert np.array_equal(L['strategy'][name][row], np.atleast_1d(v)), (name, gi, k)
             row += 1
     assert row == P
+    for name in ('in_check', 'can_give_check', 'fork', 'pin', 'can_capture_queen', 'ambiguous_move'):
+        assert 0 < L['strategy'][name].sum() < P, name  # both answers occur: the comparison means something
     # the start position: every piece is on its own starting square, so no piece is labelled
     assert not L['piece'][L['pos'] == 2].any()
     assert L['piece_names'][chess.F3 * 12 + 1] == 'N@f3'
@@ -459,6 +538,23 @@ def test_known_positions_via_transcripts():
     assert not _last(start, 'can_give_check')
     assert _last(';1.e4 e5 2.Nf3 Nc6 3.Bc4 Bc5 4.', 'bishop_pair')
     assert not _last(';1.e4 d5 2.Bb5+ Bd7 3.Bxd7+ Qxd7 4.', 'bishop_pair')
+
+def test_strategy_bits_match_the_piece_rules_deep_in_random_games():
+    # later positions than the labels test reaches: checks, forks and pins of every kind
+    n, counts = 0, dict.fromkeys(('in_check', 'can_give_check', 'fork', 'pin'), 0)
+    for seed in range(10):
+        board, rng = chess.Board(), random.Random(100 + seed)
+        while not board.is_game_over() and board.ply() < 160:
+            if board.turn == chess.WHITE and board.ply() % 6 == 0:
+                got, (_, want) = chess_strategy_state(board), _expected(board)
+                for name in ('attacked_by_black', *counts):
+                    assert np.array_equal(got[name], np.atleast_1d(want[name])), (name, board.fen())
+                for name in counts:
+                    counts[name] += bool(want[name])
+                n += 1
+            board.push(rng.choice(list(board.legal_moves)))
+    assert all(5 <= c <= n - 5 for c in counts.values()), (n, counts)
+
 
 def _strategy(fen):
     return {k: v for k, v in chess_strategy_state(chess.Board(fen)).items()}
