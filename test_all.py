@@ -1267,13 +1267,18 @@ def fraction_recovered(sae, true_dirs, min_cos=0.9):
     return (best_cos > min_cos).float().mean().item()
 
 
-@pytest.mark.parametrize('arch,kwargs,min_recovered', [
-    ('standard', dict(coef=2.0), 0.9),
-    ('p_anneal', dict(coef=2.0), 0.9),
-    ('topk', dict(k=4, dead_tokens=256 * 50), 0.9),
-    ('batch_topk', dict(k=4, dead_tokens=256 * 50), 0.85),
+# max_l0: the bound on L0 at inference on fresh data (3 true directions are active on average);
+# None for TopK, whose L0 is k by construction
+@pytest.mark.parametrize('arch,kwargs,min_recovered,max_l0', [
+    ('standard', dict(coef=2.0), 0.9, 10),
+    ('gated', dict(coef=4.0), 0.85, 6),
+    ('p_anneal', dict(coef=2.0), 0.9, 10),
+    ('gated_anneal', dict(coef=4.0), 0.8, 6),
+    ('topk', dict(k=4, dead_tokens=256 * 50), 0.9, None),
+    ('batch_topk', dict(k=4, dead_tokens=256 * 50), 0.85, 5),  # inference: the learned threshold
+    ('jumprelu', dict(coef=1.0, bandwidth=0.5), 0.85, 5),
 ])
-def test_recovers_known_sparse_dictionary(arch, kwargs, min_recovered):
+def test_recovers_known_sparse_dictionary(arch, kwargs, min_recovered, max_l0):
     torch.manual_seed(0)
     steps = 600
     true_dirs, batch = synthetic_data()
@@ -1285,7 +1290,8 @@ def test_recovers_known_sparse_dictionary(arch, kwargs, min_recovered):
     history = S.train_sae(sae, (batch(256) for _ in range(steps)), lr=1e-2, warmup_steps=50)
     assert fraction_recovered(sae, true_dirs) >= min_recovered
     assert history[-1]['frac_var_explained'] > 0.8
-    assert history[-1]['l0'] < 20
+    if max_l0 is not None:
+        assert metrics.l0(sae.eval().encode(batch(2048))) < max_l0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1830,7 +1836,7 @@ def recomputed_scores(root, game, sae_path, n_train, n_test):
         rec = [metrics.board_reconstruction(feats['train'], l[feats['train_rows']], feats['test'], l[feats['test_rows']])
                for l in props]
         out[f'coverage_{name}'], out[f'reconstruction_{name}'] = np.mean(cov), np.mean(rec)
-    return out
+    return out, feats['train']
 
 
 def test_tiny_pipeline_end_to_end(tmp_path):
@@ -1857,7 +1863,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     # evaluate lines activations up with labels: an off-by-one position or a train/test swap
     # changes these numbers
     for sub, name, kind in (('saes', 'topk_k10', 'trained'), ('saes_random', 'batch_topk_k40', 'random')):
-        want = recomputed_scores(tmp_path, 'othello', f'{tmp_path}/out/othello/{sub}/{name}.pt', 50, 50)
+        want = recomputed_scores(tmp_path, 'othello', f'{tmp_path}/out/othello/{sub}/{name}.pt', 50, 50)[0]
         got = rows[f'{name}/{kind}']
         assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-6)
     name = saes[0][:-3]
@@ -1870,6 +1876,32 @@ def test_tiny_pipeline_end_to_end(tmp_path):
                          '--control=none', *dirs)
     assert rc == 0 and 'SAEs this run did not write' in out and 'standard_coef0.8' in out, out
     assert sorted(os.listdir(f'{tmp_path}/out/othello/saes')) == saes
+
+
+def test_tiny_chess_pipeline_and_evaluation(tmp_path, capsys):
+    import json
+    import evaluate as EV
+    import train as TR
+    dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    TR.main(['--game=chess', '--preset=tiny', '--max_iters=20', '--legal_games=5', '--sae_archs=topk',
+             '--sae_steps=20', '--workers=1', *dirs])
+    EV.main(['--game=chess', '--n_train=50', '--n_test=50', '--probe_steps=20', *dirs])
+    results = json.load(open(f'{tmp_path}/out/chess/results.json'))
+    assert results['sets'] == ['piece', 'strategy']
+    rows = {r['name'] + '/' + r['model']: r for r in results['rows']}
+    assert len(rows) == 3 + 1 + 5  # topk x 3, its control, MLP neurons, probe and probe dictionary x 2
+    for r in results['rows']:
+        for k in ('reconstruction_piece', 'reconstruction_strategy'):
+            assert 0.0 <= r[k] <= 1.0
+    # the piece set and the nested strategy set (the mean over its 14 properties), recomputed
+    want, feats = recomputed_scores(tmp_path, 'chess', f'{tmp_path}/out/chess/saes/topk_k40.pt', 50, 50)
+    assert {k: rows['topk_k40/trained'][k] for k in want} == pytest.approx(want, abs=1e-6)
+    # --feature on chess boards: the feature that fires most often
+    index = int((feats > 0).sum(0).argmax())
+    capsys.readouterr()
+    EV.main(['--game=chess', f'--feature=topk_k40:{index}', *dirs])
+    out = capsys.readouterr().out
+    assert 'best-matching board-state elements' in out and re.search(r'game \d+, character \d+: ', out), out
 
 
 def test_sae_scores_in_batches_match_the_definitions():
