@@ -2,8 +2,12 @@
 The test suite: python -m pytest -q test_all.py   (about a minute or two on 2 CPU cores)
 
 Known answers come from independent sources: Othello perft tables, a naive per-square Othello
-implementation written here, python-chess for chess boards, brute-force loops for the metrics.
+implementation written here, python-chess for chess boards and legal moves, chess attacks from the
+piece rules written here (checks, forks, pins), brute-force loops for the metrics, hand cases with
+closed-form answers for the SAEs, and a fake clock for the time budgets.
 """
+import dataclasses
+import math
 import os
 import random
 import re
@@ -125,9 +129,10 @@ def test_othello_games_are_legal_and_reproducible():
     assert not (a == D.othello_games(300, seed=8)).all()
     n_moves = (a != D.OTHELLO_PAD).sum(1)
     assert n_moves.min() >= 9 and (n_moves == 60).mean() > 0.8  # most random games fill the board
+    n_pass = 0
     for game in a[:100]:  # naive_replay checks every move, pass and ending by the rules
-        for _ in naive_replay(game.tolist()):
-            pass
+        n_pass += sum(again for *_, again in naive_replay(game.tolist()))
+    assert n_pass > 0  # some games pass inside the game, so the replay checked passes too
 
 
 def test_othello_data_is_the_same_for_any_number_of_workers():
@@ -411,8 +416,84 @@ def _random_moves(seed, n_plies):
         board.push(m)
     return sans
 
+# Attacks from the piece rules alone (no python-chess attack tables): the oracle for squares
+# attacked, checks, forks and pins. `pieces` maps square (a1 = 0, rank * 8 + file) -> symbol
+# 'PNBRQK' (White) or 'pnbrqk' (Black).
+
+STEPS = {'N': [(1, 2), (2, 1), (-1, 2), (-2, 1), (1, -2), (2, -1), (-1, -2), (-2, -1)],
+         'K': [(dr, df) for dr in (-1, 0, 1) for df in (-1, 0, 1) if (dr, df) != (0, 0)]}
+RAYS = {'R': [(1, 0), (-1, 0), (0, 1), (0, -1)], 'B': [(1, 1), (1, -1), (-1, 1), (-1, -1)]}
+RAYS['Q'] = RAYS['R'] + RAYS['B']
+VALUE = {'P': 1, 'N': 3, 'B': 3, 'R': 5, 'Q': 9, 'K': 100}  # the fork rule's values
+
+
+def naive_attacks(pieces, sq):
+    """The squares the piece on sq attacks (a slider stops at the first piece, which it attacks)."""
+    sym = pieces[sq]
+    kind, (rank, file) = sym.upper(), divmod(sq, 8)
+    out = set()
+    if kind == 'P':
+        lines, slide = [(1 if sym == 'P' else -1, df) for df in (-1, 1)], False
+    elif kind in STEPS:
+        lines, slide = STEPS[kind], False
+    else:
+        lines, slide = RAYS[kind], True
+    for dr, df in lines:
+        r, f = rank + dr, file + df
+        while 0 <= r < 8 and 0 <= f < 8:
+            out.add(r * 8 + f)
+            if not slide or r * 8 + f in pieces:
+                break
+            r, f = r + dr, f + df
+    return out
+
+
+def naive_attackers(pieces, target, white):
+    return {sq for sq, sym in pieces.items() if sym.isupper() == white and target in naive_attacks(pieces, sq)}
+
+
+def naive_king(pieces, white):
+    return next(sq for sq, sym in pieces.items() if sym == ('K' if white else 'k'))
+
+
+def naive_fork(pieces):
+    """Some White piece attacks two Black non-king pieces, each worth more than it or undefended."""
+    for sq, sym in pieces.items():
+        if sym.isupper():
+            hits = [t for t in naive_attacks(pieces, sq) if t in pieces and pieces[t] in 'pnbrq'
+                    and (VALUE[pieces[t].upper()] > VALUE[sym] or not naive_attackers(pieces, t, white=False))]
+            if len(hits) >= 2:
+                return True
+    return False
+
+
+def naive_pin(pieces):
+    """Some White piece is pinned to its king: take it off the board and a Black piece that did
+    not attack the king before does now (the king may be in check already)."""
+    king = naive_king(pieces, white=True)
+    before = naive_attackers(pieces, king, white=False)
+    for sq, sym in pieces.items():
+        if sym.isupper() and sym != 'K':
+            without = {s: v for s, v in pieces.items() if s != sq}
+            if naive_attackers(without, king, white=False) - before:
+                return True
+    return False
+
+
+def naive_gives_check(board):
+    """Some legal move leaves the Black king attacked: push each one and look."""
+    for m in board.legal_moves:
+        board.push(m)
+        pieces = {sq: p.symbol() for sq, p in board.piece_map().items()}
+        board.pop()
+        if naive_attackers(pieces, naive_king(pieces, white=False), white=True):
+            return True
+    return False
+
+
 def _expected(board):
-    """The labels, computed directly with python-chess."""
+    """The labels, computed directly: python-chess for legal moves and SAN, the piece rules
+    above for attacks, checks, forks and pins."""
     start = chess.Board()
     piece = np.zeros((64, 12), dtype=bool)
     for sq in chess.SQUARES:
@@ -420,6 +501,7 @@ def _expected(board):
         if p is not None and start.piece_at(sq) != p:
             piece[sq, 'PNBRQKpnbrqk'.index(p.symbol())] = True
     legal = list(board.legal_moves)
+    pieces = {sq: p.symbol() for sq, p in board.piece_map().items()}
     white_bishops = [sq for sq in board.pieces(chess.BISHOP, chess.WHITE)]
     colours = {(chess.square_file(sq) + chess.square_rank(sq)) % 2 for sq in white_bishops}
     disambiguated = False
@@ -428,19 +510,18 @@ def _expected(board):
         if san[0] in 'NBRQK' and not san.startswith('O') and len(san) > 3:
             disambiguated = True
     s = {
-        'attacked_by_black': np.array([board.is_attacked_by(chess.BLACK, sq) for sq in chess.SQUARES]),
+        'attacked_by_black': np.array([bool(naive_attackers(pieces, sq, white=False)) for sq in chess.SQUARES]),
         'white_legal_dest': np.array([any(m.to_square == sq for m in legal) for sq in chess.SQUARES]),
-        'in_check': board.is_check(),
-        'can_give_check': any(board.gives_check(m) for m in legal),
+        'in_check': bool(naive_attackers(pieces, naive_king(pieces, white=True), white=False)),
+        'can_give_check': naive_gives_check(board),
         'has_queen': len(board.pieces(chess.QUEEN, chess.WHITE)) > 0,
         'can_capture_queen': any(board.piece_at(m.to_square) == chess.Piece(chess.QUEEN, chess.BLACK) for m in legal),
         'bishop_pair': colours == {0, 1},
         'castling_any': bool(board.castling_rights & chess.BB_RANK_1),
         'castling_kingside': bool(board.castling_rights & chess.BB_H1),
         'castling_queenside': bool(board.castling_rights & chess.BB_A1),
-        'pin': any(board.is_pinned(chess.WHITE, sq) for sq in board.pieces(chess.PAWN, chess.WHITE) |
-                   board.pieces(chess.KNIGHT, chess.WHITE) | board.pieces(chess.BISHOP, chess.WHITE) |
-                   board.pieces(chess.ROOK, chess.WHITE) | board.pieces(chess.QUEEN, chess.WHITE)),
+        'fork': naive_fork(pieces),
+        'pin': naive_pin(pieces),
         'en_passant': any(board.is_en_passant(m) for m in legal),
         'ambiguous_move': disambiguated,
     }
@@ -467,10 +548,13 @@ def test_labels_match_python_chess():
             piece, s = _expected(board)
             assert L['game'][row] == gi and L['pos'][row] == dot
             assert np.array_equal(L['piece'][row], piece)
+            assert set(s) == set(CHESS_STRATEGY_SIZES)  # every property has its oracle
             for name, v in s.items():
                 assert np.array_equal(L['strategy'][name][row], np.atleast_1d(v)), (name, gi, k)
             row += 1
     assert row == P
+    for name in ('in_check', 'can_give_check', 'fork', 'pin', 'can_capture_queen', 'ambiguous_move'):
+        assert 0 < L['strategy'][name].sum() < P, name  # both answers occur: the comparison means something
     # the start position: every piece is on its own starting square, so no piece is labelled
     assert not L['piece'][L['pos'] == 2].any()
     assert L['piece_names'][chess.F3 * 12 + 1] == 'N@f3'
@@ -522,6 +606,23 @@ def test_known_positions_via_transcripts():
     assert not _last(start, 'can_give_check')
     assert _last(';1.e4 e5 2.Nf3 Nc6 3.Bc4 Bc5 4.', 'bishop_pair')
     assert not _last(';1.e4 d5 2.Bb5+ Bd7 3.Bxd7+ Qxd7 4.', 'bishop_pair')
+
+def test_strategy_bits_match_the_piece_rules_deep_in_random_games():
+    # later positions than the labels test reaches: checks, forks and pins of every kind
+    n, counts = 0, dict.fromkeys(('in_check', 'can_give_check', 'fork', 'pin'), 0)
+    for seed in range(10):
+        board, rng = chess.Board(), random.Random(100 + seed)
+        while not board.is_game_over() and board.ply() < 160:
+            if board.turn == chess.WHITE and board.ply() % 6 == 0:
+                got, (_, want) = chess_strategy_state(board), _expected(board)
+                for name in ('attacked_by_black', *counts):
+                    assert np.array_equal(got[name], np.atleast_1d(want[name])), (name, board.fen())
+                for name in counts:
+                    counts[name] += bool(want[name])
+                n += 1
+            board.push(rng.choice(list(board.legal_moves)))
+    assert all(5 <= c <= n - 5 for c in counts.values()), (n, counts)
+
 
 def _strategy(fen):
     return {k: v for k, v in chess_strategy_state(chess.Board(fen)).items()}
@@ -754,19 +855,34 @@ def test_checkpoint_round_trip(tmp_path):
 # train.py and data.py end to end, and their errors
 
 def test_train_tiny_othello_then_resume(tmp_path):
+    import train as TR
     common = ['train.py', '--game=othello', '--preset=tiny', '--stage', 'lm',
               f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    path = f'{tmp_path}/out/othello/model.pt'
     rc, out = run_script(*common, '--max_iters=40', '--soft_targets=True')
     assert rc == 0, out
     assert 'legal-move rate' in out and 'soft targets: legal moves of' in out
-    ckpt = torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt['iter'] == 40 and 0 <= ckpt['legal_move_rate'] <= 1
     assert ckpt['train_config']['max_iters'] == 40
+    # one more iteration from the checkpoint moves each weight by at most about the lr (Adam), far
+    # less than a fresh model differs from it; and AdamW counts on from its loaded 40 steps
+    TR.train_lm(TR.build_config(common[1:] + ['--max_iters=41', '--resume', '--dtype=float32']), log=lambda s: None)
+    one_more = torch.load(path, weights_only=True)
+    assert one_more['iter'] == 41 and one_more['model'].keys() == ckpt['model'].keys()
+    moved = max((one_more['model'][k] - v).abs().max().item() for k, v in ckpt['model'].items())
+    fresh = TR.GPT(TR.GPTConfig(**ckpt['model_config'])).state_dict()
+    fresh_gap = max((fresh[k] - v).abs().max().item() for k, v in ckpt['model'].items())
+    assert moved < 2 * ckpt['train_config']['lr'] < fresh_gap / 10
+    assert {float(s['step']) for s in one_more['optimizer']['state'].values()} == {41.0}
     rc, out = run_script(*common, '--max_iters=60', '--resume')
     assert rc == 0, out
-    assert 'resuming' in out and 'iter 41' not in out.split('resuming')[0]
-    assert 'iter 60/60' in out and 'iter 20/60' not in out  # continued from 40, not restarted
-    assert torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)['iter'] == 60
+    assert 'resuming' in out and 'from iter 41' in out
+    assert 'iter 60/60' in out and 'iter 20/60' not in out  # continued from 41, not restarted
+    final = torch.load(path, weights_only=True)
+    assert final['iter'] == 60
+    # AdamW counts its steps on from the loaded state: 41 + 19, not 19
+    assert {float(s['step']) for s in final['optimizer']['state'].values()} == {60.0}
 
 
 def fake_matmul_timer(bf16_speedup):
@@ -824,21 +940,37 @@ def test_lr_schedule_follows_the_clock_when_it_is_ahead():
     assert TR.lr_at(20, cfg, clock=1.0) == pytest.approx(1e-4)
 
 
-def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path):
-    dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
-    # 0.0005 minutes: the LM stops after its first iterations; the SAE sweep is timed on 20 steps
-    # and shortened to its floor of 100; the control trains as many
-    rc, out = run_script('train.py', '--game=othello', '--preset=tiny', '--max_iters=5000', '--lm_minutes=0.0005',
-                         '--sae_steps=400', '--sae_minutes=0.0001', '--sae_archs=p_anneal,topk', *dirs)
-    assert rc == 0, out
+def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, capsys):
+    import train as TR
+    # a fake clock: one second passes with every optimiser step (the LM's and each SAE's), none
+    # otherwise, whatever the machine
+    t = [1000.0]
+    monkeypatch.setattr(TR, 'now', lambda: t[0])
+    args = ['--game=othello', '--preset=tiny', '--max_iters=5000', '--lm_minutes=0.5', '--sae_steps=400',
+            '--sae_minutes=8', '--sae_archs=p_anneal', '--workers=1',
+            f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    handle = register_optimizer_step_post_hook(lambda *_: t.__setitem__(0, t[0] + 1.0))
+    try:
+        TR.main(args)
+    finally:
+        handle.remove()
+    out = capsys.readouterr().out
+    # the LM: 30 s of budget at a second an iteration stops it after iteration 30
     ckpt = torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)
-    assert 1 <= ckpt['iter'] < 5000 and f"stopping at iter {ckpt['iter']} of 5000" in out
-    assert 'steps fit in --sae_minutes=0.0001' in out
+    assert ckpt['iter'] == 30 and 'stopping at iter 30 of 5000' in out
+    # the lr follows the clock, ahead of the iterations: iteration 19 starts with 19/30 of the budget used
+    lr = TR.lr_at(19, TR.build_config(args), clock=19 / 30)
+    assert lr < 0.7 * TR.build_config(args).lr and f'iter 20/5000 | ' in out
+    assert re.search(r'iter 20/5000 \| loss [0-9.]+ \| lr ' + re.escape(f'{lr:.2e}'), out)
+    # the sweep: 3 SAEs, 3 s a step; 20 steps timed (60 s, 10% added to spare), so
+    # int(8 * 60 / 3.3) = 145 steps fit; the control on the random model trains as many
+    assert '3.300s a step: 145 steps fit in --sae_minutes=8' in out
     for sub in ('saes', 'saes_random'):
         sae = S.load(f'{tmp_path}/out/othello/{sub}/p_anneal_coef1.6.pt')
-        assert sae.meta['steps'] == 100 and sae.cfg['total_steps'] == 100
-        assert sae.meta['history'][-1]['step'] == 100
-        assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 100 steps
+        assert sae.meta['steps'] == 145 and sae.cfg['total_steps'] == 145
+        assert sae.meta['history'][-1]['step'] == 145
+        assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 145 steps
 
 
 @pytest.mark.parametrize('args, message', [
@@ -1087,19 +1219,58 @@ def test_topk_keeps_exactly_k_per_row():
     assert stats['l0'] == 4.0 and stats['coef'] == 0.0 and stats['sparsity_loss'] == 0.0
 
 
-def test_topk_auxk_revives_dead_latents():
-    torch.manual_seed(0)
-    sae = small_sae('topk', k=2, dead_tokens=1, aux_k=8)
-    x = raw_batch(B=8)
-    sae.set_act_scale(x)
-    sae.loss(x, 0)  # first pass: latents that did not fire now count as dead
-    dead = sae.tokens_since_fired >= 1
-    assert dead.any()
-    loss, stats = sae.loss(x, 1)
-    assert stats['aux_loss'] > 0
-    loss.backward()
-    # dead latents get encoder gradient only through the aux loss
-    assert sae.W_enc.grad[:, dead].abs().sum() > 0
+def hand_sae(arch, d, **kw):
+    """An SAE with W_enc = W_dec = identity (d x d), zero biases and act_scale 1: its
+    pre-activations are x itself, so hand cases have closed-form answers."""
+    sae = S.make_sae(arch, d, d, total_steps=10, **kw)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.W_dec.copy_(torch.eye(d))
+    assert sae.act_scale.item() == 1.0 and not sae.b_enc.any() and not sae.b_dec.any()
+    return sae
+
+
+def test_topk_auxk_exact_on_a_hand_case():
+    # k = 1: row 0 keeps latent 0 (3.0), row 1 keeps latent 1 (4.0)
+    x = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.2, 4.0, 1.0, 0.0]])
+    # x - x_hat, the residual the dead latents are asked to explain; its mean is (0.1, 0.5, 1.5, 0.25)
+    # and each row lies 0.5725 from it (squared): the residual's variance
+    residual_var = 0.1 ** 2 + 0.5 ** 2 + 0.5 ** 2 + 0.25 ** 2
+
+    def aux_loss(aux_k, since_fired, scale=1.0):
+        sae = hand_sae('topk', 4, k=1, aux_k=aux_k, aux_coef=0.5, dead_tokens=4)
+        sae.tokens_since_fired.copy_(torch.tensor(since_fired))
+        _, stats = sae.loss(scale * x, 0)
+        return sae, stats['aux_loss']
+
+    # 2 rows later the counts are (0, 0, 7, 4): latents 0 and 1 fired, 2 and 3 reach dead_tokens = 4
+    sae, loss = aux_loss(1, [0, 3, 5, 2])
+    assert sae.tokens_since_fired.tolist() == [0, 0, 7, 4]
+    # aux_k = 1: the largest dead pre-activation per row, latent 2 (2.0 and 1.0), rebuilds the
+    # residual's third coordinate: squared errors 1 + 0.25 and 0.04
+    assert loss == pytest.approx(0.5 * (1.25 + 0.04) / 2 / residual_var, rel=1e-6)
+    # aux_k = 2 (and any larger: there are only 2 dead latents) adds latent 3 (0.5, 0.0)
+    for k in (2, 3):
+        assert aux_loss(k, [0, 3, 5, 2])[1] == pytest.approx(0.5 * (1.0 + 0.04) / 2 / residual_var, rel=1e-6)
+    # one row short of dead_tokens: nothing is dead, no aux loss
+    assert aux_loss(2, [0, 3, 1, 1])[1] == 0.0
+    # divided by the residual's variance: scaling the inputs changes nothing
+    assert aux_loss(1, [0, 3, 5, 2], scale=10.0)[1] == pytest.approx(loss, rel=1e-5)
+
+
+def test_topk_auxk_trains_dead_latents_only_through_the_aux_loss():
+    x = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.2, 4.0, 1.0, 0.0]])
+    grads = {}
+    for aux_coef in (0.5, 0.0):
+        sae = hand_sae('topk', 4, k=1, aux_k=1, aux_coef=aux_coef, dead_tokens=4)
+        with torch.no_grad():  # latent 2's decoder off its axis, so its aux reconstruction is not exact
+            sae.W_dec[2] = torch.tensor([0.0, 0.0, 0.6, 0.8])
+        sae.tokens_since_fired.copy_(torch.tensor([0, 3, 5, 2]))
+        sae.loss(x, 0)[0].backward()
+        grads[aux_coef] = sae.W_enc.grad.abs().sum(0)  # (d_sae,) encoder gradient per latent
+    # latent 2 (dead, picked by AuxK) learns; latent 3 (dead, not picked) does not; without the
+    # aux loss no dead latent learns
+    assert grads[0.5][2] > 0 and grads[0.5][3] == 0 and grads[0.0][2:].sum() == 0
 
 
 def test_batch_topk_keeps_exactly_kB_per_batch_and_threshold_inference():
@@ -1169,6 +1340,92 @@ def test_jumprelu_thresholds_get_their_own_learning_rate():
     assert [g['lr_scale'] for g in std.param_groups] == [1.0]
 
 
+def test_batch_topk_threshold_is_the_ema_of_the_smallest_kept_value():
+    sae = hand_sae('batch_topk', 4, k=1, threshold_decay=0.9)
+    sae.act_scale.fill_(2.0)  # features live in normalised units: twice the raw values here
+    # before any training step: top-k per row
+    assert sae.encode(torch.tensor([[1.0, 3.0, 2.0, 0.0]])).tolist() == [[0.0, 6.0, 0.0, 0.0]]
+    sae.train()
+    # k * B = 2 kept over the batch: 6 and 4 (normalised); the first batch sets the threshold
+    sae.loss(torch.tensor([[3.0, 0.5, 0.0, 0.0], [0.25, 2.0, 0.0, 0.0]]), 0)
+    assert sae.threshold.item() == 4.0
+    # kept 8 and 2: 0.9 * 4 + 0.1 * 2
+    sae.loss(torch.tensor([[4.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.125, 0.0]]), 1)
+    assert sae.threshold.item() == pytest.approx(3.8, rel=1e-6)
+    # the second kept value is 0 (one positive activation in the batch): no update
+    sae.loss(torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, -1.0]]), 2)
+    assert sae.threshold.item() == pytest.approx(3.8, rel=1e-6)
+    sae.eval()
+    sae.loss(torch.tensor([[0.5, 0.5, 0.5, 0.5]]), 3)  # evaluation does not move it
+    assert sae.threshold.item() == pytest.approx(3.8, rel=1e-6)
+    # inference keeps what lies strictly above the threshold, row by row (normalised 3.6, 3.9, 10)
+    assert sae.encode(torch.tensor([[1.8, 1.95, 5.0, -3.0]]))[0].tolist() == pytest.approx([0.0, 3.9, 10.0, 0.0])
+
+
+def test_jumprelu_straight_through_gradients_exact():
+    eps = 0.1  # bandwidth: the kernel is 1 where |z - theta| < eps / 2 = 0.05
+    theta = torch.tensor([0.5, 0.5, 0.68], requires_grad=True)
+    # z - theta: [[-0.2, 0.02, 0.02], [-0.06, 0.04, -0.58]]: inside the kernel at (0, 1), (1, 1), (0, 2)
+    z = torch.tensor([[0.3, 0.52, 0.7], [0.44, 0.54, 0.1]], requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # the gradient arriving from above
+    f = S._JumpReLUFn.apply(z, theta, eps)
+    assert f.flatten().tolist() == pytest.approx([0.0, 0.52, 0.7, 0.0, 0.54, 0.0])
+    f.backward(g)
+    assert z.grad.tolist() == [[0.0, 2.0, 3.0], [0.0, 5.0, 0.0]]  # g where z > theta
+    # -(theta / eps) * sum of g inside the kernel: -(0.5 / 0.1) * (2 + 5) and -(0.68 / 0.1) * 3
+    assert theta.grad.tolist() == pytest.approx([0.0, -35.0, -20.4], rel=1e-6)
+    z.grad = theta.grad = None
+    step = S._StepFn.apply(z, theta, eps)
+    assert step.tolist() == [[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]]
+    step.backward(g)
+    assert z.grad is None or z.grad.abs().sum() == 0  # the step passes no gradient to z
+    assert theta.grad.tolist() == pytest.approx([0.0, -70.0, -30.0], rel=1e-6)  # -(1 / eps) * the same sums
+
+
+def test_jumprelu_sae_gradients_are_the_closed_form():
+    torch.manual_seed(0)
+    sae = small_sae('jumprelu', bandwidth=2.0, init_threshold=1.0, coef=0.3)
+    x = raw_batch(B=64)
+    sae.set_act_scale(x)
+    loss, _ = sae.loss(x, 0)
+    loss.backward()
+    with torch.no_grad():
+        xn = x * sae.act_scale
+        z = (xn - sae.b_dec) @ sae.W_enc + sae.b_enc  # (B, d_sae)
+        theta = torch.exp(sae.log_threshold)
+        f = z * (z > theta)
+        dmse_df = -2 * (xn - f @ sae.W_dec - sae.b_dec) @ sae.W_dec.T / len(x)  # d mean ||x - x_hat||^2 / df
+        kernel = ((z - theta).abs() < 1.0).float()  # bandwidth 2
+        assert 0 < kernel.mean() < 1
+        dtheta = (dmse_df * -(theta / 2.0) * kernel).sum(0) + 0.3 * (-(1 / 2.0) * kernel).sum(0) / len(x)
+        torch.testing.assert_close(sae.log_threshold.grad, dtheta * theta, rtol=1e-4, atol=1e-6)  # d/dlog = theta d/dtheta
+        torch.testing.assert_close(sae.b_enc.grad, (dmse_df * (z > theta)).sum(0), rtol=1e-4, atol=1e-6)
+
+
+def test_gated_losses_exact_on_a_hand_case():
+    sae = hand_sae('gated', 2, coef=0.4)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.tensor([-1.0, 0.5]))  # the gate's bias
+        sae.r_mag.fill_(math.log(2.0))  # the magnitude path scales W_enc by 2
+        sae.b_mag.copy_(torch.tensor([0.1, -3.0]))
+    x = torch.tensor([[2.0, 1.0], [0.5, -1.0]])
+    # pi_gate = x + b_gate = [[1, 1.5], [-0.5, -0.5]]; pi_mag = 2x + b_mag = [[4.1, -1], [1.1, -5]]
+    # f = 1[pi_gate > 0] * ReLU(pi_mag) = [[4.1, 0], [0, 0]] = x_hat
+    assert sae.encode(x).flatten().tolist() == pytest.approx([4.1, 0.0, 0.0, 0.0])
+    _, stats = sae.loss(x, 0)
+    assert stats['mse'] == pytest.approx(((2.1 ** 2 + 1) + (0.25 + 1)) / 2, rel=1e-6)
+    # L1 of ReLU(pi_gate) = [[1, 1.5], [0, 0]], per row, averaged: 1.25
+    assert stats['sparsity_loss'] == pytest.approx(0.4 * 1.25, rel=1e-6)
+    # the gate path rebuilds x as ReLU(pi_gate) W_dec + b_dec = [[1, 1.5], [0, 0]]:
+    # squared errors 1 + 0.25 and 0.25 + 1
+    assert stats['aux_loss'] == pytest.approx(1.25, rel=1e-6)
+    # its gradient reaches the gate's bias (only where the gate is open) and not the decoder:
+    # d/db_gate = mean over rows of -2 (x - x_hat_gate) W_dec^T 1[pi_gate > 0] = [-2, 1] / 2
+    aux = sae._train_forward(x)[3]
+    grad_b, grad_dec = torch.autograd.grad(aux, [sae.b_enc, sae.W_dec], allow_unused=True)
+    assert grad_b.tolist() == pytest.approx([-1.0, 0.5]) and (grad_dec is None or not grad_dec.any())
+
+
 def test_lp_penalty_gradient_finite_at_zero():
     acts = torch.relu(torch.randn(8, 32)).requires_grad_()
     S.lp_sum(acts, 0.3).sum().backward()
@@ -1185,18 +1442,24 @@ def test_p_schedule(arch):
     total = 60
     sae = small_sae(arch, total_steps=total, anneal_start=0.25)
     schedule = sae.p_schedule()
-    steps = [s for s, _ in schedule]
-    ps = [p for _, p in schedule]
-    assert len(schedule) == 10
-    assert steps[0] == 15 and steps[-1] == total - 1  # last update on the final step
-    assert steps == sorted(set(steps))
-    torch.testing.assert_close(torch.tensor(ps), torch.linspace(1.0, 0.2, 10))
+    # written out by hand: 10 updates from step 0.25 * 60 = 15 to the final step 59, 44/9 apart
+    # (rounded: 15, 19.9, 24.8, 29.7, 34.6, 39.4, 44.3, 49.2, 54.1, 59), p from 1 down to 0.2 by 0.8/9
+    steps = [15, 20, 25, 30, 35, 39, 44, 49, 54, 59]
+    ps = [1 - k * 0.8 / 9 for k in range(10)]
+    assert [s for s, _ in schedule] == steps
+    assert [p for _, p in schedule] == pytest.approx(ps)
     assert small_sae(arch, total_steps=total, anneal_start=15).p_schedule() == schedule  # step == fraction
     history = S.train_sae(sae, (raw_batch(seed=s) for s in range(total)), lr=1e-3, warmup_steps=1)
     used = [h['p'] for h in history]
-    assert used == [pytest.approx(sae.p_at(s)) for s in range(total)]
-    # the first update keeps p = 1 (as in the paper's code); p first drops after the second
-    assert used[0] == 1.0 and used[steps[1]] == 1.0 and used[steps[1] + 1] == pytest.approx(ps[1])
+    # the loss at step s uses the p of the last update made after an earlier step (updates run
+    # after the optimiser step); the first update keeps p = 1, as in the paper's code
+    expected = [1.0] * total
+    for update_step, p in zip(steps, ps):
+        for s in range(update_step + 1, total):
+            expected[s] = p
+    assert used == pytest.approx(expected)
+    assert [sae.p_at(s) for s in range(total)] == pytest.approx(expected)
+    assert used[:21] == [1.0] * 21 and used[21] == pytest.approx(1 - 0.8 / 9)  # p first drops after step 20
     assert used[-1] == pytest.approx(1 - 8 * 0.8 / 9)  # ends near p = 0.29
     assert sae.p == pytest.approx(0.2) and sae.n_anneal_done == 10
     coefs = [h['coef'] for h in history]
@@ -1260,13 +1523,18 @@ def fraction_recovered(sae, true_dirs, min_cos=0.9):
     return (best_cos > min_cos).float().mean().item()
 
 
-@pytest.mark.parametrize('arch,kwargs,min_recovered', [
-    ('standard', dict(coef=2.0), 0.9),
-    ('p_anneal', dict(coef=2.0), 0.9),
-    ('topk', dict(k=4, dead_tokens=256 * 50), 0.9),
-    ('batch_topk', dict(k=4, dead_tokens=256 * 50), 0.85),
+# max_l0: the bound on L0 at inference on fresh data (3 true directions are active on average);
+# None for TopK, whose L0 is k by construction
+@pytest.mark.parametrize('arch,kwargs,min_recovered,max_l0', [
+    ('standard', dict(coef=2.0), 0.9, 10),
+    ('gated', dict(coef=4.0), 0.85, 6),
+    ('p_anneal', dict(coef=2.0), 0.9, 10),
+    ('gated_anneal', dict(coef=4.0), 0.8, 6),
+    ('topk', dict(k=4, dead_tokens=256 * 50), 0.9, None),
+    ('batch_topk', dict(k=4, dead_tokens=256 * 50), 0.85, 5),  # inference: the learned threshold
+    ('jumprelu', dict(coef=1.0, bandwidth=0.5), 0.85, 5),
 ])
-def test_recovers_known_sparse_dictionary(arch, kwargs, min_recovered):
+def test_recovers_known_sparse_dictionary(arch, kwargs, min_recovered, max_l0):
     torch.manual_seed(0)
     steps = 600
     true_dirs, batch = synthetic_data()
@@ -1278,7 +1546,8 @@ def test_recovers_known_sparse_dictionary(arch, kwargs, min_recovered):
     history = S.train_sae(sae, (batch(256) for _ in range(steps)), lr=1e-2, warmup_steps=50)
     assert fraction_recovered(sae, true_dirs) >= min_recovered
     assert history[-1]['frac_var_explained'] > 0.8
-    assert history[-1]['l0'] < 20
+    if max_l0 is not None:
+        assert metrics.l0(sae.eval().encode(batch(2048))) < max_l0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1479,7 +1748,7 @@ def test_reconstruction_matches_brute_force(seed):
     assert got["test_f1"] == pytest.approx(test_f1, abs=1e-9)
     assert got["feature_labels"].tolist() == all_labels[THRESHOLDS.index(t)]
     assert got["feature_labels"].any() and 0 < f1 < 1  # non-trivial: some features labelled
-    assert metrics.board_reconstruction(acts_tr, lab_tr, acts_te, lab_te) == got["f1"]
+    assert metrics.board_reconstruction(acts_tr, lab_tr, acts_te, lab_te) == pytest.approx(f1, abs=1e-9)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -1641,16 +1910,16 @@ def test_explained_variance():
     mean = x.double().reshape(-1, 8).mean(0)
     assert metrics.explained_variance(x, mean.expand(4, 50, 8)) == pytest.approx(0.0, abs=1e-9)
     x_hat = x + 0.5 * torch.randn(x.shape, generator=gen)
-    xd, hd = x.double().reshape(-1, 8), x_hat.double().reshape(-1, 8)
+    # the definition, in numpy float64: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
+    xd, hd = x.numpy().astype(np.float64).reshape(-1, 8), x_hat.numpy().astype(np.float64).reshape(-1, 8)
     direct = 1 - ((xd - hd) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()
-    one_shot = metrics.explained_variance(x, x_hat)
-    assert one_shot == pytest.approx(direct.item(), abs=1e-12)
-    assert 0.9 < one_shot < 1.0
+    assert 0.9 < direct < 1.0
+    assert metrics.explained_variance(x, x_hat) == pytest.approx(direct, abs=1e-12)
     ve = metrics.VarianceExplained()
     flat_x, flat_h = x.reshape(-1, 8), x_hat.reshape(-1, 8)
     for lo, hi in [(0, 1), (1, 37), (37, 37), (37, 150), (150, 200)]:  # uneven batches
         ve.update(flat_x[lo:hi], flat_h[lo:hi])
-    assert ve.compute() == pytest.approx(one_shot, abs=1e-12)
+    assert ve.compute() == pytest.approx(direct, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1749,9 +2018,15 @@ def test_linear_probe_separable():
     shuffled = labels[torch.randperm(3000, generator=gen)]  # no signal: must do worse
     bad = metrics.linear_probe(x[:2000], shuffled[:2000], x[2000:], shuffled[2000:])
     assert bad["f1_micro"] < 0.8
-    logits = metrics.fit_linear_probe(x[:2000], labels[:2000])  # the probe itself: the same predictions
-    pred = logits(x[2000:]) > 0
-    assert pred.shape == (1000, n_el) and metrics.micro_f1(pred, labels[2000:]) == out["f1_micro"]
+    # the scores, counted by hand from the probe's own predictions (logit > 0)
+    pred = (metrics.fit_linear_probe(x[:2000], labels[:2000])(x[2000:]) > 0).tolist()
+    true = labels[2000:].tolist()
+    count = lambda a, b, e: sum(p[e] == a and t[e] == b for p, t in zip(pred, true))  # pred a, true b
+    tp, fp, fn = ([count(a, b, e) for e in range(n_el)] for a, b in ((1, 1), (1, 0), (0, 1)))
+    assert out["f1_micro"] == pytest.approx(2 * sum(tp) / (2 * sum(tp) + sum(fp) + sum(fn)), abs=1e-12)
+    assert out["accuracy"] == pytest.approx(1 - (sum(fp) + sum(fn)) / (1000 * n_el), abs=1e-12)
+    assert out["f1_mean"] == pytest.approx(np.mean([2 * a / (2 * a + b + c) for a, b, c in zip(tp, fp, fn)]), abs=1e-12)
+    assert 0 < sum(fp) + sum(fn)  # not a perfect probe: the counts above are not all trivial
 
 
 def test_single_feature_scores_match_brute_force():
@@ -1805,14 +2080,39 @@ def test_legal_move_rate_chess_known_answers():
 # ------------------------------------------------------------------------------------------------
 # The whole pipeline, tiny
 
+def recomputed_scores(root, game, sae_path, n_train, n_test):
+    """One SAE's coverage and board reconstruction per BSP set, recomputed from the files alone:
+    the residual stream of the SAE's model at each label's (game, pos) in the val games, games
+    0..n_train-1 for train and the next n_test for test; a nested set is the mean over its
+    properties. Written from evaluate.py's docstring, not its code."""
+    sae = S.load(sae_path)
+    model_file = 'model_random.pt' if sae.meta['model']['random_init'] else 'model.pt'
+    model = load_checkpoint(f'{root}/out/{game}/{model_file}', game)[0].eval()
+    labels = D.load_data(game, 'labels', f'{root}/data')
+    tokens = D.load_data(game, 'val', f'{root}/data')['tokens'][:, :model.config.block_size].long()
+    g, p = labels['game_idx'], labels['pos']
+    feats = {}
+    for split, (lo, hi) in (('train', (0, n_train)), ('test', (n_train, n_train + n_test))):
+        rows = (g >= lo) & (g < hi)
+        with torch.no_grad():
+            resid = model.residual(tokens[lo:hi], sae.meta['layer'])  # (games, T, d)
+            feats[split] = sae.encode(resid[g[rows] - lo, p[rows]])  # (positions, d_sae)
+        feats[split + '_rows'] = rows
+    out = {}
+    for name, lab in labels['sets'].items():
+        props = list(lab.values()) if isinstance(lab, dict) else [lab]
+        cov = [metrics.coverage(feats['train'], l[feats['train_rows']]) for l in props]
+        rec = [metrics.board_reconstruction(feats['train'], l[feats['train_rows']], feats['test'], l[feats['test_rows']])
+               for l in props]
+        out[f'coverage_{name}'], out[f'reconstruction_{name}'] = np.mean(cov), np.mean(rec)
+    return out, feats['train']
+
+
 def test_tiny_pipeline_end_to_end(tmp_path):
     import json
-    import time
     dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
-    t0 = time.time()
     rc, out = run_script('train.py', '--game=othello', '--preset=tiny', *dirs)
     assert rc == 0, out
-    assert time.time() - t0 < 120, 'the tiny preset should take well under a minute'
     saes = sorted(os.listdir(f'{tmp_path}/out/othello/saes'))
     assert len(saes) == sum(len(v) for v in __import__('train').SWEEP.values())
     assert len(os.listdir(f'{tmp_path}/out/othello/saes_random')) == len(S.ARCHS)
@@ -1831,6 +2131,12 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert {'l0', 'explained_variance', 'ce_loss_score', 'dead_fraction'} <= set(rows['topk_k40/trained'])
     assert '| name |' in open(f'{tmp_path}/out/othello/results.md').read()
     assert os.path.getsize(f'{tmp_path}/out/othello/pareto.png') > 0
+    # evaluate lines activations up with labels: an off-by-one position or a train/test swap
+    # changes these numbers
+    for sub, name, kind in (('saes', 'topk_k10', 'trained'), ('saes_random', 'batch_topk_k40', 'random')):
+        want = recomputed_scores(tmp_path, 'othello', f'{tmp_path}/out/othello/{sub}/{name}.pt', 50, 50)[0]
+        got = rows[f'{name}/{kind}']
+        assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-6)
     rc, out = run_script('evaluate.py', '--game=othello', '--feature=topk_k160:3', *dirs)  # k 160 of 256: it fires
     assert rc == 0 and 'best-matching board-state elements' in out, out
     assert os.path.getsize(f'{tmp_path}/out/othello/feature_topk_k160_3.png') > 0
@@ -1843,16 +2149,49 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert sorted(os.listdir(f'{tmp_path}/out/othello/saes')) == saes
 
 
-def test_sae_scores_in_batches_equal_the_one_shot_metrics():
+def test_tiny_chess_pipeline_and_evaluation(tmp_path, capsys):
+    import json
+    import evaluate as EV
+    import train as TR
+    dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    TR.main(['--game=chess', '--preset=tiny', '--max_iters=20', '--legal_games=5', '--sae_archs=topk',
+             '--sae_steps=20', '--workers=1', *dirs])
+    EV.main(['--game=chess', '--n_train=50', '--n_test=50', '--probe_steps=20', *dirs])
+    results = json.load(open(f'{tmp_path}/out/chess/results.json'))
+    assert results['sets'] == ['piece', 'strategy']
+    rows = {r['name'] + '/' + r['model']: r for r in results['rows']}
+    assert len(rows) == 3 + 1 + 5  # topk x 3, its control, MLP neurons, probe and probe dictionary x 2
+    for r in results['rows']:
+        for k in ('reconstruction_piece', 'reconstruction_strategy'):
+            assert 0.0 <= r[k] <= 1.0
+    # the piece set and the nested strategy set (the mean over its 14 properties), recomputed
+    want, feats = recomputed_scores(tmp_path, 'chess', f'{tmp_path}/out/chess/saes/topk_k40.pt', 50, 50)
+    assert {k: rows['topk_k40/trained'][k] for k in want} == pytest.approx(want, abs=1e-6)
+    # --feature on chess boards: the feature that fires most often
+    index = int((feats > 0).sum(0).argmax())
+    capsys.readouterr()
+    EV.main(['--game=chess', f'--feature=topk_k40:{index}', *dirs])
+    out = capsys.readouterr().out
+    assert 'best-matching board-state elements' in out and re.search(r'game \d+, character \d+: ', out), out
+
+
+def test_sae_scores_in_batches_match_the_definitions():
     torch.manual_seed(0)
     sae = small_sae('standard')
     x = raw_batch(B=50, seed=4)
-    x_hat, f = sae(x)
+    with torch.no_grad():
+        sae.b_enc[:8] = -1e4  # these features never fire, so the dead fraction is not 0
+        x_hat, f = sae(x)
     s = metrics.sae_scores(sae, x, batch_size=7)
-    assert abs(s['l0'] - metrics.l0(f)) < 1e-9
+    # counted by hand from one pass over all rows
+    rows = f.tolist()
+    assert s['l0'] == pytest.approx(sum(sum(v != 0 for v in r) for r in rows) / 50, abs=1e-12)
+    n_dead = sum(all(r[i] <= 0 for r in rows) for i in range(D_SAE))
+    assert 0 < n_dead < D_SAE and s['dead_fraction'] == pytest.approx(n_dead / D_SAE, abs=1e-12)
+    xd, hd = x.numpy().astype(np.float64), x_hat.numpy().astype(np.float64)
+    fve = 1 - ((xd - hd) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()
     # fp32 matmuls of another batch shape may round differently: equal to float32 precision
-    assert abs(s['frac_var_explained'] - metrics.explained_variance(x, x_hat)) < 1e-6
-    assert s['dead_fraction'] == metrics.dead_fraction(f)
+    assert s["frac_var_explained"] == pytest.approx(fve, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -114,6 +114,10 @@ PRESETS = {
 }
 
 
+# The clock the training loops and their time budgets read; a test replaces it with a fake one.
+now = time.time
+
+
 def build_config(argv):
     """Defaults, then the preset for the game, then the command line."""
     cfg = D.parse_config(TrainConfig(), argv, 'train.py')  # first pass: learn game and preset
@@ -279,11 +283,11 @@ def train_lm(cfg, log=print, precision=''):
             'data_config': train['config'], 'precision': {'dtype': cfg.dtype, 'reason': precision}, **extra})
 
     model.train()
-    t0 = time.time()
+    t0 = now()
     tokens_seen = 0
     loss = None
     budget = cfg.lm_minutes * 60  # seconds; 0: no time limit
-    clock = lambda: (time.time() - t0) / budget if budget > 0 else 0.0  # fraction of the budget used
+    clock = lambda: (now() - t0) / budget if budget > 0 else 0.0  # fraction of the budget used
     last_iter = start_iter
     for it in range(start_iter, cfg.max_iters):
         lr = lr_at(it, cfg, clock())
@@ -300,7 +304,7 @@ def train_lm(cfg, log=print, precision=''):
         done, last_iter = it + 1 - start_iter, it + 1
         out_of_time = clock() >= 1
         if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters or out_of_time:
-            elapsed = time.time() - t0
+            elapsed = now() - t0
             eta = elapsed / done * (cfg.max_iters - it - 1)
             if budget > 0:
                 eta = min(eta, max(0.0, budget - elapsed))
@@ -314,7 +318,7 @@ def train_lm(cfg, log=print, precision=''):
             vl = val_loss()
             log(f"iter {it + 1}: val loss {vl:.4f}")
             save(it + 1, val_loss=vl)
-    train_seconds = time.time() - t0
+    train_seconds = now() - t0
     vl = val_loss()
     log(f"final val loss {vl:.4f} ({fmt_time(train_seconds)} training)")
     t1 = time.time()
@@ -412,12 +416,12 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     seconds = dict.fromkeys(saes, 0.0)
     window = {name: [] for name in saes}
     history = {name: [] for name in saes}
-    t0 = time.time()
+    t0 = now()
     step = 0
     while step < n_steps:
         if fit_to_budget and step == SAE_TIMING_STEPS:
             # time per step so far, with 10% to spare for the buffer refills still to come
-            per_step = 1.1 * (time.time() - t0) / step
+            per_step = 1.1 * (now() - t0) / step
             n_steps = max(5 * SAE_TIMING_STEPS, min(n_steps, int(cfg.sae_minutes * 60 / per_step)))
             for sae in saes.values():
                 sae.set_total_steps(n_steps)
@@ -430,7 +434,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             window[name].append(train_step(sae, optimizers[name], x, step, lr))
             seconds[name] += time.perf_counter() - t
         if (step + 1) % cfg.sae_log_interval == 0 or step + 1 == n_steps:
-            elapsed = time.time() - t0
+            elapsed = now() - t0
             rate = (step + 1) * cfg.sae_batch / elapsed  # activations through the whole sweep per second
             log(f"sae step {step + 1}/{n_steps} | {rate / 1e3:.1f}k act/s through all {len(saes)} SAEs "
                 f"({rate * len(saes) / 1e3:.0f}k SAE-act/s) | ETA {fmt_time(elapsed / (step + 1) * (n_steps - step - 1))}")
@@ -451,7 +455,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             'train_config': dataclasses.asdict(cfg), 'final': final, 'history': history[name],
             'acts_per_s': acts_per_s, 'steps': n_steps})
         results.append({'name': name, **final, 'acts_per_s': acts_per_s, 'steps': n_steps})
-    log(f"sae: wrote {len(saes)} SAEs to {out_dir}/ in {fmt_time(time.time() - t0)}; "
+    log(f"sae: wrote {len(saes)} SAEs to {out_dir}/ in {fmt_time(now() - t0)}; "
         f"per SAE {min(r['acts_per_s'] for r in results) / 1e3:.1f}k-{max(r['acts_per_s'] for r in results) / 1e3:.1f}k act/s")
     for r in results:
         log(f"  {r['name']:24s} FVE {r['frac_var_explained']:.3f} | L0 {r['l0']:6.1f} | dead {r['dead_fraction']:.3f} | "
