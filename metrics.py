@@ -425,9 +425,8 @@ def explained_variance(x, x_hat) -> float:
 def sae_scores(sae, x, batch_size=8192) -> dict:
     """The unsupervised scores of one SAE on activations x (N, d), encoded in batches:
     {'l0': l0(f), 'explained_variance': explained_variance(x, x_hat), 'dead_fraction':
-    dead_fraction(f)} with (x_hat, f) = sae(x). train.py logs these; evaluate.py reports them.
-    'frac_var_explained' is an alias of 'explained_variance' (the name train.py's log lines and
-    the 'final' scores saved in SAE files use)."""
+    dead_fraction(f)} with (x_hat, f) = sae(x). train.py logs these and saves them in each SAE
+    file ('final'); evaluate.py reports them."""
     was_training = sae.training
     sae.eval()
     device = next(sae.parameters()).device
@@ -440,7 +439,7 @@ def sae_scores(sae, x, batch_size=8192) -> dict:
         fired = (f > 0).any(0) if fired is None else fired | (f > 0).any(0)  # as dead_fraction
     sae.train(was_training)
     explained = fve.compute()
-    return {'l0': n_active / len(x), 'explained_variance': explained, 'frac_var_explained': explained,
+    return {'l0': n_active / len(x), 'explained_variance': explained,
             'dead_fraction': 1.0 - fired.double().mean().item()}
 
 

@@ -52,7 +52,7 @@ from data import FORMAT_VERSION, UserError, atomic_save, load_file
 
 FILE_FORMAT = 'boardgame-saes/sae'
 FILE_VERSION = FORMAT_VERSION
-STATS_KEYS = ('loss', 'mse', 'sparsity_loss', 'aux_loss', 'l0', 'frac_var_explained', 'p', 'coef')
+STATS_KEYS = ('loss', 'mse', 'sparsity_loss', 'aux_loss', 'l0', 'explained_variance', 'p', 'coef')
 
 
 def act_scale_for(x):

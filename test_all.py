@@ -1545,7 +1545,7 @@ def test_recovers_known_sparse_dictionary(arch, kwargs, min_recovered, max_l0):
     assert fraction_recovered(sae, true_dirs) < 0.2  # random directions do not pass
     history = S.train_sae(sae, (batch(256) for _ in range(steps)), lr=1e-2, warmup_steps=50)
     assert fraction_recovered(sae, true_dirs) >= min_recovered
-    assert history[-1]['frac_var_explained'] > 0.8
+    assert history[-1]['explained_variance'] > 0.8
     if max_l0 is not None:
         assert metrics.l0(sae.eval().encode(batch(2048))) < max_l0
 
@@ -2118,7 +2118,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert len(os.listdir(f'{tmp_path}/out/othello/saes_random')) == len(S.ARCHS)
     sae = S.load(f'{tmp_path}/out/othello/saes/{saes[0]}')
     assert sae.meta['model']['sha256'] == D.file_digest(f'{tmp_path}/out/othello/model.pt')
-    assert 'frac_var_explained' in sae.meta['final'] and sae.meta['train_config']['preset'] == 'tiny'
+    assert 'explained_variance' in sae.meta['final'] and sae.meta['train_config']['preset'] == 'tiny'
     rc, out = run_script('evaluate.py', '--game=othello', '--n_train=50', '--n_test=50', '--probe_steps=20', *dirs)
     assert rc == 0, out
     results = json.load(open(f'{tmp_path}/out/othello/results.json'))
@@ -2191,7 +2191,7 @@ def test_sae_scores_in_batches_match_the_definitions():
     xd, hd = x.numpy().astype(np.float64), x_hat.numpy().astype(np.float64)
     fve = 1 - ((xd - hd) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()
     # fp32 matmuls of another batch shape may round differently: equal to float32 precision
-    assert s["frac_var_explained"] == pytest.approx(fve, abs=1e-6)
+    assert s["explained_variance"] == pytest.approx(fve, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

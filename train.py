@@ -443,7 +443,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
                 ev = metrics.sae_scores(sae, held_out)
                 history[name].append({'step': step + 1, 'mse': mse, 'p': sae.p, 'coef': sae.coef, **ev})
                 window[name] = []
-                log(f"  {name:24s} mse {mse:8.3f} | L0 {ev['l0']:6.1f} | FVE {ev['frac_var_explained']:.3f} | "
+                log(f"  {name:24s} mse {mse:8.3f} | L0 {ev['l0']:6.1f} | expl. var. {ev['explained_variance']:.3f} | "
                     f"dead {ev['dead_fraction']:.3f} | p {sae.p:.2f}")
         step += 1
     results = []
@@ -458,7 +458,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     log(f"sae: wrote {len(saes)} SAEs to {out_dir}/ in {fmt_time(now() - t0)}; "
         f"per SAE {min(r['acts_per_s'] for r in results) / 1e3:.1f}k-{max(r['acts_per_s'] for r in results) / 1e3:.1f}k act/s")
     for r in results:
-        log(f"  {r['name']:24s} FVE {r['frac_var_explained']:.3f} | L0 {r['l0']:6.1f} | dead {r['dead_fraction']:.3f} | "
+        log(f"  {r['name']:24s} expl. var. {r['explained_variance']:.3f} | L0 {r['l0']:6.1f} | dead {r['dead_fraction']:.3f} | "
             f"{r['acts_per_s'] / 1e3:.1f}k act/s")
     others = sorted({os.path.basename(p)[:-3] for p in glob.glob(os.path.join(out_dir, '*.pt'))} - set(saes))
     if others:  # kept, never deleted: they may be a user's own runs
