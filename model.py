@@ -195,10 +195,10 @@ def choose_precision(name, device, width, rows=1024, timer=None):
     Returns (dtype, reason), the reason a sentence saying what was measured or read.
 
     auto on the CPU times the model's MLP matmul (rows x width @ width x 4 width, rows at most
-    1024) both ways and
-    takes bf16 only if it is BF16_MARGIN times faster: CPUs with bf16 units (AVX512-BF16, AMX)
-    run it faster, CPUs without them (AVX2 only) emulate it tens of times slower. A small probe
-    runs first, so a slow bf16 costs a fraction of a second to detect. auto on CUDA: bf16 where
+    1024) both ways and takes bf16 only if it is BF16_MARGIN times faster: CPUs with bf16 units
+    (AVX512-BF16, AMX) run it faster, CPUs without them (AVX2 only) emulate it tens of times
+    slower. A small probe runs first, so a slow bf16 costs a fraction of a second to detect (only
+    a close call is timed again at the model's shape). auto on CUDA: bf16 where
     the GPU supports it, else fp32 with TF32 matmuls; on MPS: fp32. An explicit 'bfloat16' is
     kept, with a warning in the reason when it is measured slower than fp32.
     `timer(dtype, rows, width, reps)` returns seconds per matmul (tests pass a fake one)."""
