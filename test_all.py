@@ -2302,6 +2302,8 @@ def assert_one_line(err, *needles):
     (TR.main, ['--control=maybe'], '--control'),
     (TR.main, ['--device=cuda:99'], '--device=cuda:99'),  # no machine has 100 GPUs
     (TR.main, ['--device=tpu'], '--device=tpu'),
+    (TR.main, ['--dtype=float16'], '--dtype=float16'),
+    (bench.main, ['--device=tpu'], '--device=tpu'),
     (D.main, ['--n_games=-5'], '--n_games=-5'),
     (D.main, ['--n_val=-3'], '--n_val=-3'),
     (D.main, ['--workers=0'], '--workers=0'),
