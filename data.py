@@ -535,74 +535,165 @@ def random_game(seed, max_chars):
     rng = random.Random(seed)
     return _play(chess.Board(), lambda board, moves: rng.choice(moves), max_chars)
 
-def chess_next_char_distributions(transcript):
+def san_bodies(board, moves):
+    """The SAN of each legal move in `moves` without its check suffix, as python-chess writes it:
+    castling 'O-O' / 'O-O-O'; a pawn: its file and 'x' if it captures, the square, '=' and the
+    promotion piece; a piece: its letter, the from-file (or rank, or both) when another piece of
+    its kind can go to the same square, 'x' if it captures, the square. One pass over the moves:
+    python-chess's own san() regenerates the legal moves for each move to disambiguate."""
+    kinds = [board.piece_type_at(m.from_square) for m in moves]
+    sources = {}  # (piece type, to square) -> from squares of the legal moves there
+    for m, kind in zip(moves, kinds):
+        sources.setdefault((kind, m.to_square), []).append(m.from_square)
+    bodies = []
+    for m, kind in zip(moves, kinds):
+        frm, to = m.from_square, m.to_square
+        if board.is_castling(m):
+            bodies.append('O-O-O' if chess.square_file(to) < chess.square_file(frm) else 'O-O')
+            continue
+        capture = 'x' if board.is_capture(m) else ''
+        if kind == chess.PAWN:
+            promotion = '=' + chess.piece_symbol(m.promotion).upper() if m.promotion else ''
+            bodies.append((chess.FILE_NAMES[chess.square_file(frm)] + capture if capture else '')
+                          + chess.SQUARE_NAMES[to] + promotion)
+            continue
+        others = [s for s in sources[kind, to] if s != frm]
+        same_file = any(chess.square_file(s) == chess.square_file(frm) for s in others)
+        same_rank = any(chess.square_rank(s) == chess.square_rank(frm) for s in others)
+        where = ((chess.FILE_NAMES[chess.square_file(frm)] if same_rank or not same_file else '')
+                 + (chess.RANK_NAMES[chess.square_rank(frm)] if same_file else '')) if others else ''
+        bodies.append(chess.piece_symbol(kind).upper() + where + capture + chess.SQUARE_NAMES[to])
+    return bodies
+
+
+def chess_next_char_counts(transcript):
     """
-    The exact next-character distributions of a random game: float tensor (len(transcript),
-    len(CHESS_ITOS)) whose row i is the distribution of character i + 1 given characters 0..i,
-    the end of the game on the pad id. In a random game every move is uniform over the legal
-    moves and the text is a fixed function of the moves, so:
-      - the move numbers, their '.', and the space before a move are determined: one-hot rows;
-      - inside a move, having typed p, each legal move whose SAN starts with p has weight 1; a
-        longer SAN votes for its next character, a SAN equal to p for the move's end: the space,
-        or the pad id where the game is over after it (mate, stalemate, the automatic draws);
-        'O-O' against 'O-O-O' is the one case where both happen at one prefix.
+    The exact next-character distributions of a random game, as counts: uint8 array
+    (len(transcript), len(CHESS_ITOS)) whose row i, divided by its sum, is the distribution of
+    character i + 1 given characters 0..i, the end of the game on the pad id. In a random game
+    every move is uniform over the legal moves and the text is a fixed function of the moves, so:
+      - the move numbers, their '.', and the space before a move are determined: a count of 1;
+      - inside a move, having typed p, every legal move whose SAN starts with p counts once: a
+        longer SAN for its next character, a SAN equal to p for the move's end: the space, or the
+        pad id where the game is over after it (mate, stalemate, the automatic draws). 'O-O'
+        against 'O-O-O' is the one case where both happen at one prefix.
     The last row of a transcript cut at max_chars is the distribution of the character cut off.
-    The readable reference (python-chess SAN for every legal move); DataError if the text is not
-    a legal game.
+    Counts fit a byte: a chess position has at most 218 legal moves.
+    Cost: the SAN of a move is its body (san_bodies) and a check suffix ('+' or '#') found by
+    playing the move. Only a move whose body is a prefix of the text typed can need its suffix,
+    so only those (the move played, and 'O-O' under 'O-O-O') are played; the rest are counted
+    from their bodies. About 10x faster than python-chess's san() for every legal move.
+    DataError if the text is not a legal game.
     """
     n = len(transcript)
-    rows = torch.zeros(n, len(CHESS_ITOS))
+    counts = np.zeros((n, len(CHESS_ITOS)), np.uint8)
     if n == 0 or transcript[0] != ';':
         raise DataError(f"a chess transcript starts with ';': got {transcript[:10]!r}")
     stoi = {c: k for k, c in enumerate(CHESS_CHARS)}
+    space = stoi[' ']
     board, i, ply = chess.Board(), 0, 0  # i: the character whose row comes next
+    moves = list(board.legal_moves)
 
-    def fill(dist):
-        """Row i <- dist ({token id: weight}); check that character i + 1 is possible."""
-        total = sum(dist.values())
-        for token, w in dist.items():
-            rows[i, token] = w / total
-        if i + 1 < n and rows[i, stoi.get(transcript[i + 1], CHESS_PAD_ID)] == 0:
-            raise DataError(f"character {i + 1} ({transcript[i + 1]!r}) of {transcript!r} cannot follow "
-                            f"{transcript[:i + 1]!r} in a legal game")
+    def cannot_follow():
+        return DataError(f"character {i + 1} ({transcript[i + 1]!r}) of {transcript!r} cannot follow "
+                         f"{transcript[:i + 1]!r} in a legal game")
 
     while i < n:
-        moves = list(board.legal_moves)
         if _game_over(board, moves):
             raise DataError(f"{transcript!r} goes on after the game is over, at character {i + 1}")
         for c in (f'{ply // 2 + 1}.' if ply % 2 == 0 else ''):  # the move number: determined
-            fill({stoi[c]: 1})
+            counts[i, stoi[c]] = 1
+            if i + 1 < n and transcript[i + 1] != c:
+                raise cannot_follow()
             i += 1
             if i >= n:
-                return rows
-        sans = [board.san(m) for m in moves]
-        ends = {}  # move index -> whether the game is over after it (computed when asked)
-
-        def game_over_after(k):
-            if k not in ends:
-                board.push(moves[k])
-                ends[k] = _game_over(board, list(board.legal_moves))
-                board.pop()
-            return ends[k]
-
-        typed = ''
-        while True:
-            dist = {}
-            for k, san in enumerate(sans):
-                if san.startswith(typed):
-                    nxt = stoi[san[len(typed)]] if len(san) > len(typed) else (
-                        CHESS_PAD_ID if game_over_after(k) else stoi[' '])
-                    dist[nxt] = dist.get(nxt, 0) + 1
-            fill(dist)
-            i += 1
-            if i >= n or transcript[i] == ' ':
+                return counts
+        end = transcript.find(' ', i + 1)
+        typed = transcript[i + 1:end if end >= 0 else n]  # this move's text (cut if the string is)
+        # every legal move's SAN as (text, whether the game is over after it, the move, the legal
+        # moves after it). Only a move whose body is a prefix of the text typed can end inside it,
+        # so only those are played to find their check suffix and whether the game ends.
+        alive = []
+        for move, body in zip(moves, san_bodies(board, moves)):
+            if not typed.startswith(body):
+                alive.append((body, False))
+                continue
+            board.push(move)
+            after = list(board.legal_moves)
+            suffix = ('#' if not after else '+') if board.is_check() else ''
+            alive.append((body + suffix, _game_over(board, after), move, after))
+            board.pop()
+        for j in range(len(typed) + 1):  # row i + j: the text typed so far is typed[:j]
+            p = typed[:j]
+            alive = [a for a in alive if a[0].startswith(p)]
+            for a in alive:
+                counts[i + j, stoi[a[0][j]] if len(a[0]) > j else CHESS_PAD_ID if a[1] else space] += 1
+            nxt = transcript[i + j + 1] if i + j + 1 < n else None
+            if nxt is not None and counts[i + j, stoi.get(nxt, CHESS_PAD_ID)] == 0:
+                i += j
+                raise cannot_follow()
+            if i + j + 1 >= n:
+                return counts
+            if nxt == ' ':
                 break
-            typed += transcript[i]
-        if i >= n:
-            return rows
-        board.push(moves[sans.index(typed)])  # the space says the move is complete: typed is its SAN
+        _, _, move, moves = next(a for a in alive if a[0] == typed)  # the space: the move is complete
+        board.push(move)
+        i += len(typed) + 1
         ply += 1
-    return rows
+    return counts
+
+
+def chess_next_char_distributions(transcript):
+    """chess_next_char_counts as a float tensor of distributions (each row divided by its sum)."""
+    counts = torch.from_numpy(chess_next_char_counts(transcript)).float()
+    return counts / counts.sum(1, keepdim=True)
+
+
+def chess_soft_target_counts(tokens, workers=1, progress=print, chunk=128):
+    """chess_next_char_counts of every game of `tokens` (N, T), token ids of random games: uint8
+    tensor (N, T, vocab) whose row t counts the character after position t (all zero past the
+    end of the game). Games in chunks over `workers` processes; the same for any count."""
+    jobs = [tokens[i:i + chunk].numpy() for i in range(0, len(tokens), chunk)]
+    parts = _map_with_progress(_soft_counts_job, jobs, workers, progress,
+                               f'chess soft targets, chunks of {chunk} games', min_parallel=2, min_report=20)
+    return torch.from_numpy(np.concatenate(parts or [np.zeros((0, tokens.shape[1], len(CHESS_ITOS)), np.uint8)]))
+
+
+def _soft_counts_job(tokens):
+    out = np.zeros((*tokens.shape, len(CHESS_ITOS)), np.uint8)
+    for g, row in enumerate(tokens):
+        text = decode_chess(row)
+        out[g, :len(text)] = chess_next_char_counts(text)
+    return out
+
+
+def load_chess_soft_targets(data_dir='data', workers=1, log=print):
+    """The soft-target counts (chess_soft_target_counts) of data/chess/train.pt, kept beside it in
+    soft_targets.pt (made once, about 10 ms a game; remade when train.pt changes)."""
+    game_dir = os.path.join(data_dir, 'chess')
+    path, train_path = os.path.join(game_dir, 'soft_targets.pt'), data_paths('chess', data_dir)['train']
+    digest = file_digest(train_path)
+    if os.path.exists(path):  # a cache: a stale or unreadable one is remade, not an error
+        try:
+            obj = load_file(path, 'boardgame-saes/soft-targets', '')
+        except UserError:
+            obj = {}
+        if obj.get('train_sha256') == digest:
+            log(f"soft targets: {path} (made from this {train_path})")
+            return obj['counts']
+        log(f"soft targets: {path} is stale or unreadable: remaking it")
+    train = load_data('chess', 'train', data_dir)
+    if train['config'].get('source') != 'random':
+        raise UserError(f"--soft_targets needs random games: {train_path} holds games from "
+                        f"{train['config'].get('source')!r} (drop --soft_targets, or remake the data with --source random)")
+    t0 = time.time()
+    counts = chess_soft_target_counts(train['tokens'], workers, log)
+    with lock_dir(game_dir, 'data_dir'):
+        atomic_save({'format': 'boardgame-saes/soft-targets', 'version': FORMAT_VERSION, 'game': 'chess',
+                     'train_sha256': digest, 'counts': counts}, path)
+    log(f"soft targets: next-character distributions of {len(counts)} train games in {time.time() - t0:.1f}s, "
+        f"kept in {path} ({counts.numel() / 2 ** 20:.0f} MB)")
+    return counts
 
 
 # -----------------------------------------------------------------------------
@@ -759,7 +850,7 @@ def _map_with_progress(fn, jobs, workers, progress, what, min_parallel=64, min_r
 
     def report(done):
         rate = done / max(time.time() - t0, 1e-9)
-        progress(f'{what}: {done}/{n} ({rate:.1f}/s)')
+        progress(f'{what}: {done}/{n} ({rate:.1f}/s, ETA {(n - done) / rate:.0f}s)')
 
     if workers <= 1 or n < min_parallel:
         results = map(fn, jobs)
@@ -1017,8 +1108,7 @@ def is_legal_continuation(prefix, generated, strict=False):
     prefix: a transcript ending at a move boundary (just after 'N.' or after the space that
     follows a White move); generated: text the model wrote after it. True when the move text
     (generated up to the first space) is a legal SAN move in the position after the prefix's
-    moves. python-chess's parse_san is lenient (a missing or wrong '+' is accepted, as with the
-    paper's push_san check); strict=True also requires exactly python-chess's SAN.
+    moves (legal_move_text). Before a White move the text must start with its move number.
     Raises DataError if the prefix itself does not replay legally.
     """
     board = chess.Board()
@@ -1031,6 +1121,13 @@ def is_legal_continuation(prefix, generated, strict=False):
         if not text.startswith(number):
             return False
         text = text[len(number):]
+    return legal_move_text(board, text, strict)
+
+
+def legal_move_text(board, text, strict=False):
+    """True when `text` is a legal SAN move on `board`. python-chess's parse_san is lenient (a
+    missing or wrong '+' is accepted, as with the paper's push_san check); strict=True also
+    requires exactly python-chess's SAN."""
     if not text:
         return False
     try:

@@ -675,6 +675,117 @@ def brute_force_next_chars(plies):
     return out
 
 
+def naive_next_char_distributions(transcript):
+    """The plain definition of data.chess_next_char_counts, as distributions: python-chess's
+    SAN for every legal move at every prefix, and every move played to see if the game ends."""
+    n = len(transcript)
+    rows = torch.zeros(n, len(D.CHESS_ITOS))
+    if n == 0 or transcript[0] != ';':
+        raise D.DataError(f"a chess transcript starts with ';': got {transcript[:10]!r}")
+    stoi = {c: k for k, c in enumerate(D.CHESS_CHARS)}
+    board, i, ply = chess.Board(), 0, 0  # i: the character whose row comes next
+
+    def fill(dist):
+        """Row i <- dist ({token id: weight}); check that character i + 1 is possible."""
+        total = sum(dist.values())
+        for token, w in dist.items():
+            rows[i, token] = w / total
+        if i + 1 < n and rows[i, stoi.get(transcript[i + 1], D.CHESS_PAD_ID)] == 0:
+            raise D.DataError(f"character {i + 1} ({transcript[i + 1]!r}) of {transcript!r} cannot follow "
+                            f"{transcript[:i + 1]!r} in a legal game")
+
+    while i < n:
+        moves = list(board.legal_moves)
+        if D._game_over(board, moves):
+            raise D.DataError(f"{transcript!r} goes on after the game is over, at character {i + 1}")
+        for c in (f'{ply // 2 + 1}.' if ply % 2 == 0 else ''):  # the move number: determined
+            fill({stoi[c]: 1})
+            i += 1
+            if i >= n:
+                return rows
+        sans = [board.san(m) for m in moves]
+        ends = {}  # move index -> whether the game is over after it (computed when asked)
+
+        def game_over_after(k):
+            if k not in ends:
+                board.push(moves[k])
+                ends[k] = D._game_over(board, list(board.legal_moves))
+                board.pop()
+            return ends[k]
+
+        typed = ''
+        while True:
+            dist = {}
+            for k, san in enumerate(sans):
+                if san.startswith(typed):
+                    nxt = stoi[san[len(typed)]] if len(san) > len(typed) else (
+                        D.CHESS_PAD_ID if game_over_after(k) else stoi[' '])
+                    dist[nxt] = dist.get(nxt, 0) + 1
+            fill(dist)
+            i += 1
+            if i >= n or transcript[i] == ' ':
+                break
+            typed += transcript[i]
+        if i >= n:
+            return rows
+        board.push(moves[sans.index(typed)])  # the space says the move is complete: typed is its SAN
+        ply += 1
+    return rows
+
+
+def test_san_bodies_match_python_chess():
+    # every legal move of every position of long random games (promotions, en passant, castling,
+    # several queens): python-chess's san() is the body plus its check suffix
+    for seed in range(4):
+        rng, board = random.Random(seed), chess.Board()
+        while True:
+            moves = list(board.legal_moves)
+            if D._game_over(board, moves):
+                break
+            for move, body in zip(moves, D.san_bodies(board, moves)):
+                san = board.san(move)
+                assert san in (body, body + '+', body + '#'), (board.fen(), san, body)
+            board.push(rng.choice(moves))
+
+
+def test_chess_next_char_counts_match_naive_definition():
+    # random games cut at 256 characters, and whole games to their end (mate, stalemate, the
+    # automatic draws): the counts, normalised, are the naive definition's distributions
+    games = [D.random_game(s, 256) for s in range(3)] + [D.random_game(s, 4000) for s in (100, 104)]
+    assert any(len(t) < 4000 and t.endswith('#') for t in games[3:])  # one ends in mate (seed 104)
+    for t in games:
+        counts = D.chess_next_char_counts(t)
+        assert counts.dtype == np.uint8
+        torch.testing.assert_close(D.chess_next_char_distributions(t), naive_next_char_distributions(t))
+
+
+def test_chess_soft_targets_kept_with_the_data(tmp_path):
+    # made once from train.pt, batched over processes as one game at a time, loaded again when
+    # train.pt is unchanged, remade when it changes; refused for games that are not random
+    cfg = D.DataConfig(game='chess', n_games=12, n_val=4, max_chars=64, n_label_games=2, workers=1,
+                       data_dir=str(tmp_path))
+    D.prepare(cfg, log=lambda s: None)
+    lines = []
+    counts = D.load_chess_soft_targets(str(tmp_path), workers=2, log=lines.append)
+    tokens = D.load_data('chess', 'train', str(tmp_path))['tokens']
+    assert counts.shape == (12, 64, len(D.CHESS_ITOS)) and counts.dtype == torch.uint8
+    for g in range(12):
+        text = D.decode_chess(tokens[g])
+        assert torch.equal(counts[g, :len(text)], torch.from_numpy(D.chess_next_char_counts(text)))
+        assert not counts[g, len(text):].any()
+    assert torch.equal(D.load_chess_soft_targets(str(tmp_path), log=lines.append), counts)
+    assert 'made from this' in lines[-1]
+    D.prepare(dataclasses.replace(cfg, seed=7), log=lambda s: None)
+    remade = D.load_chess_soft_targets(str(tmp_path), log=lines.append)
+    assert any('stale' in line for line in lines[-3:]) and not torch.equal(remade, counts)
+    train_path = D.data_paths('chess', str(tmp_path))['train']
+    obj = torch.load(train_path, weights_only=True)
+    obj['config']['source'] = 'stockfish'
+    torch.save(obj, train_path)
+    with pytest.raises(D.UserError, match='needs random games'):
+        D.load_chess_soft_targets(str(tmp_path), log=lambda s: None)
+
+
 def test_chess_next_char_distributions_match_brute_force_enumeration():
     games = brute_force_next_chars(3)  # 8902 games of three plies: no game ends that soon
     stoi = {c: k for k, c in enumerate(D.CHESS_ITOS)}
@@ -1970,6 +2081,25 @@ class FakeModel(nn.Module):
         return logits, self._loss(logits, targets)
 
 
+
+class NaiveDecoding(nn.Module):
+    """`model` with model.GPT's decoding interface but no key/value cache: the "cache" is the
+    token sequence itself (B, 1, T, 1) and each step reruns the model on all of it, the plain
+    definition of greedy decoding."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def prefill(self, idx):
+        return self.model(idx)[0], [(idx[:, None, :, None].clone(),)]
+
+    def decode_step(self, token, pos, cache):
+        rows, seq = torch.arange(len(token)), cache[0][0]
+        seq[rows, 0, pos, 0] = token
+        return self.model(seq[:, 0, :, 0])[0][rows, pos]
+
+
 def fake_tokens(n=10, t=12):
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(1, 11, (n, t + 1), generator=gen)
@@ -2072,9 +2202,46 @@ def test_legal_move_rate_chess_known_answers():
     games = [random_game(s, 120) for s in range(6)]
     tokens = encode_chess(games, 121)
     oracle = FakeModel(33, block_size=120, pad_id=CHESS_PAD_ID, pick=peek_next)
-    assert metrics.legal_move_rate(oracle, 'chess', tokens) == 1.0
+    assert metrics.legal_move_rate(NaiveDecoding(oracle), 'chess', tokens) == 1.0
     spaces = FakeModel(33, block_size=120, pad_id=CHESS_PAD_ID, pick=torch.zeros_like)  # ' ' is id 0
-    assert CHESS_CHARS[0] == ' ' and metrics.legal_move_rate(spaces, 'chess', tokens) == 0.0
+    assert CHESS_CHARS[0] == ' ' and metrics.legal_move_rate(NaiveDecoding(spaces), 'chess', tokens) == 0.0
+
+
+def test_decode_step_matches_forward():
+    # a cache filled by prefill, then tokens written one by one at different positions per row:
+    # each step's logits are forward's on the whole edited sequence (float64: no rounding doubt)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=33, block_size=40, n_layer=2, n_head=2, n_embd=16, pad_id=32)).double().eval()
+    seq = torch.randint(0, 33, (5, 40))
+    logits, cache = model.prefill(seq)
+    torch.testing.assert_close(logits, model(seq)[0])
+    pos = torch.tensor([3, 10, 17, 25, 31])
+    rows = [tuple(t.clone() for t in layer) for layer in cache]
+    for _ in range(6):
+        token = torch.randint(0, 33, (5,))
+        seq[torch.arange(5), pos] = token
+        want = model(seq)[0][torch.arange(5), pos]
+        torch.testing.assert_close(model.decode_step(token, pos, rows), want)
+        pos = pos + 1
+
+
+def test_chess_legal_move_rate_with_cache_equals_naive_decoding():
+    # a tiny GPT trained a little (so that some of its moves are legal and some are not),
+    # scored with model.GPT's key/value cache and by rerunning it on every prefix
+    tokens = encode_chess([random_game(s, 128) for s in range(40)], 128)
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=33, block_size=127, n_layer=2, n_head=2, n_embd=32, pad_id=CHESS_PAD_ID))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(tokens[:32, :-1], tokens[:32, 1:])[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model = model.double().eval()
+    val = tokens[32:]
+    rate = metrics.legal_move_rate(model, 'chess', val, batch_size=3, rows_per_step=7)
+    assert 0 < rate < 1
+    assert rate == metrics.legal_move_rate(NaiveDecoding(model), 'chess', val)
 
 
 # ------------------------------------------------------------------------------------------------
