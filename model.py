@@ -42,13 +42,26 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache=None, pos=None):
+        """x (B, T, C) -> (B, T, C), causal. With a key/value cache (k, v), each (B, n_head, L,
+        head_dim), and pos (B,): x is one new token per row (T = 1) at position pos; its key and
+        value are written into the cache there and it attends to the cache's positions <= pos.
+        With cache=[] (a list): also appends this call's (k, v) to it, to start a cache."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if pos is None:
+            if cache is not None:
+                cache.append((k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            k_cache, v_cache = cache
+            rows = torch.arange(B, device=x.device)
+            k_cache[rows, :, pos], v_cache[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+            seen = torch.arange(k_cache.shape[2], device=x.device) <= pos[:, None]  # (B, L)
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=seen[:, None, None, :])
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -71,8 +84,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x, cache=None, pos=None):
+        x = x + self.drop(self.attn(self.ln_1(x), cache, pos))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -126,6 +139,29 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x, targets)
+
+    @torch.no_grad()
+    def prefill(self, idx):
+        """The forward pass of idx (B, T) that also keeps every block's keys and values, for
+        decode_step: returns logits (B, T, vocab) and the cache, one (k, v) per block, each
+        (B, n_head, T, head_dim)."""
+        x, cache = self.embed(idx), []
+        for block in self.blocks:
+            layer = []
+            x = block(x, layer)
+            cache.append(layer[0])
+        return self.head(x, None)[0], cache
+
+    @torch.no_grad()
+    def decode_step(self, token, pos, cache):
+        """One token per row, token (B,) at position pos (B,), given a cache (from prefill, rows
+        selected and cloned as needed) that holds the keys and values of every position before
+        pos; later positions in it are ignored, and this token's are written at pos. Returns the
+        logits for the next position (B, vocab): what forward would give on the whole sequence."""
+        x = self.wte(token[:, None]) + self.wpe(pos[:, None])  # (B, 1, d)
+        for block, layer in zip(self.blocks, cache):
+            x = block(x, layer, pos)
+        return self.head(x, None)[0][:, 0]
 
     def residual(self, idx, layer):
         """Residual stream after block `layer` (0-based): (B, T, d)."""
