@@ -31,6 +31,7 @@ import data as D
 import metrics
 import sae as S
 from model import choose_device, load_checkpoint
+from train import default_layer
 
 
 @dataclass
@@ -44,6 +45,8 @@ class EvalConfig:
     n_unsup_games: int = 200   # test games for L0, variance explained, loss recovered, dead features
     batch_size: int = 64
     probe_steps: int = 300
+    saes: str = 'all'          # all | none: none scores only the baselines (MLP neurons, probes), e.g. an LM
+                               # trained with --stage lm, at the SAE stage's default layer
     feature: str = ''          # NAME:INDEX -> explain one feature instead of the table
     top_boards: int = 3        # boards shown for --feature
 
@@ -191,8 +194,8 @@ def load_saes(ev):
 def evaluate(cfg, log=print):
     """Score every SAE and the baselines. Returns the rows of the results table."""
     ev = Evaluation(cfg, log)
-    saes = load_saes(ev)
-    layer = saes[0][1].meta['layer']
+    saes = load_saes(ev) if cfg.saes == 'all' else []
+    layer = saes[0][1].meta['layer'] if saes else default_layer(ev.model.config.n_layer)
     rows = []
     t0 = time.time()
     for i, (kind, sae) in enumerate(saes):
@@ -555,6 +558,8 @@ def main(argv):
         raise D.UserError(f"unknown game {cfg.game!r}: use --game othello or --game chess")
     D.check_options(cfg, 'evaluate.py', {**{k: D.POSITIVE for k in ('n_train', 'n_test', 'n_unsup_games', 'batch_size',
                                                                     'probe_steps')}, 'top_boards': D.NON_NEGATIVE})
+    if cfg.saes not in ('all', 'none'):
+        raise D.UserError(f"evaluate.py: --saes={cfg.saes} is not allowed: use all or none")
     cfg.device = choose_device(cfg.device)
     print(f"evaluate.py config: {dataclasses.asdict(cfg)}")
     if cfg.feature:

@@ -58,9 +58,10 @@ class TrainConfig:
     warmup_iters: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    soft_targets: bool = False  # Othello: train on the exact next-move distribution (uniform over
-                                # the legal moves) instead of the sampled move: the same expected
-                                # gradient with far less noise (README, "Soft targets")
+    soft_targets: bool = False  # random games: train on the exact next-token distribution (Othello:
+                                # uniform over the legal moves; chess: data.chess_next_char_counts)
+                                # instead of the sampled token: the same expected gradient with far
+                                # less noise (README, "Soft targets")
     dtype: str = 'auto'         # auto | float32 | bfloat16 (autocast). auto: bf16 only where a timed
                                 # matmul says it is faster here (model.choose_precision)
     compile: bool = False       # torch.compile the model (GPU)
@@ -135,8 +136,8 @@ def build_config(argv):
     cfg.preset, cfg.device = preset, device
     if cfg.stage not in ('lm', 'sae', 'all'):
         raise D.UserError(f"unknown stage {cfg.stage!r}: use lm, sae or all")
-    if cfg.soft_targets and cfg.game != 'othello':
-        raise D.UserError("--soft_targets works for Othello only (chess targets are characters): drop it")
+    if cfg.soft_targets and cfg.game == 'chess' and cfg.source != 'random':
+        raise D.UserError(f"--soft_targets needs random games, not --source={cfg.source}: drop one of them")
     if cfg.game == 'othello' and cfg.block_size > 59:
         raise D.UserError("Othello games have 60 moves: --block_size must be at most 59")
     if cfg.control not in ('one', 'sweep', 'none'):
@@ -238,13 +239,15 @@ def train_lm(cfg, log=print, precision=''):
     train_tok, val_tok = train['tokens'][:, :T], val['tokens'][:, :T]  # (N, T) uint8
     pad_id, vocab = train['pad_id'], len(train['itos'])
 
-    # (N, T) legal-move bitboards of the train games, for soft targets; before any CUDA work, as
-    # the worker processes are forked
-    legal = None
-    if cfg.soft_targets:
+    # soft targets, before any CUDA work, as the worker processes are forked. Othello: (N, T)
+    # legal-move bitboards of the train games; chess: (N, T - 1, vocab) next-character counts
+    soft = None
+    if cfg.soft_targets and cfg.game == 'othello':
         t1 = time.time()
-        legal = D.othello_legal_bitboards(train_tok, workers=cfg.workers, progress=log)
+        soft = D.othello_legal_bitboards(train_tok, workers=cfg.workers, progress=log)[:, :-1]
         log(f"soft targets: legal moves of {len(train_tok)} train games in {time.time() - t1:.1f}s")
+    elif cfg.soft_targets:
+        soft = D.load_chess_soft_targets(cfg.data_dir, cfg.workers, log)[:, :T - 1]
 
     start_iter = 0
     if cfg.resume:
@@ -261,14 +264,17 @@ def train_lm(cfg, log=print, precision=''):
     autocast = autocast_for(cfg)
     gen = torch.Generator().manual_seed(cfg.seed + start_iter)  # batches differ after a resume
 
-    def batch(tokens, legal=None):
-        """A random batch: inputs (B, T) and targets, token ids (B, T) or, given the legal-move
-        bitboards, next-move distributions (B, T, vocab)."""
+    def batch(tokens, soft=None):
+        """A random batch: inputs (B, T) and targets, token ids (B, T) or, given soft targets,
+        next-token distributions (B, T, vocab)."""
         idx = torch.randint(len(tokens), (cfg.batch_size,), generator=gen)
         b = tokens[idx].long().to(cfg.device)
-        if legal is None:
+        if soft is None:
             return b[:, :-1], b[:, 1:]
-        return b[:, :-1], D.othello_soft_targets(legal[idx, :-1].to(cfg.device))
+        if cfg.game == 'othello':
+            return b[:, :-1], D.othello_soft_targets(soft[idx].to(cfg.device))
+        counts = soft[idx].to(cfg.device).float()  # (B, T, vocab); all zero past a game's end
+        return b[:, :-1], counts / counts.sum(-1, keepdim=True).clamp_min(1)
 
     @torch.no_grad()
     def val_loss():
@@ -293,7 +299,7 @@ def train_lm(cfg, log=print, precision=''):
         lr = lr_at(it, cfg, clock())
         for group in optimizer.param_groups:
             group['lr'] = lr
-        x, y = batch(train_tok, legal)
+        x, y = batch(train_tok, soft)
         with autocast():
             _, loss = fwd(x, y)
         optimizer.zero_grad(set_to_none=True)
