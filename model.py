@@ -221,34 +221,45 @@ def matmul_seconds(dtype, rows, width, reps=3):
     return best
 
 
-DTYPES = ('auto', 'float32', 'bfloat16')
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 BF16_MARGIN = 1.1  # bf16 autocast only where its matmul is at least this much faster than fp32
 
 
 def choose_precision(name, device, width, rows=1024, timer=None):
-    """The one place the LM's precision is picked: 'float32', or 'bfloat16' (autocast: bf16
-    matmuls over fp32 weights; SAE maths and loss reductions stay fp32 in any case).
+    """The one place the LM's precision is picked: 'float32', 'bfloat16' (autocast: bf16 matmuls
+    over fp32 weights) or, on CUDA only, 'float16' (autocast with a gradient scaler, train.py);
+    SAE maths and loss reductions stay fp32 in any case.
     Returns (dtype, reason), the reason a sentence saying what was measured or read.
 
     auto on the CPU times the model's MLP matmul (rows x width @ width x 4 width, rows at most
     1024) both ways and takes bf16 only if it is BF16_MARGIN times faster: CPUs with bf16 units
     (AVX512-BF16, AMX) run it faster, CPUs without them (AVX2 only) emulate it tens of times
     slower. A small probe runs first, so a slow bf16 costs a fraction of a second to detect (only
-    a close call is timed again at the model's shape). auto on CUDA: bf16 where
-    the GPU supports it, else fp32 with TF32 matmuls; on MPS: fp32. An explicit 'bfloat16' is
-    kept, with a warning in the reason when it is measured slower than fp32.
+    a close call is timed again at the model's shape). auto on CUDA: bf16 where the GPU has bf16
+    units (compute capability 8 and up, which also gives TF32 to fp32 matmuls), else fp16 with a
+    gradient scaler (T4, V100: their tensor cores run fp16, and fp32 has no TF32 there); on MPS:
+    fp32. An explicit 'bfloat16' is kept, with a warning in the reason when it is measured (CPU)
+    or known (CUDA: emulated) to be slower than the alternative.
     `timer(dtype, rows, width, reps)` returns seconds per matmul (tests pass a fake one)."""
     if name not in DTYPES:
-        raise UserError(f"--dtype={name}: use auto, float32 or bfloat16")
+        raise UserError(f"--dtype={name}: use auto, float32, bfloat16 or float16 (CUDA)")
+    if name == 'float16' and not device.startswith('cuda'):
+        raise UserError(f"--dtype=float16 is for CUDA GPUs (with a gradient scaler), not {device}: "
+                        "use auto, float32 or bfloat16")
     if name == 'float32':
+        if device.startswith('cuda'):
+            torch.backends.cuda.matmul.allow_tf32 = True  # a no-op on GPUs without TF32
         return 'float32', 'asked for (--dtype=float32)'
     if device.startswith('cuda'):
-        if torch.cuda.is_bf16_supported():
+        bf16_units = torch.cuda.is_bf16_supported(including_emulation=False)
+        if name == 'float16':
+            return 'float16', 'asked for (--dtype=float16): fp16 autocast with a gradient scaler'
+        if bf16_units:
+            torch.backends.cuda.matmul.allow_tf32 = True
             return 'bfloat16', f"{'asked for' if name == 'bfloat16' else 'auto'}: this GPU has bf16 units"
         if name == 'bfloat16':
-            return 'bfloat16', 'asked for (--dtype=bfloat16); warning: this GPU has no bf16 units, so it is slow here'
-        torch.backends.cuda.matmul.allow_tf32 = True
-        return 'float32', 'auto: this GPU has no bf16 units: fp32 with TF32 matmuls'
+            return 'bfloat16', 'asked for (--dtype=bfloat16); warning: this GPU has no bf16 units, so it is emulated and slow'
+        return 'float16', 'auto: this GPU has no bf16 units: fp16 autocast with a gradient scaler'
     if device != 'cpu':
         return name if name != 'auto' else 'float32', f"{device}: bf16 autocast is not measured here"
     timer = timer or matmul_seconds

@@ -33,7 +33,7 @@ from data import (
 )
 import metrics
 import sae as S
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, choose_precision, load_checkpoint, save_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1010,7 +1010,7 @@ def fake_matmul_timer(bf16_speedup):
 @pytest.mark.parametrize('speedup, want', [(0.03, 'float32'), (0.9, 'float32'), (1.05, 'float32'),
                                            (1.5, 'bfloat16'), (3.0, 'bfloat16')])
 def test_auto_precision_takes_bf16_only_where_measured_faster(speedup, want):
-    from model import BF16_MARGIN, choose_precision
+    from model import BF16_MARGIN
     assert BF16_MARGIN > 1.05  # the (1.05, float32) case is a near tie: fp32 wins it
     timer, calls = fake_matmul_timer(speedup)
     dtype, reason = choose_precision('auto', 'cpu', 128, rows=4096, timer=timer)
@@ -1024,8 +1024,22 @@ def test_auto_precision_takes_bf16_only_where_measured_faster(speedup, want):
     assert dtype == 'bfloat16' and (('warning' in reason) == (speedup < 1))
     timer, calls = fake_matmul_timer(speedup)
     assert choose_precision('float32', 'cpu', 128, timer=timer)[0] == 'float32' and not calls
-    with pytest.raises(D.UserError, match='--dtype=float16'):
+    with pytest.raises(D.UserError, match='--dtype=float16 is for CUDA'):
         choose_precision('float16', 'cpu', 128, timer=timer)
+
+
+@pytest.mark.parametrize('bf16_units, auto, forced_bf16_warns', [(True, 'bfloat16', False), (False, 'float16', True)])
+def test_choose_precision_on_cuda_reads_the_bf16_units(bf16_units, auto, forced_bf16_warns, monkeypatch):
+    # a GPU without bf16 units (T4, V100) gets fp16 with a gradient scaler, never emulated bf16:
+    # the emulation that torch.cuda.is_bf16_supported() counts by default is not asked for
+    asked = []
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: asked.append(
+        including_emulation) or bf16_units)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    assert choose_precision('auto', 'cuda', 128)[0] == auto and asked == [False]
+    dtype, reason = choose_precision('bfloat16', 'cuda', 128)
+    assert dtype == 'bfloat16' and ('warning' in reason) == forced_bf16_warns
+    assert choose_precision('float16', 'cuda', 128)[0] == 'float16'
 
 
 @pytest.mark.parametrize('speedup, want', [(0.05, 'float32'), (2.0, 'bfloat16')])

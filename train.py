@@ -62,8 +62,9 @@ class TrainConfig:
                                 # uniform over the legal moves; chess: data.chess_next_char_counts)
                                 # instead of the sampled token: the same expected gradient with far
                                 # less noise (README, "Soft targets")
-    dtype: str = 'auto'         # auto | float32 | bfloat16 (autocast). auto: bf16 only where a timed
-                                # matmul says it is faster here (model.choose_precision)
+    dtype: str = 'auto'         # auto | float32 | bfloat16 | float16 (CUDA; autocast). auto: on a CPU bf16
+                                # only where a timed matmul says it is faster here; on CUDA bf16, or fp16
+                                # with a gradient scaler on GPUs without bf16 units (model.choose_precision)
     compile: bool = False       # torch.compile the model (GPU)
     # reporting
     log_interval: int = 50
@@ -207,12 +208,14 @@ def lr_at(it, cfg, clock=0.0):
 
 
 def autocast_for(cfg):
-    """bf16 autocast where cfg.dtype (resolved by model.choose_precision in main) says
-    bfloat16; plain fp32 otherwise."""
-    if cfg.dtype not in ('float32', 'bfloat16'):
+    """bf16 or fp16 autocast where cfg.dtype (resolved by model.choose_precision in main) says
+    so; plain fp32 otherwise."""
+    if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
         raise ValueError(f"autocast_for: resolve --dtype={cfg.dtype} with model.choose_precision first")
+    if cfg.dtype == 'float32':
+        return nullcontext
     device_type = 'cuda' if cfg.device.startswith('cuda') else 'cpu'
-    return (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if cfg.dtype == 'bfloat16' else nullcontext
+    return lambda: torch.autocast(device_type, dtype=getattr(torch, cfg.dtype))
 
 
 def fmt_time(s):
@@ -262,6 +265,8 @@ def train_lm(cfg, log=print, precision=''):
     log(f"model: {model.n_params() / 1e6:.2f}M parameters, {model.config}")
     fwd = torch.compile(model) if cfg.compile else model
     autocast = autocast_for(cfg)
+    # fp16 (CUDA GPUs without bf16 units) scales the loss so small gradients survive; a no-op otherwise
+    scaler = torch.amp.GradScaler('cuda' if cfg.device.startswith('cuda') else 'cpu', enabled=cfg.dtype == 'float16')
     gen = torch.Generator().manual_seed(cfg.seed + start_iter)  # batches differ after a resume
 
     def batch(tokens, soft=None):
@@ -303,9 +308,11 @@ def train_lm(cfg, log=print, precision=''):
         with autocast():
             _, loss = fwd(x, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped where an fp16 gradient overflowed
+        scaler.update()
         tokens_seen += (y.sum(-1) > 0 if cfg.soft_targets else y != pad_id).sum()  # a tensor: no sync per step
         done, last_iter = it + 1 - start_iter, it + 1
         out_of_time = clock() >= 1
