@@ -483,11 +483,12 @@ def _scan_transcript(transcript):
         elif tok and not tok.isdigit():
             yield ('move', start, tok, complete)
 
-def transcript_to_moves(transcript, last_is_complete=False):
+def transcript_to_moves(transcript, last_is_complete=False, as_moves=False):
     """
-    Parse a transcript back into SAN moves, checking each is legal (raises DataError if not).
-    A cut can leave a different legal move ('O-O' from 'O-O-O', 'Nf3' from 'Nf3+'), so the last
-    move is dropped unless the caller knows the transcript was not cut (last_is_complete=True).
+    Parse a transcript back into SAN moves (chess.Move objects if as_moves), checking each is
+    legal (raises DataError if not). A cut can leave a different legal move ('O-O' from
+    'O-O-O', 'Nf3' from 'Nf3+'), so the last move is dropped unless the caller knows the
+    transcript was not cut (last_is_complete=True).
     """
     board, sans = chess.Board(), []
     for kind, i, san, complete in _scan_transcript(transcript):
@@ -497,7 +498,7 @@ def transcript_to_moves(transcript, last_is_complete=False):
             move = board.parse_san(san)
         except ValueError as e:
             raise DataError(f'illegal or unparseable move {san!r} at character {i} of transcript') from e
-        sans.append(san)
+        sans.append(move if as_moves else san)
         board.push(move)
     return sans
 
@@ -1130,6 +1131,9 @@ def legal_move_text(board, text, strict=False):
     requires exactly python-chess's SAN."""
     if not text:
         return False
+    ordinary = chess.SAN_REGEX.match(text)  # not castling or a null move: it names its destination
+    if ordinary and chess.parse_square(ordinary.group(4)) not in {m.to_square for m in board.legal_moves}:
+        return False  # parse_san would refuse it too, after formatting the position for its message
     try:
         move = board.parse_san(text)
     except ValueError:

@@ -148,6 +148,15 @@ class Evaluation:
         log(f"eval: {game}, {len(self.where['train'][0])} train / {len(self.where['test'][0])} test positions "
             f"from {n_train} / {n_test} held-out games; sets: {', '.join(labels['sets'])}")
 
+    def clean_and_zero(self, kind, layer):
+        """The clean and zero-ablated cross-entropies of model `kind` at `layer` on the
+        unsupervised games (metrics.cross_entropies), computed once for all its SAEs."""
+        key = (kind, layer, 'ce')
+        if key not in self._cache:
+            self._cache[key] = metrics.cross_entropies(self.models[kind], self.unsup_tokens.long(), layer,
+                                                       batch_size=self.cfg.batch_size)
+        return self._cache[key]
+
     def activations(self, kind, layer, what='resid'):
         """(train (P, k), test (P, k), unsup (N, k)) activations of model `kind` after block `layer`
         (what='resid') or of its MLP neurons (what='mlp')."""
@@ -208,7 +217,7 @@ def evaluate(cfg, log=print):
         row = {'name': sae.meta['name'], 'arch': sae.cfg['arch'], 'model': kind, 'layer': sae.meta['layer'],
                'd_sae': sae.cfg['d_sae'], 'l0': unsup['l0'], 'explained_variance': unsup['explained_variance'],
                'ce_loss_score': metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), sae.meta['layer'],
-                                                       reconstruct, cfg.batch_size),
+                                                       reconstruct, cfg.batch_size, ev.clean_and_zero(kind, sae.meta['layer'])),
                'dead_fraction': unsup['dead_fraction']}
         row.update(score_features(encode_all(sae, x_train), encode_all(sae, x_test), ev))
         rows.append(row)

@@ -450,19 +450,23 @@ def sae_scores(sae, x, batch_size=8192) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def cross_entropies(model, tokens, layer, reconstruct, batch_size=64) -> dict:
+def cross_entropies(model, tokens, layer, reconstruct=None, batch_size=64, reference=None) -> dict:
     """Token-weighted mean next-token cross-entropy over all non-pad targets, three ways:
         'clean': the unmodified model
         'zero':  residual stream after block `layer` replaced by zeros
-        'sae':   residual stream after block `layer` replaced by reconstruct(resid)
+        'sae':   residual stream after block `layer` replaced by reconstruct(resid) (only when
+                 reconstruct is given)
     tokens: int64 [N, T+1]; x = tokens[:, :-1], y = tokens[:, 1:].  reconstruct maps
     (B, T, d) -> (B, T, d).  Sums and counts are accumulated in float64 across batches.
+    reference: an earlier result for the same model, tokens and layer; its 'clean' and 'zero'
+    are reused instead of recomputed (they do not depend on the SAE: evaluate.py scores many).
     Returns {'clean': float, 'zero': float, 'sae': float}.
     """
     device = next(model.parameters()).device
     pad_id = getattr(model.config, "pad_id", None)
     ignore = -100 if pad_id is None else pad_id
-    sums = {"clean": 0.0, "zero": 0.0, "sae": 0.0}
+    ways = ([] if reference else ["clean", "zero"]) + (["sae"] if reconstruct is not None else [])
+    sums = dict.fromkeys(ways, 0.0)
     count = 0
     was_training = model.training
     model.eval()
@@ -477,20 +481,24 @@ def cross_entropies(model, tokens, layer, reconstruct, batch_size=64) -> dict:
                                        ignore_index=ignore, reduction="sum").double().item()
 
             resid = model.residual(x, layer)  # [B, T, d]
-            sums["clean"] += ce_sum(model(x, y)[0])
-            sums["zero"] += ce_sum(model.forward_from(torch.zeros_like(resid), layer, y)[0])
-            sums["sae"] += ce_sum(model.forward_from(reconstruct(resid), layer, y)[0])
+            if "clean" in sums:
+                sums["clean"] += ce_sum(model.forward_from(resid, layer)[0])
+                sums["zero"] += ce_sum(model.forward_from(torch.zeros_like(resid), layer)[0])
+            if "sae" in sums:
+                sums["sae"] += ce_sum(model.forward_from(reconstruct(resid), layer)[0])
             count += int((y != ignore).sum())
     finally:
         model.train(was_training)
-    return {k: (s / count if count else float("nan")) for k, s in sums.items()}
+    out = {k: (s / count if count else float("nan")) for k, s in sums.items()}
+    return {**({k: reference[k] for k in ("clean", "zero")} if reference else {}), **out}
 
 
-def loss_recovered(model, tokens, layer, reconstruct, batch_size=64) -> float:
+def loss_recovered(model, tokens, layer, reconstruct, batch_size=64, reference=None) -> float:
     """Loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), with the CEs of
-    `cross_entropies` (1 = reconstruction as good as the clean model, 0 = as bad as zeros).
-    SAELens calls it ce_loss_score, the name results.json uses. (test_loss_recovered_identity_and_zero)"""
-    ce = cross_entropies(model, tokens, layer, reconstruct, batch_size)
+    `cross_entropies` (1 = reconstruction as good as the clean model, 0 = as bad as zeros;
+    reference: as there). SAELens calls it ce_loss_score, the name results.json uses.
+    (test_loss_recovered_identity_and_zero)"""
+    ce = cross_entropies(model, tokens, layer, reconstruct, batch_size, reference)
     gap = ce["zero"] - ce["clean"]
     return (ce["zero"] - ce["sae"]) / gap if gap != 0 else float("nan")
 
@@ -565,8 +573,7 @@ def linear_probe(x_train, labels_train, x_test, labels_test, steps=300, lr=3e-2,
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def legal_move_rate(model, game, tokens, device='cpu', batch_size=64, max_move_chars=8,
-                    rows_per_step=256) -> float:
+def legal_move_rate(model, game, tokens, device='cpu', batch_size=64, max_move_chars=8) -> float:
     """Fraction of the model's greedy next moves that are legal, on held-out games `tokens` [N, T+1].
     Othello: at every position whose next move exists, the top-1 token must be a legal square
       for the player to move next (passes handled by data.othello_states).
@@ -590,43 +597,41 @@ def legal_move_rate(model, game, tokens, device='cpu', batch_size=64, max_move_c
             n_total += has_next.sum().item()
         return n_legal / max(n_total, 1)
     # chess: greedy decoding from every move boundary of a batch of games. One forward pass per
-    # game keeps the keys and values of every position (model.prefill); a boundary's row copies
-    # them and writes one character per step (model.decode_step), as if the model were rerun on
-    # the prefix and what it has written so far.
+    # game keeps the keys and values of every position (model.prefill); then every boundary of
+    # a game is a continuation of it, and all are decoded together, one character per step
+    # (model.decode_step), as if the model were rerun on the prefix and what it has written.
     T = model.config.block_size
     space = D.CHESS_CHARS.index(' ')  # a move ends at a space
     n_legal = n_rows = 0
     for i in range(0, len(tokens), batch_size):
-        games = tokens[i:i + batch_size, :T]  # (b, T)
+        games = tokens[i:i + batch_size, :T]  # (G, T)
         texts = [D.decode_chess(row) for row in games]
         bounds = [D.move_boundaries(text[:T - max_move_chars]) for text in texts]
-        game = torch.tensor([g for g, bs in enumerate(bounds) for _ in bs], dtype=torch.long)  # (R,)
-        start = torch.tensor([b for bs in bounds for b in bs], dtype=torch.long)  # (R,) first position written
+        R = max(len(bs) for bs in bounds)
+        start = torch.ones(len(games), R, dtype=torch.long)  # (G, R) where each continuation begins
+        real = torch.zeros(len(games), R, dtype=torch.bool)  # False: padding, never scored
+        for g, bs in enumerate(bounds):
+            start[g, :len(bs)], real[g, :len(bs)] = torch.tensor(bs, dtype=torch.long), True
         logits, cache = model.prefill(games.to(device))
-        written = torch.full((len(game), max_move_chars), space)  # (R, max_move_chars)
-        for r in range(0, len(game), rows_per_step):  # each row holds its own copy of the cache
-            g, pos = game[r:r + rows_per_step].to(device), start[r:r + rows_per_step].to(device)
-            L = int(pos.max()) + max_move_chars
-            rows_cache = [tuple(t[g, :, :L].clone() for t in layer) for layer in cache]
-            nxt = logits[g, pos - 1].argmax(-1)  # the first character, from the prefill
-            done = torch.zeros(len(g), dtype=torch.bool, device=device)
-            for s in range(max_move_chars):
-                written[r:r + rows_per_step, s] = torch.where(done, space, nxt).cpu()
-                done |= nxt == space
-                if done.all() or s + 1 == max_move_chars:
-                    break
-                nxt = model.decode_step(nxt, pos, rows_cache).argmax(-1)
-                pos = pos + 1
+        pos = start.to(device)
+        nxt = logits[torch.arange(len(games), device=device)[:, None], pos - 1].argmax(-1)  # (G, R)
+        written = torch.full((len(games), R, max_move_chars), space)  # (G, R, max_move_chars)
+        done = ~real.to(device)
+        for s in range(max_move_chars):
+            written[:, :, s] = torch.where(done, space, nxt).cpu()
+            done |= nxt == space
+            if done.all() or s + 1 == max_move_chars:
+                break
+            nxt = model.decode_step(nxt, pos, cache).argmax(-1)
+            pos = pos + 1
         # replay each game once, checking the move written at each of its boundaries
-        row = 0
-        for text, bs in zip(texts, bounds):
+        for g, (text, bs) in enumerate(zip(texts, bounds)):
             board = chess.Board()
-            moves = D.transcript_to_moves(text)
+            moves = D.transcript_to_moves(text, as_moves=True)
             for k in range(len(bs)):  # boundary k: the position after the game's first k moves
-                move_text = D.decode_chess(written[row]).split(' ', 1)[0]
+                move_text = D.decode_chess(written[g, k]).split(' ', 1)[0]
                 n_legal += D.legal_move_text(board, move_text)
                 if k < len(moves):
-                    board.push_san(moves[k])
-                row += 1
-        n_rows += len(game)
+                    board.push(moves[k])
+            n_rows += len(bs)
     return n_legal / max(n_rows, 1)

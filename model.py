@@ -43,10 +43,13 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, cache=None, pos=None):
-        """x (B, T, C) -> (B, T, C), causal. With a key/value cache (k, v), each (B, n_head, L,
-        head_dim), and pos (B,): x is one new token per row (T = 1) at position pos; its key and
-        value are written into the cache there and it attends to the cache's positions <= pos.
-        With cache=[] (a list): also appends this call's (k, v) to it, to start a cache."""
+        """x (B, T, C) -> (B, T, C), causal. cache=[] (a list): also append this call's keys and
+        values (k, v), each (B, n_head, T, head_dim), to it: GPT.prefill.
+        Decoding (GPT.decode_step): x (B, R, C) holds the next token of R continuations of each
+        of the B sequences, at positions pos (B, R); cache is the dict this layer's prefill left
+        ('k', 'v'), to which the continuations' own keys and values are added ('tail_k',
+        'tail_v', (B, n_head, R, steps, head_dim)). A continuation that began at position
+        start = pos - steps attends to the prefix's positions < start and to its own tokens."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, n_head, T, head_dim)
@@ -56,12 +59,22 @@ class CausalSelfAttention(nn.Module):
                 cache.append((k, v))
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:
-            k_cache, v_cache = cache
-            rows = torch.arange(B, device=x.device)
-            k_cache[rows, :, pos], v_cache[rows, :, pos] = k[:, :, 0], v[:, :, 0]
-            seen = torch.arange(k_cache.shape[2], device=x.device) <= pos[:, None]  # (B, L)
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=seen[:, None, None, :])
+            return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        # decoding: T is R here. The prefix is shared by all continuations of a sequence, so it
+        # is attended to in place (no copy per continuation); each continuation's own tokens
+        # are a short tail of its own. One softmax over both parts.
+        steps = cache['tail_k'].shape[3] if 'tail_k' in cache else 0
+        tail_k = torch.cat([cache['tail_k'], k[:, :, :, None]], 3) if steps else k[:, :, :, None]
+        tail_v = torch.cat([cache['tail_v'], v[:, :, :, None]], 3) if steps else v[:, :, :, None]
+        cache['tail_k'], cache['tail_v'] = tail_k, tail_v  # (B, n_head, R, steps + 1, head_dim)
+        scale = 1 / math.sqrt(q.shape[-1])
+        prefix = q @ cache['k'].transpose(-2, -1) * scale  # (B, n_head, R, L)
+        start = pos - steps  # (B, R)
+        after_start = torch.arange(prefix.shape[-1], device=x.device) >= start[:, None, :, None]
+        own = (q[:, :, :, None, :] * tail_k).sum(-1) * scale  # (B, n_head, R, steps + 1)
+        p = torch.cat([prefix.masked_fill(after_start, float('-inf')), own], -1).softmax(-1)
+        L = prefix.shape[-1]
+        y = p[..., :L] @ cache['v'] + (p[..., L:, None] * tail_v).sum(-2)  # (B, n_head, R, head_dim)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -143,25 +156,28 @@ class GPT(nn.Module):
     @torch.no_grad()
     def prefill(self, idx):
         """The forward pass of idx (B, T) that also keeps every block's keys and values, for
-        decode_step: returns logits (B, T, vocab) and the cache, one (k, v) per block, each
-        (B, n_head, T, head_dim)."""
+        decode_step: returns logits (B, T, vocab) and the cache, one dict per block with 'k' and
+        'v' (B, n_head, T, head_dim)."""
         x, cache = self.embed(idx), []
         for block in self.blocks:
             layer = []
             x = block(x, layer)
-            cache.append(layer[0])
+            cache.append({'k': layer[0][0], 'v': layer[0][1]})
         return self.head(x, None)[0], cache
 
     @torch.no_grad()
     def decode_step(self, token, pos, cache):
-        """One token per row, token (B,) at position pos (B,), given a cache (from prefill, rows
-        selected and cloned as needed) that holds the keys and values of every position before
-        pos; later positions in it are ignored, and this token's are written at pos. Returns the
-        logits for the next position (B, vocab): what forward would give on the whole sequence."""
-        x = self.wte(token[:, None]) + self.wpe(pos[:, None])  # (B, 1, d)
+        """Greedy decoding of many continuations of each prefilled sequence at once, one token
+        each per call. token, pos (B, R): the next token of continuation r of sequence b and
+        its position; the first call's pos is where each continuation begins (it sees the
+        sequence before that, from the cache), and each later call's pos is one further.
+        Returns the logits for the following position (B, R, vocab): what forward gives on the
+        sequence cut at the continuation's start followed by its tokens so far (tests:
+        test_decode_step_matches_forward)."""
+        x = self.wte(token) + self.wpe(pos)  # (B, R, d)
         for block, layer in zip(self.blocks, cache):
             x = block(x, layer, pos)
-        return self.head(x, None)[0][:, 0]
+        return self.head(x, None)[0]
 
     def residual(self, idx, layer):
         """Residual stream after block `layer` (0-based): (B, T, d)."""

@@ -848,6 +848,27 @@ def test_move_boundaries():
     for i in move_boundaries(t):
         assert t[i - 1] in '. ' and t[i] not in ' .'
 
+def test_legal_move_text_agrees_with_parse_san():
+    # the quick refusal by destination square never changes an answer: against parse_san alone,
+    # on every legal SAN and on texts one character away from one, in a few random positions
+    rng = random.Random(0)
+    for plies in (0, 25, 60):
+        board = chess.Board()
+        for _ in range(plies):
+            board.push(rng.choice(list(board.legal_moves)))
+        texts = {board.san(m) for m in board.legal_moves}
+        texts |= {t[:i] + c + t[i + 1:] for t in list(texts) for i in range(len(t)) for c in 'a1Nx+'}
+        texts |= {'O-O', '0-0', 'O-O-O', '--', 'Z0', '0000', 'e9', 'Qxh8=Q', 'exd8=N#'}
+
+        def plain(text):
+            try:
+                return bool(board.parse_san(text))
+            except ValueError:
+                return False
+        for text in texts:
+            assert D.legal_move_text(board, text) == plain(text), (board.fen(), text)
+
+
 def test_is_legal_continuation():
     assert is_legal_continuation(';1.', 'e4 e5')
     assert not is_legal_continuation(';1.', 'e5 e4')
@@ -2097,21 +2118,25 @@ class FakeModel(nn.Module):
 
 
 class NaiveDecoding(nn.Module):
-    """`model` with model.GPT's decoding interface but no key/value cache: the "cache" is the
-    token sequence itself (B, 1, T, 1) and each step reruns the model on all of it, the plain
-    definition of greedy decoding."""
+    """`model` with model.GPT's decoding interface but no key/value cache: the "cache" holds
+    each continuation's whole sequence (B, R, T), and each step reruns the model on all of them:
+    the plain definition of greedy decoding."""
 
     def __init__(self, model):
         super().__init__()
         self.model, self.config = model, model.config
 
     def prefill(self, idx):
-        return self.model(idx)[0], [(idx[:, None, :, None].clone(),)]
+        return self.model(idx)[0], [{'prefix': idx}]
 
     def decode_step(self, token, pos, cache):
-        rows, seq = torch.arange(len(token)), cache[0][0]
-        seq[rows, 0, pos, 0] = token
-        return self.model(seq[:, 0, :, 0])[0][rows, pos]
+        B, R = token.shape
+        if 'seqs' not in cache[0]:
+            cache[0]['seqs'] = cache[0]['prefix'][:, None, :].repeat(1, R, 1)
+        seqs = cache[0]['seqs']  # (B, R, T)
+        seqs.scatter_(2, pos[..., None], token[..., None])
+        logits = self.model(seqs.view(B * R, -1))[0].view(B, R, -1, self.config.vocab_size)
+        return logits.gather(2, pos[..., None, None].expand(B, R, 1, logits.shape[-1]))[:, :, 0]
 
 
 def fake_tokens(n=10, t=12):
@@ -2131,6 +2156,10 @@ def test_loss_recovered_identity_and_zero():
             == pytest.approx(0.0, abs=1e-9)
         half = metrics.loss_recovered(model, tokens, layer, lambda r: 0.5 * r, batch_size=4)
         assert half != pytest.approx(1.0) and half != pytest.approx(0.0)
+        # the clean and zero-ablated CEs of an earlier call, reused: the same score
+        reference = metrics.cross_entropies(model, tokens, layer, batch_size=4)
+        assert set(reference) == {'clean', 'zero'}
+        assert metrics.loss_recovered(model, tokens, layer, lambda r: 0.5 * r, 4, reference) == half
 
 
 def test_cross_entropy_is_token_weighted_over_non_pad():
@@ -2222,20 +2251,25 @@ def test_legal_move_rate_chess_known_answers():
 
 
 def test_decode_step_matches_forward():
-    # a cache filled by prefill, then tokens written one by one at different positions per row:
-    # each step's logits are forward's on the whole edited sequence (float64: no rounding doubt)
+    # continuations of a prefilled batch, three per sequence from different starts, written a
+    # token at a time: each step's logits are forward's on the sequence cut at the start and
+    # followed by what was written (float64: no rounding doubt)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=33, block_size=40, n_layer=2, n_head=2, n_embd=16, pad_id=32)).double().eval()
-    seq = torch.randint(0, 33, (5, 40))
+    seq = torch.randint(0, 33, (4, 40))
     logits, cache = model.prefill(seq)
     torch.testing.assert_close(logits, model(seq)[0])
-    pos = torch.tensor([3, 10, 17, 25, 31])
-    rows = [tuple(t.clone() for t in layer) for layer in cache]
+    start = torch.tensor([[3, 10, 17], [1, 25, 31], [5, 6, 7], [30, 2, 12]])  # (B, R)
+    written = [[seq[b, :start[b, r]].tolist() for r in range(3)] for b in range(4)]
+    pos = start.clone()
     for _ in range(6):
-        token = torch.randint(0, 33, (5,))
-        seq[torch.arange(5), pos] = token
-        want = model(seq)[0][torch.arange(5), pos]
-        torch.testing.assert_close(model.decode_step(token, pos, rows), want)
+        token = torch.randint(0, 33, (4, 3))
+        got = model.decode_step(token, pos, cache)  # (4, 3, vocab)
+        for b in range(4):
+            for r in range(3):
+                written[b][r].append(token[b, r].item())
+                want = model(torch.tensor([written[b][r]]))[0][0, -1]
+                torch.testing.assert_close(got[b, r], want)
         pos = pos + 1
 
 
@@ -2253,7 +2287,7 @@ def test_chess_legal_move_rate_with_cache_equals_naive_decoding():
         opt.step()
     model = model.double().eval()
     val = tokens[32:]
-    rate = metrics.legal_move_rate(model, 'chess', val, batch_size=3, rows_per_step=7)
+    rate = metrics.legal_move_rate(model, 'chess', val, batch_size=3)
     assert 0 < rate < 1
     assert rate == metrics.legal_move_rate(NaiveDecoding(model), 'chess', val)
 
