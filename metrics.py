@@ -148,12 +148,20 @@ def _counts_per_threshold(entries_by_feature, labels_f, n_feat, n_thresholds):
 
 def _predict_board(entries, k, feature_labels, n_pos):
     """Predicted board at threshold k: OR of the labels of all firing features.
-    entries sorted by row, feature_labels bool [F, G] -> pred bool [n_pos, G]."""
+    entries sorted by row, feature_labels bool [F, G] -> pred bool [n_pos, G].
+    Only the features with a label and the elements some feature is labelled with are counted
+    (the other elements are never predicted), which is most of the work saved for a dictionary
+    that labels few elements."""
     rows, cols, level = entries
     labelled = feature_labels.any(1)  # [F]
+    named = feature_labels.any(0)  # [G]
+    pred = torch.zeros(n_pos, feature_labels.shape[1], dtype=torch.bool, device=feature_labels.device)
+    if not named.any():
+        return pred
     fire = ((level > k) & labelled[cols]).nonzero().squeeze(1)  # firing entries of labelled f
     fires = _ones_csr(rows[fire], cols[fire], (n_pos, feature_labels.shape[0]))  # [N, F]
-    return (fires @ feature_labels.float()) > 0  # [N, G]
+    pred[:, named] = (fires @ feature_labels[:, named].float()) > 0  # [N, G'] counts of labels
+    return pred
 
 
 # ---------------------------------------------------------------------------------------------
