@@ -8,6 +8,7 @@ closed-form answers for the SAEs, and a fake clock for the time budgets.
 """
 import contextlib
 import dataclasses
+import glob
 import io
 import json
 import math
@@ -2359,6 +2360,39 @@ def test_layer_and_resume_are_checked_against_the_checkpoint(tiny_out, monkeypat
     assert code == 2
     assert_one_line(err, 'is at iter 5', '--max_iters')
     assert files_under(tiny_out) == before  # no lock file left, nothing trained or written
+
+
+def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
+    dirs = [f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
+    out = tiny_out / 'out' / 'othello'
+    cfg = TR.build_config(['--preset=tiny', '--stage=sae', *dirs])
+    saved = {'format': TR.SWEEP_FORMAT, 'version': D.FORMAT_VERSION, 'part': 'saes', 'done': None, 'state': {},
+             'model_sha256': D.file_digest(str(out / 'model.pt')), 'options': TR.sweep_options(cfg)}
+    D.atomic_save(saved, str(out / 'sae_sweep.pt'))
+    before = files_under(tiny_out)
+    try:
+        for argv, needles in ((['--sae_steps=7'], ('sae_sweep.pt is a sweep with --sae_steps=40', 'resume with it')),
+                              (['--seed=1'], ('--seed=1337',))):
+            code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *argv, *dirs], monkeypatch, capsys)
+            assert code == 2
+            assert_one_line(err, *needles)
+        D.atomic_save({**saved, 'model_sha256': 'another'}, str(out / 'sae_sweep.pt'))
+        code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
+        assert code == 2
+        assert_one_line(err, 'a sweep on another', 'model.pt')
+        os.rename(out / 'sae_sweep.pt', out / 'sae_sweep.0of2.pt')  # the checkpoint of rank 0 of 2
+        code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
+        assert code == 2
+        assert_one_line(err, 'sae_sweep.0of2.pt', 'another number of processes', '--nproc_per_node')
+        assert files_under(tiny_out) == [f.replace('sae_sweep.pt', 'sae_sweep.0of2.pt') for f in before]
+    finally:
+        for f in glob.glob(str(out / 'sae_sweep*')):
+            os.remove(f)
+    # a --batch_size smaller than the number of processes cannot give each one a row
+    monkeypatch.setattr(TR, 'rank_and_world', lambda: (0, 4))
+    code, err = run_main(TR.main, ['--preset=tiny', '--batch_size=3', *dirs], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, '--batch_size=3', 'with 4 processes')
 
 
 def test_out_dir_naming_a_file_fails_before_training(tmp_path, monkeypatch, capsys):
