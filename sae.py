@@ -609,36 +609,55 @@ class SAEFileError(UserError, ValueError):
     """A missing, corrupt, foreign or outdated SAE file."""
 
 
-def save(sae, path, extra=None):
-    """Atomically write the SAE (state_dict, cfg, training state) and `extra` (plain python
-    data: numbers, strings, lists, dicts, tensors) to path."""
-    atomic_save({
+def to_dict(sae, extra=None):
+    """Everything that rebuilds `sae` and continues its training, as plain data (numbers,
+    strings, lists, dicts, tensors; loads with weights_only): its cfg, state_dict (buffers
+    included: act_scale, TopK's dead-latent counters, BatchTopK's threshold), its training state
+    (p, coef, the annealing updates done and p-annealing's L_p history), and `extra`."""
+    train_state = {'p': float(sae.p), 'coef': float(sae.coef), 'n_anneal_done': int(sae.n_anneal_done)}
+    if hasattr(sae, 'lp_history'):  # p-annealing: the batches' (L_p, L_p_next) since the last update
+        train_state['lp_history'] = [[a.detach().cpu(), b.detach().cpu()] for a, b in sae.lp_history]
+    return {
         'format': FILE_FORMAT,
         'version': FILE_VERSION,
         'cfg': dict(sae.cfg),
         'state_dict': {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
-        'train_state': {'p': float(sae.p), 'coef': float(sae.coef), 'n_anneal_done': int(sae.n_anneal_done)},
+        'train_state': train_state,
         'extra': dict(extra or {}),
-    }, path)
+    }
+
+
+def from_dict(checkpoint, device='cpu'):
+    """The SAE of to_dict's `checkpoint`, on `device`, in train mode; `extra` becomes sae.meta."""
+    cfg = dict(checkpoint['cfg'])
+    sae = make_sae(cfg.pop('arch'), **cfg)
+    sae.load_state_dict(checkpoint['state_dict'])
+    sae.to(device)
+    train_state = checkpoint.get('train_state', {})
+    sae.p = train_state.get('p', 1.0)
+    sae.coef = train_state.get('coef', sae.cfg['coef'])
+    sae.n_anneal_done = train_state.get('n_anneal_done', 0)
+    for a, b in train_state.get('lp_history', []):
+        sae.lp_history.append((a.to(device), b.to(device)))
+    sae.meta = checkpoint.get('extra', {})
+    return sae
+
+
+def save(sae, path, extra=None):
+    """Atomically write the SAE (to_dict) and `extra` (plain python data: numbers, strings,
+    lists, dicts, tensors) to path."""
+    atomic_save(to_dict(sae, extra), path)
 
 
 def load(path, game=None):
     """Rebuild any saved SAE from its file alone (in eval mode); `extra` becomes sae.meta."""
     hint = f'python train.py --game {game or "<game>"} --stage sae'
     try:
-        checkpoint = load_file(path, FILE_FORMAT, hint)
-        cfg = dict(checkpoint['cfg'])
-        sae = make_sae(cfg.pop('arch'), **cfg)
-        sae.load_state_dict(checkpoint['state_dict'])
+        sae = from_dict(load_file(path, FILE_FORMAT, hint))
     except UserError as e:
         raise SAEFileError(str(e)) from None
     except Exception as e:
         raise SAEFileError(f'{path} does not match this code ({type(e).__name__}: {e}): run `{hint}`') from None
-    train_state = checkpoint.get('train_state', {})
-    sae.p = train_state.get('p', 1.0)
-    sae.coef = train_state.get('coef', sae.cfg['coef'])
-    sae.n_anneal_done = train_state.get('n_anneal_done', 0)
-    sae.meta = checkpoint.get('extra', {})
     return sae.eval()
 
 

@@ -6,10 +6,15 @@ implementation written here, python-chess for chess boards and legal moves, ches
 piece rules written here (checks, forks, pins), brute-force loops for the metrics, hand cases with
 closed-form answers for the SAEs, and a fake clock for the time budgets.
 """
+import contextlib
 import dataclasses
+import glob
+import io
+import json
 import math
 import os
 import random
+import shutil
 import re
 import subprocess
 import sys
@@ -2572,6 +2577,39 @@ def test_layer_and_resume_are_checked_against_the_checkpoint(tiny_out, monkeypat
     assert files_under(tiny_out) == before  # no lock file left, nothing trained or written
 
 
+def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
+    dirs = [f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
+    out = tiny_out / 'out' / 'othello'
+    cfg = TR.build_config(['--preset=tiny', '--stage=sae', *dirs])
+    saved = {'format': TR.SWEEP_FORMAT, 'version': D.FORMAT_VERSION, 'part': 'saes', 'done': None, 'state': {},
+             'model_sha256': D.file_digest(str(out / 'model.pt')), 'options': TR.sweep_options(cfg)}
+    D.atomic_save(saved, str(out / 'sae_sweep.pt'))
+    before = files_under(tiny_out)
+    try:
+        for argv, needles in ((['--sae_steps=7'], ('sae_sweep.pt is a sweep with --sae_steps=40', 'resume with it')),
+                              (['--seed=1'], ('--seed=1337',))):
+            code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *argv, *dirs], monkeypatch, capsys)
+            assert code == 2
+            assert_one_line(err, *needles)
+        D.atomic_save({**saved, 'model_sha256': 'another'}, str(out / 'sae_sweep.pt'))
+        code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
+        assert code == 2
+        assert_one_line(err, 'a sweep on another', 'model.pt')
+        os.rename(out / 'sae_sweep.pt', out / 'sae_sweep.0of2.pt')  # the checkpoint of rank 0 of 2
+        code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
+        assert code == 2
+        assert_one_line(err, 'sae_sweep.0of2.pt', 'another number of processes', '--nproc_per_node')
+        assert files_under(tiny_out) == [f.replace('sae_sweep.pt', 'sae_sweep.0of2.pt') for f in before]
+    finally:
+        for f in glob.glob(str(out / 'sae_sweep*')):
+            os.remove(f)
+    # a --batch_size smaller than the number of processes cannot give each one a row
+    monkeypatch.setattr(TR, 'rank_and_world', lambda: (0, 4))
+    code, err = run_main(TR.main, ['--preset=tiny', '--batch_size=3', *dirs], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, '--batch_size=3', 'with 4 processes')
+
+
 def test_out_dir_naming_a_file_fails_before_training(tmp_path, monkeypatch, capsys):
     (tmp_path / 'a_file').write_text('keep me')
     for out_dir in ('a_file', 'a_file/deeper'):
@@ -2669,6 +2707,29 @@ def test_a_kill_while_writing_leaves_the_previous_file_and_no_temp(tmp_path):
     assert files_under(tmp_path) == ['results.json'] and (tmp_path / 'results.json').read_text() == '{"previous": true}'
 
 
+def test_a_kill_9_while_writing_leaves_the_previous_file_whole(tmp_path):
+    # SIGKILL: no clean-up runs, so the temp file stays beside the intact old file until the next
+    # run that locks the directory (every script's run does) removes it
+    (tmp_path / 'results.json').write_text('{"previous": true}')
+    script = ("import time, data as D\n"
+              "def write(tmp):\n"
+              "    f = open(tmp, 'w'); f.write('{\"rows\": ['); f.flush()\n"
+              "    print('half written', flush=True); time.sleep(60)\n"
+              f"D.atomic_write({{{str(tmp_path / 'results.json')!r}: write}})\n")
+    p = subprocess.Popen([sys.executable, '-c', script], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == 'half written\n'
+        p.kill()
+        p.wait(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == -signal.SIGKILL
+    assert files_under(tmp_path) == ['results.json', f'results.json.tmp{p.pid}']
+    assert json.loads((tmp_path / 'results.json').read_text()) == {'previous': True}
+    with D.lock_dir(str(tmp_path), 'out_dir'):
+        assert files_under(tmp_path) == ['.lock', 'results.json']
+
+
 def test_evaluate_feature_refuses_an_sae_of_another_model(tiny_out, monkeypatch, capsys):
     argv = ['--feature=topk_k4:1', f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out', '--n_train=5', '--n_test=5']
     code, err = run_main(EV.main, argv, monkeypatch, capsys)  # trained on this model: explained
@@ -2721,3 +2782,116 @@ def test_a_second_run_refuses_while_the_first_lives_and_not_once_it_is_killed(tm
         with D.lock_dir(str(tmp_path / 'other'), 'out_dir'):
             raise D.UserError('boom')
     assert not os.path.exists(tmp_path / 'other')
+
+
+# ------------------------------------------------------------------------------------------------
+# kill -9, then --resume: the same files as a run that never stopped (README, "Resume")
+
+# the subprocesses run on one thread like this process (the one_thread fixture), so that on the
+# CPU their sums run in the same order as the in-process reference runs: bit-identical results
+ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+def run_train(args, kill_when=None, timeout=300):
+    """`python train.py args` (args may start with torchrun's: see torchrun()); with `kill_when`,
+    SIGKILLed as soon as that file exists (no clean-up of any kind runs). Returns its output."""
+    cmd = args if args[0] == '-m' else ['train.py', *args]
+    p = subprocess.Popen([sys.executable, *cmd], cwd=HERE, env=ONE_THREAD, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        if kill_when:
+            deadline = time.time() + timeout
+            while not os.path.exists(kill_when) and p.poll() is None and time.time() < deadline:
+                time.sleep(0.005)
+            assert p.poll() is None, f"the run ended before {kill_when} appeared:\n{p.stdout.read()}"
+            os.kill(p.pid, signal.SIGKILL)
+        out = p.communicate(timeout=timeout)[0]
+    finally:
+        p.kill()
+    assert p.returncode == (-signal.SIGKILL if kill_when else 0), out
+    return out
+
+
+KILL_RUN = ['--game=othello', '--preset=tiny', '--max_iters=40', '--eval_interval=5', '--sae_steps=30',
+            '--sae_archs=p_anneal,batch_topk', '--dtype=float32', '--workers=1']
+
+
+@pytest.fixture(scope='module')
+def killed_and_resumed(tmp_path_factory):
+    """A tiny run of both stages, uninterrupted (ref/), and the same run (killed/) SIGKILLed after
+    the LM's first checkpoint, resumed and SIGKILLed after the SAE sweep's first checkpoint, and
+    resumed again. Returns (root, the iter and the sweep step each kill left, the outputs)."""
+    root = tmp_path_factory.mktemp('kill')
+    common = KILL_RUN + [f'--data_dir={root}/data']
+    run_train(common + [f'--out_dir={root}/ref'])
+    killed = common + [f'--out_dir={root}/killed', '--sae_ckpt_minutes=0']  # a sweep checkpoint every step
+    out = root / 'killed' / 'othello'
+    run_train(killed, kill_when=out / 'model.pt')
+    lm_at = torch.load(out / 'model.pt', weights_only=True)['iter']
+    first = run_train(killed + ['--resume'], kill_when=out / 'sae_sweep.pt')
+    sweep = torch.load(out / 'sae_sweep.pt', weights_only=True)
+    second = run_train(killed + ['--resume'])
+    return root, lm_at, (sweep['part'], sweep['state']['step']), first, second
+
+
+def test_a_killed_lm_run_resumes_to_the_same_weights(killed_and_resumed):
+    root, lm_at, _, first, _ = killed_and_resumed
+    assert 0 < lm_at < 40 and f'from iter {lm_at}' in first  # killed mid-run, resumed from there
+    want, got = (torch.load(root / run / 'othello' / 'model.pt', weights_only=True) for run in ('ref', 'killed'))
+    assert got['iter'] == want['iter'] == 40 and got['model'].keys() == want['model'].keys()
+    for k, v in want['model'].items():
+        assert torch.equal(got['model'][k], v), k  # bit for bit: the same batches in the same order
+    assert got['val_loss'] == want['val_loss'] and torch.equal(got['batch_rng'], want['batch_rng'])
+
+
+def test_a_killed_sae_sweep_resumes_to_the_same_saes(killed_and_resumed):
+    root, _, (part, step), _, second = killed_and_resumed
+    assert part == 'saes' and 0 < step < 30 and f'resuming 6 SAEs at step {step} of 30' in second
+    assert 'the LM is done' not in second and 'resuming' in second
+    ref, killed = root / 'ref' / 'othello', root / 'killed' / 'othello'
+    names = files_under(ref / 'saes') + files_under(ref / 'saes_random')
+    assert len(names) == 6 + 2 and files_under(killed) == files_under(ref)  # no checkpoint or temp file left
+    for sub in ('saes', 'saes_random'):
+        for name in files_under(ref / sub):
+            want, got = (torch.load(d / sub / name, weights_only=True) for d in (ref, killed))
+            assert got['cfg'] == want['cfg'] and got['train_state'].keys() == want['train_state'].keys()
+            for k, v in want['state_dict'].items():  # weights, act_scale, dead-latent counters, thresholds
+                assert torch.equal(got['state_dict'][k], v), (name, k)
+            assert got['train_state']['p'] == want['train_state']['p'] and got['train_state']['coef'] == want['train_state']['coef']
+            assert got['extra']['history'] == want['extra']['history'] and got['extra']['final'] == want['extra']['final']
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes: torchrun with 2 processes on the CPU (gloo) against one process
+
+def torchrun(n, *args):
+    """torchrun's command line (through python -m, so no torchrun on the PATH is needed)."""
+    return ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}', 'train.py', *args]
+
+
+def test_two_processes_train_the_one_process_lm_and_saes(killed_and_resumed):
+    root = killed_and_resumed[0]
+    ref = root / 'ref' / 'othello'  # one process, the same options
+    common = KILL_RUN + [f'--data_dir={root}/data']
+    out = run_train(torchrun(2, *common, '--stage=lm', f'--out_dir={root}/ddp'))
+    assert '2 processes (gloo)' in out and out.count('final val loss') == 1  # rank 0 alone logs
+    # the same global batches, split 16 + 16 rows: the gradient is the one-process gradient up to
+    # the order of the float sums, so after 40 steps the weights agree to about 1e-6 here
+    model, ckpt = load_checkpoint(str(root / 'ddp' / 'othello' / 'model.pt'), 'othello')  # in one process
+    want = torch.load(ref / 'model.pt', weights_only=True)
+    assert ckpt['iter'] == 40 and ckpt['val_loss'] == pytest.approx(want['val_loss'], abs=1e-4)
+    for k, v in want['model'].items():
+        assert torch.allclose(ckpt['model'][k], v, rtol=0, atol=1e-4), k
+    # the sweep on 2 processes, on the one-process run's model: each process trains its share
+    # (3 + 3, then 1 + 1 control SAEs), and every file is the one one process wrote, bit for bit
+    os.makedirs(root / 'ddp_sae' / 'othello')
+    shutil.copy(ref / 'model.pt', root / 'ddp_sae' / 'othello' / 'model.pt')
+    out = run_train(torchrun(2, *common, '--stage=sae', f'--out_dir={root}/ddp_sae'))
+    assert "this process's share of 6" in out
+    got = root / 'ddp_sae' / 'othello'
+    assert files_under(got) == files_under(ref)
+    for sub in ('saes', 'saes_random'):
+        for name in files_under(ref / sub):
+            a, b = (torch.load(d / sub / name, weights_only=True) for d in (ref, got))
+            assert all(torch.equal(a['state_dict'][k], b['state_dict'][k]) for k in a['state_dict']), name
+            assert a['extra']['history'] == b['extra']['history']

@@ -3,9 +3,12 @@ The pipeline's entry point: game data (if missing), then the game GPT, then the 
 
 Reads:  data/<game>/{train,val,labels}.pt (made here by data.py if missing)
 Writes: out/<game>/model.pt                (the LM: config, weights, optimizer, legal-move rate)
+        out/<game>/saes/, saes_random/     (the SAE sweep and its random-init control)
+        out/<game>/sae_sweep.pt            (the running sweep's checkpoint; removed when done)
 Run:    python train.py --game othello            (preset: gpu on a GPU, cpu otherwise)
         python train.py --game chess --preset=tiny --max_iters=50
-        python train.py --game chess --resume     (continue the LM from out/chess/model.pt)
+        python train.py --game chess --resume     (continue the stage that was running)
+        torchrun --standalone --nproc_per_node=8 train.py --game othello   (8 processes: README)
 Every option below can be given as --key=value or --key value; the resolved config is printed
 and saved in the checkpoint.
 """
@@ -16,14 +19,17 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as D
 import metrics
 from model import GPT, GPTConfig, choose_device, choose_precision, load_checkpoint, save_checkpoint
-from sae import ARCHS, make_sae, save as save_sae, train_step
+from sae import ARCHS, from_dict as sae_from_dict, make_sae, save as save_sae, to_dict as sae_to_dict, train_step
 
 
 @dataclass
@@ -84,6 +90,7 @@ class TrainConfig:
     anneal_start: float = 0.2   # p-annealing starts at this fraction of training
     sae_buffer: int = 65536     # activations held and shuffled between model passes
     sae_log_interval: int = 250
+    sae_ckpt_minutes: float = 5.0  # checkpoint the whole sweep this often, for --resume (0: after every step)
     control: str = 'one'        # random-init control: one (per arch, middle setting) | sweep | none
 
 
@@ -163,7 +170,7 @@ def build_config(argv):
         'sae_expansion': positive, 'sae_steps': positive, 'sae_minutes': D.NON_NEGATIVE_REAL,
         'sae_batch': positive, 'sae_lr': D.POSITIVE_REAL, 'sae_warmup': positive, 'anneal_start': D.FRACTION,
         'sae_buffer': (lambda v: v >= cfg.sae_batch, f'at least --sae_batch={cfg.sae_batch}'),
-        'sae_log_interval': positive})
+        'sae_log_interval': positive, 'sae_ckpt_minutes': D.NON_NEGATIVE_REAL})
     if cfg.stage != 'sae' and not cfg.resume:  # else the checkpoint's n_layer decides, once loaded
         check_layer(cfg, cfg.n_layer, f'--n_layer={cfg.n_layer}')
     return cfg
@@ -189,11 +196,12 @@ def sae_archs(cfg):
 def ensure_data(cfg, log=print):
     """Make the data set if any of its files is missing; load train and val tokens."""
     paths = D.data_paths(cfg.game, cfg.data_dir)
-    if not all(os.path.exists(p) for p in paths.values()):
+    if rank_and_world()[0] == 0 and not all(os.path.exists(p) for p in paths.values()):
         log(f"data: {os.path.dirname(paths['train'])}/ incomplete, generating it")
         D.prepare(D.DataConfig(game=cfg.game, n_games=cfg.n_games, n_val=cfg.n_val, source=cfg.source,
                                max_chars=cfg.block_size + 1, n_label_games=cfg.n_label_games,
                                seed=cfg.seed, workers=cfg.workers, data_dir=cfg.data_dir), log=log)
+    barrier()  # under torchrun the others wait for rank 0 to make the data
     train, val = (D.load_data(cfg.game, s, cfg.data_dir) for s in ('train', 'val'))
     T = train['tokens'].shape[1]
     if T < cfg.block_size + 1:
@@ -227,6 +235,30 @@ def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+# Several processes (torchrun): main sets up torch.distributed; these read it, and do nothing
+# special in one process.
+
+def rank_and_world():
+    """(this process's rank, the number of processes): (0, 1) unless torchrun started several."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def barrier():
+    """Wait until every process is here (one process: return at once)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def agree(value, op):
+    """`value` reduced over the processes by `op` (dist.ReduceOp.MIN, MAX...): the one value all
+    of them then use. One process: `value`."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+    dist.all_reduce(t, op=op)
+    return type(value)(t.item())
+
+
 def train_lm(cfg, log=print, precision=''):
     """The LM stage: returns the path of the checkpoint it wrote. precision: why cfg.dtype was
     chosen (saved in the checkpoint beside the dtype)."""
@@ -238,10 +270,13 @@ def train_lm(cfg, log=print, precision=''):
         if ckpt['model_config']['block_size'] != cfg.block_size:
             raise D.UserError(f"{ckpt_path} has context {ckpt['model_config']['block_size']}, "
                               f"not {cfg.block_size}: pass --block_size={ckpt['model_config']['block_size']}")
-        if ckpt['iter'] >= cfg.max_iters:
-            raise D.UserError(f"{ckpt_path} is at iter {ckpt['iter']}: --max_iters must be above it to continue")
         if cfg.stage == 'all':
             check_layer(cfg, model.config.n_layer, f"{ckpt_path} has {model.config.n_layer} layers")
+        if ckpt['iter'] >= cfg.max_iters and cfg.stage == 'all':  # killed after the LM: on to the SAEs
+            log(f"{ckpt_path} is at iter {ckpt['iter']} of --max_iters={cfg.max_iters}: the LM is done")
+            return ckpt_path
+        if ckpt['iter'] >= cfg.max_iters:
+            raise D.UserError(f"{ckpt_path} is at iter {ckpt['iter']}: --max_iters must be above it to continue")
     train, val = ensure_data(cfg)
     T = cfg.block_size + 1
     train_tok, val_tok = train['tokens'][:, :T], val['tokens'][:, :T]  # (N, T) uint8
@@ -254,8 +289,13 @@ def train_lm(cfg, log=print, precision=''):
         t1 = time.time()
         soft = D.othello_legal_bitboards(train_tok, workers=cfg.workers, progress=log)[:, :-1]
         log(f"soft targets: legal moves of {len(train_tok)} train games in {time.time() - t1:.1f}s")
-    elif cfg.soft_targets:
-        soft = D.load_chess_soft_targets(cfg.data_dir, cfg.workers, log)[:, :T - 1]
+    elif cfg.soft_targets:  # kept with the data: rank 0 makes them if missing, the others then read them
+        if rank_and_world()[0] == 0:
+            soft = D.load_chess_soft_targets(cfg.data_dir, cfg.workers, log)
+        barrier()
+        if soft is None:
+            soft = D.load_chess_soft_targets(cfg.data_dir, cfg.workers, log)
+        soft = soft[:, :T - 1]
 
     start_iter = 0
     if cfg.resume:
@@ -268,11 +308,24 @@ def train_lm(cfg, log=print, precision=''):
     if cfg.resume:
         optimizer.load_state_dict(ckpt['optimizer'])
     log(f"model: {model.n_params() / 1e6:.2f}M parameters, {model.config}")
-    fwd = torch.compile(model) if cfg.compile else model
+    raw_fwd = torch.compile(model) if cfg.compile else model
+    # under torchrun, DDP averages the gradients of the processes in backward; each process takes
+    # its rows of every batch (batch_size // world or one more), so the batch is the same for any world
+    rank, world = rank_and_world()
+    fwd = DDP(raw_fwd, device_ids=[cfg.device] if cfg.device.startswith('cuda') else None) if world > 1 else raw_fwd
+    mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    n_targets = lambda y: (y.sum(-1) > 0 if cfg.soft_targets else y != pad_id).sum()  # the loss's mean is over these
     autocast = autocast_for(cfg)
     # fp16 (CUDA GPUs without bf16 units) scales the loss so small gradients survive; a no-op otherwise
     scaler = torch.amp.GradScaler('cuda' if cfg.device.startswith('cuda') else 'cpu', enabled=cfg.dtype == 'float16')
-    gen = torch.Generator().manual_seed(cfg.seed + start_iter)  # batches differ after a resume
+    # the training batches' generator: saved in every checkpoint and restored on --resume, so a
+    # resumed run draws the batches the unstopped run would have drawn
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.resume and 'batch_rng' in ckpt:
+        gen.set_state(ckpt['batch_rng'])
+        torch.set_rng_state(ckpt['rng'])  # dropout's draws
+    elif cfg.resume:  # a checkpoint from before the generator was saved: other batches from here
+        gen.manual_seed(cfg.seed + start_iter)
 
     def batch(tokens, soft=None):
         """A random batch: inputs (B, T) and targets, token ids (B, T) or, given soft targets,
@@ -288,37 +341,50 @@ def train_lm(cfg, log=print, precision=''):
 
     @torch.no_grad()
     def val_loss():
+        # the same val batches at every eval, drawn from their own seed; the training draws then
+        # go on from where they were, so evals do not change which batches the training sees
+        train_draws = gen.get_state()
+        gen.manual_seed(cfg.seed + 1)
         model.eval()
-        losses = [fwd(*batch(val_tok))[1].item() for _ in range(cfg.eval_iters)]
+        losses = [raw_fwd(*batch(val_tok))[1].item() for _ in range(cfg.eval_iters)]
         model.train()
+        gen.set_state(train_draws)
         return sum(losses) / len(losses)
 
     def save(it, **extra):
         save_checkpoint(ckpt_path, model, cfg.game, {
             'iter': it, 'train_config': dataclasses.asdict(cfg), 'optimizer': optimizer.state_dict(),
-            'data_config': train['config'], 'precision': {'dtype': cfg.dtype, 'reason': precision}, **extra})
+            'data_config': train['config'], 'precision': {'dtype': cfg.dtype, 'reason': precision},
+            'batch_rng': gen.get_state(), 'rng': torch.get_rng_state(), **extra})
 
     model.train()
     t0 = now()
     tokens_seen = 0
     loss = None
     budget = cfg.lm_minutes * 60  # seconds; 0: no time limit
-    clock = lambda: (now() - t0) / budget if budget > 0 else 0.0  # fraction of the budget used
+    # the fraction of the budget used; under torchrun the largest of the processes', so that all
+    # take the same lr and stop together
+    clock = lambda: agree((now() - t0) / budget, dist.ReduceOp.MAX) if budget > 0 else 0.0
     last_iter = start_iter
     for it in range(start_iter, cfg.max_iters):
         lr = lr_at(it, cfg, clock())
         for group in optimizer.param_groups:
             group['lr'] = lr
-        x, y = batch(train_tok, soft)
+        x, y = batch(train_tok, soft)  # every process draws the same batch, (B, T)
+        n_batch = n_targets(y)
+        x, y = x[mine], y[mine]
         with autocast():
             _, loss = fwd(x, y)
+        # each process's mean loss weighted by its share of the batch's targets (times world, as
+        # DDP averages): the gradient is the one-process gradient of the whole batch's mean loss
+        loss = loss * (n_targets(y) * world / n_batch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)  # skipped where an fp16 gradient overflowed
         scaler.update()
-        tokens_seen += (y.sum(-1) > 0 if cfg.soft_targets else y != pad_id).sum()  # a tensor: no sync per step
+        tokens_seen += n_batch  # a tensor: no sync per step
         done, last_iter = it + 1 - start_iter, it + 1
         out_of_time = clock() >= 1
         if done == 20 and it + 1 < cfg.max_iters:  # a first estimate, before the first log line
@@ -330,17 +396,20 @@ def train_lm(cfg, log=print, precision=''):
             eta = elapsed / done * (cfg.max_iters - it - 1)
             if budget > 0:
                 eta = min(eta, max(0.0, budget - elapsed))
-            log(f"iter {it + 1}/{cfg.max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | "
+            loss_all = agree(loss.item(), dist.ReduceOp.SUM) / world  # the whole batch's mean loss
+            log(f"iter {it + 1}/{cfg.max_iters} | loss {loss_all:.4f} | lr {lr:.2e} | "
                 f"{tokens_seen.item() / elapsed / 1e3:.1f}k tok/s | ETA {fmt_time(eta)}")
         if out_of_time:
             if it + 1 < cfg.max_iters:
                 log(f"--lm_minutes={cfg.lm_minutes:g} used up: stopping at iter {it + 1} of {cfg.max_iters}")
             break
-        if (it + 1) % cfg.eval_interval == 0 and it + 1 < cfg.max_iters:
+        if (it + 1) % cfg.eval_interval == 0 and it + 1 < cfg.max_iters and rank == 0:
             vl = val_loss()
             log(f"iter {it + 1}: val loss {vl:.4f}")
             save(it + 1, val_loss=vl)
     train_seconds = now() - t0
+    if rank != 0:  # rank 0 alone evaluates and writes
+        return ckpt_path
     vl = val_loss()
     log(f"final val loss {vl:.4f} ({fmt_time(train_seconds)} training)")
     t1 = time.time()
@@ -382,72 +451,109 @@ def sae_name(arch, setting):
     return arch + ''.join(f'_{k}{v:g}' for k, v in setting.items())
 
 
-def activation_batches(model, tokens, layer, pad_id, cfg, seed):
+class ActivationStream:
     """Endless (sae_batch, d) fp32 batches of the residual stream after block `layer` at the
-    non-pad positions of random games, shuffled across games within a buffer of sae_buffer."""
-    gen = torch.Generator().manual_seed(seed)
-    autocast = autocast_for(cfg)
-    while True:
+    non-pad positions of random games, shuffled across games within a buffer of sae_buffer.
+    Restartable: state() is the generator's state when the current buffer was filled and the
+    number of batches taken from it; ActivationStream(..., state=that) fills that buffer again
+    and goes on with the very batches the stream it came from would have given."""
+
+    def __init__(self, model, tokens, layer, pad_id, cfg, seed, state=None):
+        self.model, self.tokens, self.layer, self.pad_id, self.cfg = model, tokens, layer, pad_id, cfg
+        self.gen = torch.Generator().manual_seed(seed)
+        if state is not None:
+            self.gen.set_state(state['rng'])
+        self._fill()
+        self.taken = state['taken'] if state is not None else 0
+
+    def _fill(self):
+        cfg, autocast = self.cfg, autocast_for(self.cfg)
+        self.filled_from = self.gen.get_state()
         chunks, n = [], 0
         while n < cfg.sae_buffer:
-            idx = torch.randint(len(tokens), (64,), generator=gen)
-            x = tokens[idx, :-1].long().to(cfg.device)  # (64, T)
+            idx = torch.randint(len(self.tokens), (64,), generator=self.gen)
+            x = self.tokens[idx, :-1].long().to(cfg.device)  # (64, T)
             with torch.no_grad(), autocast():
-                resid = model.residual(x, layer)  # (64, T, d)
-            chunks.append(resid[x != pad_id].float())  # (n_valid, d)
+                resid = self.model.residual(x, self.layer)  # (64, T, d)
+            chunks.append(resid[x != self.pad_id].float())  # (n_valid, d)
             n += len(chunks[-1])
-        buffer = torch.cat(chunks)
-        perm = torch.randperm(len(buffer), generator=gen).to(buffer.device)
-        for i in range(0, len(buffer) - cfg.sae_batch + 1, cfg.sae_batch):
-            yield buffer[perm[i:i + cfg.sae_batch]]
+        self.buffer = torch.cat(chunks)  # (n, d), n >= sae_buffer
+        self.perm = torch.randperm(len(self.buffer), generator=self.gen).to(self.buffer.device)
+        self.taken = 0
+
+    def state(self):
+        return {'rng': self.filled_from, 'taken': self.taken}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        B = self.cfg.sae_batch
+        if (self.taken + 1) * B > len(self.buffer):
+            self._fill()
+        self.taken += 1
+        return self.buffer[self.perm[(self.taken - 1) * B:self.taken * B]]
 
 
 SAE_TIMING_STEPS = 20  # --sae_minutes: steps timed before the step count is fitted to the budget
 
 
-def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out_dir, log=print, n_steps=None):
+def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out_dir, log=print, n_steps=None,
+                    resume=None, checkpoint=None):
     """Train every SAE of `sweep` [(arch, setting)] on the same activation batches (the model
-    runs once per batch, not once per SAE) and save each to out_dir/<name>.pt. Steps: n_steps,
-    else cfg.sae_steps, fewer if --sae_minutes says so (at least 5 x SAE_TIMING_STEPS).
-    Returns one dict per SAE: its name, final scores, speed and the steps it trained."""
+    runs once per batch, not once per SAE) and save each to out_dir/<name>.pt. Under torchrun
+    each process trains its share, sweep[rank::world], on the batches it computes itself: the
+    same batches, so the same files as one process writes. Steps: n_steps, else cfg.sae_steps,
+    fewer if --sae_minutes says so (at least 5 x SAE_TIMING_STEPS).
+    Every --sae_ckpt_minutes `checkpoint(state)` gets the whole sweep's state (each SAE with its
+    training state and optimizer, the step, the stream's position, the logs so far); `resume`,
+    such a state, continues the sweep from it. Returns (one dict per SAE of this process: its
+    name, final scores, speed and the steps it trained; the steps)."""
+    rank, world = rank_and_world()
     layer = cfg.layer if cfg.layer >= 0 else default_layer(model.config.n_layer)
     d_in = model.config.n_embd
     d_sae = cfg.sae_expansion * d_in
     model.eval()
-    stream = activation_batches(model, tokens, layer, pad_id, cfg, cfg.seed)
-    held_out = next(activation_batches(model, val_tokens, layer, pad_id,
-                                       dataclasses.replace(cfg, sae_batch=8192, sae_buffer=8192), cfg.seed + 1))
-    first = next(stream)  # normalisation and b_dec come from the first training batch
+    held_out = next(ActivationStream(model, val_tokens, layer, pad_id,
+                                     dataclasses.replace(cfg, sae_batch=8192, sae_buffer=8192), cfg.seed + 1))
     saes, optimizers = {}, {}
-    fit_to_budget = n_steps is None and cfg.sae_minutes > 0 and cfg.sae_steps > 5 * SAE_TIMING_STEPS
-    n_steps = n_steps or cfg.sae_steps
-    torch.manual_seed(cfg.seed)
-    for arch, setting in sweep:
-        kwargs = dict(setting, total_steps=n_steps)
-        # the config's SAE options go to the architectures whose constructor takes them
-        # (p-annealing's anneal_start), read from the signature rather than from arch names
-        takes = inspect.signature(ARCHS[arch]).parameters
-        kwargs.update({key: getattr(cfg, key) for key in SAE_OPTIONS if key in takes})
-        sae = make_sae(arch, d_in, d_sae, **kwargs).to(cfg.device)
-        sae.set_act_scale(first)
-        sae.init_b_dec(first)
-        saes[sae_name(arch, setting)] = sae.train()
-        optimizers[sae_name(arch, setting)] = sae.make_optimizer(cfg.sae_lr)
-    log(f"sae: {len(saes)} SAEs, d_in {d_in} -> d_sae {d_sae}, layer {layer}, {n_steps} steps x "
-        f"{cfg.sae_batch} activations, into {out_dir}/" + (f" (at most {cfg.sae_minutes:g} min)" if fit_to_budget else ""))
-    seconds = dict.fromkeys(saes, 0.0)
-    window = {name: [] for name in saes}
-    history = {name: [] for name in saes}
-    t0 = now()
-    step = 0
+    mine = list(enumerate(sweep))[rank::world]
+    if resume is None:
+        stream = ActivationStream(model, tokens, layer, pad_id, cfg, cfg.seed)
+        first = next(stream)  # normalisation and b_dec come from the first training batch
+        fit_to_budget = n_steps is None and cfg.sae_minutes > 0 and cfg.sae_steps > 5 * SAE_TIMING_STEPS
+        n_steps = n_steps or cfg.sae_steps
+        for i, (arch, setting) in mine:
+            kwargs = dict(setting, total_steps=n_steps)
+            # the config's SAE options go to the architectures whose constructor takes them
+            # (p-annealing's anneal_start), read from the signature rather than from arch names
+            takes = inspect.signature(ARCHS[arch]).parameters
+            kwargs.update({key: getattr(cfg, key) for key in SAE_OPTIONS if key in takes})
+            torch.manual_seed(cfg.seed * 1000 + i)  # its own seed: the same init in any process
+            sae = make_sae(arch, d_in, d_sae, **kwargs).to(cfg.device)
+            sae.set_act_scale(first)
+            sae.init_b_dec(first)
+            saes[sae_name(arch, setting)] = sae.train()
+            optimizers[sae_name(arch, setting)] = sae.make_optimizer(cfg.sae_lr)
+        seconds = dict.fromkeys(saes, 0.0)
+        window = {name: [] for name in saes}
+        history = {name: [] for name in saes}
+        step = 0
+    else:
+        stream = ActivationStream(model, tokens, layer, pad_id, cfg, cfg.seed, state=resume['stream'])
+        fit_to_budget, n_steps, step = resume['fit_to_budget'], resume['n_steps'], resume['step']
+        for name, saved in resume['saes'].items():
+            saes[name] = sae_from_dict(saved, cfg.device).train()
+            optimizers[name] = saes[name].make_optimizer(cfg.sae_lr)
+            optimizers[name].load_state_dict(resume['optimizers'][name])
+        seconds, window, history = resume['seconds'], resume['window'], resume['history']
+        log(f"sae: resuming {len(saes)} SAEs at step {step} of {n_steps}")
+    log(f"sae: {len(saes)} SAEs" + (f" (this process's share of {len(sweep)})" if world > 1 else "") +
+        f", d_in {d_in} -> d_sae {d_sae}, layer {layer}, {n_steps} steps x {cfg.sae_batch} activations, "
+        f"into {out_dir}/" + (f" (at most {cfg.sae_minutes:g} min)" if fit_to_budget else ""))
+    t0 = saved_at = now()
+    start = step
     while step < n_steps:
-        if fit_to_budget and step == SAE_TIMING_STEPS:
-            # time per step so far, with 10% to spare for the buffer refills still to come
-            per_step = 1.1 * (now() - t0) / step
-            n_steps = max(5 * SAE_TIMING_STEPS, min(n_steps, int(cfg.sae_minutes * 60 / per_step)))
-            for sae in saes.values():
-                sae.set_total_steps(n_steps)
-            log(f"sae: {per_step:.3f}s a step: {n_steps} steps fit in --sae_minutes={cfg.sae_minutes:g}")
         x = first if step == 0 else next(stream)
         # linear warm-up, constant, then linear decay over the last 20% of steps
         lr = cfg.sae_lr * min(1.0, (step + 1) / cfg.sae_warmup, 5 * (1 - step / n_steps))
@@ -455,11 +561,21 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             t = time.perf_counter()
             window[name].append(train_step(sae, optimizers[name], x, step, lr))
             seconds[name] += time.perf_counter() - t
+        if fit_to_budget and step + 1 == SAE_TIMING_STEPS:
+            # time per step so far, with 10% to spare for the buffer refills still to come; under
+            # torchrun every process takes the smallest count, so the control's steps agree
+            per_step = 1.1 * (now() - t0) / (step + 1 - start)
+            n_steps = max(5 * SAE_TIMING_STEPS, min(n_steps, int(cfg.sae_minutes * 60 / per_step)))
+            n_steps = agree(n_steps, dist.ReduceOp.MIN)
+            for sae in saes.values():
+                sae.set_total_steps(n_steps)
+            fit_to_budget = False
+            log(f"sae: {per_step:.3f}s a step: {n_steps} steps fit in --sae_minutes={cfg.sae_minutes:g}")
         if (step + 1) % cfg.sae_log_interval == 0 or step + 1 == n_steps:
             elapsed = now() - t0
-            rate = (step + 1) * cfg.sae_batch / elapsed  # activations through the whole sweep per second
+            rate = (step + 1 - start) * cfg.sae_batch / elapsed  # activations through the whole sweep per second
             log(f"sae step {step + 1}/{n_steps} | {rate / 1e3:.1f}k act/s through all {len(saes)} SAEs "
-                f"({rate * len(saes) / 1e3:.0f}k SAE-act/s) | ETA {fmt_time(elapsed / (step + 1) * (n_steps - step - 1))}")
+                f"({rate * len(saes) / 1e3:.0f}k SAE-act/s) | ETA {fmt_time(elapsed / (step + 1 - start) * (n_steps - step - 1))}")
             for name, sae in saes.items():
                 mse = sum(s['mse'] for s in window[name]) / len(window[name])
                 ev = metrics.sae_scores(sae, held_out)
@@ -468,6 +584,12 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
                 log(f"  {name:24s} mse {mse:8.3f} | L0 {ev['l0']:6.1f} | expl. var. {ev['explained_variance']:.3f} | "
                     f"dead {ev['dead_fraction']:.3f} | p {sae.p:.2f}")
         step += 1
+        if checkpoint and step < n_steps and now() - saved_at >= cfg.sae_ckpt_minutes * 60:
+            checkpoint({'step': step, 'n_steps': n_steps, 'fit_to_budget': fit_to_budget, 'stream': stream.state(),
+                        'saes': {name: sae_to_dict(sae) for name, sae in saes.items()},
+                        'optimizers': {name: opt.state_dict() for name, opt in optimizers.items()},
+                        'seconds': seconds, 'window': window, 'history': history})
+            saved_at = now()
     results = []
     for name, sae in saes.items():
         final = metrics.sae_scores(sae, held_out)
@@ -477,65 +599,146 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             'train_config': dataclasses.asdict(cfg), 'final': final, 'history': history[name],
             'acts_per_s': acts_per_s, 'steps': n_steps})
         results.append({'name': name, **final, 'acts_per_s': acts_per_s, 'steps': n_steps})
+    if not results:  # more processes than SAEs: this one had none
+        return results, n_steps
     log(f"sae: wrote {len(saes)} SAEs to {out_dir}/ in {fmt_time(now() - t0)}; "
         f"per SAE {min(r['acts_per_s'] for r in results) / 1e3:.1f}k-{max(r['acts_per_s'] for r in results) / 1e3:.1f}k act/s")
     for r in results:
         log(f"  {r['name']:24s} expl. var. {r['explained_variance']:.3f} | L0 {r['l0']:6.1f} | dead {r['dead_fraction']:.3f} | "
             f"{r['acts_per_s'] / 1e3:.1f}k act/s")
-    others = sorted({os.path.basename(p)[:-3] for p in glob.glob(os.path.join(out_dir, '*.pt'))} - set(saes))
+    others = sorted({os.path.basename(p)[:-3] for p in glob.glob(os.path.join(out_dir, '*.pt'))} - {sae_name(*s) for s in sweep})
     if others:  # kept, never deleted: they may be a user's own runs
         log(f"note: {out_dir}/ also holds {len(others)} SAEs this run did not write ({', '.join(others)}); "
             f"evaluate.py scores every SAE trained on the current model: delete those files to leave them out")
-    return results
+    return results, n_steps
+
+
+SWEEP_FORMAT = 'boardgame-saes/sae-sweep'
+
+
+def sweep_checkpoint(cfg):
+    """The SAE stage's checkpoint (one per process under torchrun: each holds its share)."""
+    rank, world = rank_and_world()
+    name = 'sae_sweep.pt' if world == 1 else f'sae_sweep.{rank}of{world}.pt'
+    return os.path.join(cfg.out_dir, cfg.game, name)
+
+
+def sweep_options(cfg):
+    """The options a resumed sweep must share with the one it continues."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if (k.startswith('sae_') and k != 'sae_ckpt_minutes') or k in ('game', 'seed', 'layer', 'anneal_start', 'control')}
 
 
 def train_saes(cfg, log=print):
-    """The SAE stage: the sweep on the trained model, then the control on a random-init model."""
+    """The SAE stage: the sweep on the trained model, then the control on a random-init model.
+    Its checkpoint (sweep_checkpoint) holds the part running (saes: the trained model's sweep;
+    saes_random: the control), what the finished part returned and the running part's state; it
+    is removed once the stage is done. --resume continues from it."""
     ckpt_path = os.path.join(cfg.out_dir, cfg.game, 'model.pt')
     model, ckpt = load_checkpoint(ckpt_path, cfg.game, cfg.device)
     check_layer(cfg, model.config.n_layer, f"{ckpt_path} has {model.config.n_layer} layers")
-    train, val = ensure_data(cfg)
+    model_id = {'path': ckpt_path, 'iter': ckpt['iter'], 'sha256': D.file_digest(ckpt_path), 'random_init': False}
+    sweep_path = sweep_checkpoint(cfg)
+    saved = {'part': 'saes', 'state': None}
+    if not cfg.resume and os.path.exists(sweep_path):  # a killed sweep's: this one starts over
+        os.remove(sweep_path)
+    if cfg.resume and os.path.exists(sweep_path):
+        saved = D.load_file(sweep_path, SWEEP_FORMAT, f'python train.py --game {cfg.game} --stage sae')
+        if saved['model_sha256'] != model_id['sha256']:
+            raise D.UserError(f"{sweep_path} is a sweep on another {ckpt_path}: run without --resume to start the sweep over")
+        for key, value in saved['options'].items():
+            if value != getattr(cfg, key):
+                raise D.UserError(f"{sweep_path} is a sweep with --{key}={value}: resume with it "
+                                  f"(or run without --resume to start the sweep over)")
+        log(f"sae: resuming {sweep_path} ({saved['part']})")
+
+    def checkpointer(part, done=None):
+        return lambda state: D.atomic_save({'format': SWEEP_FORMAT, 'version': D.FORMAT_VERSION, 'part': part,
+                                            'done': done, 'state': state, 'model_sha256': model_id['sha256'],
+                                            'options': sweep_options(cfg)}, sweep_path)
+
+    train, val = ensure_data(cfg, log)
     T = model.config.block_size + 1
     tokens, val_tokens = train['tokens'][:, :T], val['tokens'][:, :T]
     archs = sae_archs(cfg)
     sweep = [(a, s) for a in archs for s in SWEEP[a]]
-    model_id = {'path': ckpt_path, 'iter': ckpt['iter'], 'sha256': D.file_digest(ckpt_path), 'random_init': False}
-    results = train_sae_sweep(cfg, model, model_id, tokens, val_tokens, train['pad_id'], sweep,
-                              os.path.join(cfg.out_dir, cfg.game, 'saes'), log)
+    if saved['part'] == 'saes':
+        done = train_sae_sweep(cfg, model, model_id, tokens, val_tokens, train['pad_id'], sweep,
+                               os.path.join(cfg.out_dir, cfg.game, 'saes'), log,
+                               resume=saved['state'], checkpoint=checkpointer('saes'))
+        saved = {'part': 'saes_random', 'state': None}
+    else:
+        done = saved['done']
+    results, n_steps = done
     if cfg.control != 'none':
         # the paper's control: the same shape, never trained
         torch.manual_seed(cfg.seed + 1)
         random_model = GPT(model.config).to(cfg.device)
         random_path = os.path.join(cfg.out_dir, cfg.game, 'model_random.pt')
-        save_checkpoint(random_path, random_model, cfg.game, {'iter': 0, 'random_init': True,
-                                                               'train_config': dataclasses.asdict(cfg)})
+        if rank_and_world()[0] == 0:
+            save_checkpoint(random_path, random_model, cfg.game, {'iter': 0, 'random_init': True,
+                                                                   'train_config': dataclasses.asdict(cfg)})
+        barrier()  # written before any process reads its digest
         random_id = {'path': random_path, 'iter': 0, 'sha256': D.file_digest(random_path), 'random_init': True}
         control = sweep if cfg.control == 'sweep' else [(a, SWEEP[a][len(SWEEP[a]) // 2]) for a in archs]
         log(f"sae: control on a random-init model ({len(control)} SAEs)")
         # as many steps as the trained model's SAEs had (fewer than sae_steps under --sae_minutes)
-        results += train_sae_sweep(cfg, random_model, random_id, tokens, val_tokens, train['pad_id'], control,
-                                   os.path.join(cfg.out_dir, cfg.game, 'saes_random'), log, n_steps=results[0]['steps'])
+        results = results + train_sae_sweep(cfg, random_model, random_id, tokens, val_tokens, train['pad_id'], control,
+                                            os.path.join(cfg.out_dir, cfg.game, 'saes_random'), log, n_steps=n_steps,
+                                            resume=saved['state'], checkpoint=checkpointer('saes_random', done))[0]
+    if os.path.exists(sweep_path):  # done: a later --resume must not start this sweep again
+        os.remove(sweep_path)
     return results
 
 
 def main(argv):
     cfg = build_config(argv)
+    # several processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE in each (README, "Several
+    # processes"); process LOCAL_RANK of a machine takes its GPU of that number
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:
+        if cfg.device.startswith('cuda'):
+            cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(cfg.device)
+        # the others wait for rank 0 while it makes missing data: allow an hour
+        dist.init_process_group('nccl' if cfg.device.startswith('cuda') else 'gloo', timeout=timedelta(hours=1))
+    rank, world = rank_and_world()
+    if cfg.batch_size < world:
+        raise D.UserError(f"train.py: --batch_size={cfg.batch_size} is not allowed with {world} processes: "
+                          f"use at least {world} (each process takes batch_size // {world} rows or one more)")
+    log = print if rank == 0 else (lambda *args: None)  # rank 0 alone logs
     cfg.dtype, precision = choose_precision(cfg.dtype, cfg.device, cfg.n_embd)
+    if ddp:  # rank 0's measurement decides for all: a close call could go either way in each
+        choice = [cfg.dtype, precision]
+        dist.broadcast_object_list(choice, src=0)
+        cfg.dtype, precision = choice
     out = os.path.join(cfg.out_dir, cfg.game)
     for sub in ('saes', 'saes_random'):  # fail now, not after the LM has trained
         D.check_output_dir(os.path.join(out, sub), 'out_dir')
-    print(f"train.py config: {dataclasses.asdict(cfg)}")
-    print(f"precision: {cfg.dtype} ({precision})")
+    # --resume continues the stage that was running: the SAE sweep where its checkpoint exists
+    sweeps = glob.glob(os.path.join(glob.escape(out), 'sae_sweep*.pt'))
+    resume_sweep = cfg.resume and cfg.stage != 'lm' and os.path.exists(sweep_checkpoint(cfg))
+    if cfg.resume and cfg.stage != 'lm' and sweeps and not resume_sweep:
+        raise D.UserError(f"{sweeps[0]} is the checkpoint of a sweep on another number of processes: resume "
+                          f"with that number (torchrun --nproc_per_node), or delete it to start the sweep over")
+    log(f"train.py config: {dataclasses.asdict(cfg)}")
+    log(f"precision: {cfg.dtype} ({precision})" + (f"; {world} processes ({dist.get_backend()})" if ddp else ""))
     t0 = time.time()
-    with D.lock_dir(out, 'out_dir'):  # a second run on this out_dir refuses at once
-        if cfg.stage in ('lm', 'all'):
-            train_lm(cfg, precision=precision)
-            print(f"LM stage done in {fmt_time(time.time() - t0)}")
+    # a second run on this out_dir refuses at once; under torchrun rank 0 holds the lock for all
+    with D.lock_dir(out, 'out_dir') if rank == 0 else nullcontext():
+        barrier()  # the others start once rank 0 holds the lock (and has removed a killed run's temp files)
+        if cfg.stage in ('lm', 'all') and not resume_sweep:
+            train_lm(cfg, log, precision=precision)
+            barrier()  # every process's SAE stage reads the model.pt rank 0 wrote
+            log(f"LM stage done in {fmt_time(time.time() - t0)}")
         if cfg.stage in ('sae', 'all'):
             t1 = time.time()
-            train_saes(cfg)
-            print(f"SAE stage done in {fmt_time(time.time() - t1)}")
-    print(f"train.py done in {fmt_time(time.time() - t0)}; next: python evaluate.py --game {cfg.game}")
+            train_saes(cfg, log)
+            log(f"SAE stage done in {fmt_time(time.time() - t1)}")
+        barrier()  # rank 0 keeps the lock until every process has written its files
+    log(f"train.py done in {fmt_time(time.time() - t0)}; next: python evaluate.py --game {cfg.game}")
+    if ddp:
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':
