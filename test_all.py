@@ -1129,8 +1129,8 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     (['train.py', '--game=go'], 'unknown game'),
     (['train.py', '--max_iters=many'], 'not a valid int'),
     (['data.py', '--game=checkers'], 'unknown game'),
-    (['train.py', '--game=chess', '--soft_targets=True'], 'Othello only'),
-    (['train.py', '--game=chess', '--preset=gpu'], 'sized for othello only'),
+    (['train.py', '--game=chess', '--soft_targets=True', '--source=stockfish'], 'needs random games'),
+    (['train.py', '--game=othello', '--block_size=60'], 'at most 59'),
     (['train.py', '--preset=huge'], 'unknown preset'),
 ])
 def test_bad_options_give_one_clear_line(args, message, tmp_path):
