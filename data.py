@@ -583,7 +583,7 @@ def chess_next_char_counts(transcript):
     Cost: the SAN of a move is its body (san_bodies) and a check suffix ('+' or '#') found by
     playing the move. Only a move whose body is a prefix of the text typed can need its suffix,
     so only those (the move played, and 'O-O' under 'O-O-O') are played; the rest are counted
-    from their bodies. About 10x faster than python-chess's san() for every legal move.
+    from their bodies: about 4x faster than python-chess's san() for every legal move.
     DataError if the text is not a legal game.
     """
     n = len(transcript)
@@ -670,7 +670,7 @@ def _soft_counts_job(tokens):
 
 def load_chess_soft_targets(data_dir='data', workers=1, log=print):
     """The soft-target counts (chess_soft_target_counts) of data/chess/train.pt, kept beside it in
-    soft_targets.pt (made once, about 10 ms a game; remade when train.pt changes)."""
+    soft_targets.pt (made once, about 12 ms of CPU a game; remade when train.pt changes)."""
     game_dir = os.path.join(data_dir, 'chess')
     path, train_path = os.path.join(game_dir, 'soft_targets.pt'), data_paths('chess', data_dir)['train']
     digest = file_digest(train_path)

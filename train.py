@@ -112,7 +112,7 @@ PRESETS = {
     # gpu (the default on CUDA): the paper's model shape in about 10 minutes on one GPU (README:
     # measured on an H200), by the clock: 3.3 minutes of LM, 1.3 of SAE sweep; a slower GPU trains
     # fewer steps. Chess: the 256 characters the evaluation scores (the first 20 '.'), exact soft
-    # targets (computed on the CPU, about 10 ms a game per process, then kept with the data)
+    # targets (computed on the CPU, about 12 ms of CPU a game, then kept with the data)
     'gpu': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'batch_size': 512, 'lr': 1e-3, 'min_lr': 1e-4,
              'warmup_iters': 300, 'max_iters': 100_000, 'lm_minutes': 3.3, 'eval_interval': 2000, 'log_interval': 250,
              'workers': min(16, os.cpu_count() or 1), 'sae_batch': 8192, 'sae_buffer': 1 << 20, 'sae_steps': 30_000,
