@@ -375,9 +375,10 @@ def train_lm(cfg, log=print, precision=''):
         x, y = x[mine], y[mine]
         with autocast():
             _, loss = fwd(x, y)
-        # each process's mean loss weighted by its share of the batch's targets (times world, as
-        # DDP averages): the gradient is the one-process gradient of the whole batch's mean loss
-        loss = loss * (n_targets(y) * world / n_batch)
+        if world > 1:  # one process holds the whole batch: its weight would be exactly 1
+            # each process's mean loss weighted by its share of the batch's targets (times world, as
+            # DDP averages): the gradient is the one-process gradient of the whole batch's mean loss
+            loss = loss * (n_targets(y) * world / n_batch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients
