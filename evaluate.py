@@ -44,7 +44,7 @@ class EvalConfig:
     n_test: int = 1000         # labelled held-out games that reconstruction is scored on
     n_unsup_games: int = 200   # test games for L0, variance explained, loss recovered, dead features
     batch_size: int = 64
-    probe_steps: int = 300
+    probe_steps: int = 200       # Adam steps of the probe fit (F1 within 0.003 of 300 steps' on chess, 0.007 on Othello)
     saes: str = 'all'          # all | none: none scores only the baselines (MLP neurons, probes), e.g. an LM
                                # trained with --stage lm, at the SAE stage's default layer
     feature: str = ''          # NAME:INDEX -> explain one feature instead of the table
@@ -58,14 +58,21 @@ def select(sets, mask):
 @torch.no_grad()
 def features_at(fn, tokens, games, positions, batch_size, device):
     """fn(x) -> (B, T, k) on the inputs tokens[:, :-1] of the given games; the rows at
-    (games, positions): (P, k)."""
+    (games, positions): (P, k). Each batch of games is cut after its last labelled position
+    (the model is causal: later tokens change nothing before them)."""
     out = []
     for i in range(0, len(games), batch_size * 64):
         g, p = games[i:i + batch_size * 64], positions[i:i + batch_size * 64]
         uniq, inverse = torch.unique(g, return_inverse=True)
-        acts = torch.cat([fn(tokens[uniq[j:j + batch_size], :-1].long().to(device)).float().cpu()
-                          for j in range(0, len(uniq), batch_size)])  # (U, T, k)
-        out.append(acts[inverse, p])
+        last = torch.zeros(len(uniq), dtype=p.dtype).scatter_reduce(0, inverse, p, 'amax')  # (U,)
+        rows = None
+        for j in range(0, len(uniq), batch_size):
+            x = tokens[uniq[j:j + batch_size], :int(last[j:j + batch_size].max()) + 1].long().to(device)
+            acts = fn(x).float().cpu()  # (b, t, k)
+            mine = ((inverse >= j) & (inverse < j + batch_size)).nonzero().squeeze(1)
+            rows = acts.new_empty(len(g), acts.shape[-1]) if rows is None else rows
+            rows[mine] = acts[inverse[mine] - j, p[mine]]
+        out.append(rows)
     return torch.cat(out)
 
 
@@ -101,8 +108,7 @@ def score_features(acts_train, acts_test, ev):
     lab_train, lab_test = ev.flat['train'], ev.flat['test']  # on ev.cfg.device
     acts_train, acts_test = acts_train.to(lab_train.device), acts_test.to(lab_test.device)
     sizes = [width for _, width in ev.groups]
-    cov = mean_per_set(metrics.coverage_by_group(acts_train, lab_train, sizes), ev)
-    rec = mean_per_set(metrics.reconstruction_by_group(acts_train, lab_train, acts_test, lab_test, sizes), ev)
+    cov, rec = (mean_per_set(v, ev) for v in metrics.scores_by_group(acts_train, lab_train, acts_test, lab_test, sizes))
     return {k: v for name in cov for k, v in ((f'coverage_{name}', cov[name]), (f'reconstruction_{name}', rec[name]))}
 
 
@@ -154,23 +160,39 @@ class Evaluation:
         key = (kind, layer, 'ce')
         if key not in self._cache:
             self._cache[key] = metrics.cross_entropies(self.models[kind], self.unsup_tokens.long(), layer,
-                                                       batch_size=self.cfg.batch_size)
+                                                       batch_size=self.cfg.batch_size, resid=self.unsup_resid(kind, layer))
         return self._cache[key]
+
+    def unsup_resid(self, kind, layer):
+        """The residual stream of model `kind` after block `layer` on the unsupervised games, whole:
+        (N, T, d), so the loss-recovered CEs of every SAE rerun only the blocks after `layer`."""
+        self.activations(kind, layer)
+        return self._cache[(kind, layer, 'unsup_resid')]
 
     def activations(self, kind, layer, what='resid'):
         """(train (P, k), test (P, k), unsup (N, k)) activations of model `kind` after block `layer`
-        (what='resid') or of its MLP neurons (what='mlp')."""
+        (what='resid') or of its MLP neurons (what='mlp'). The trained model's MLP neurons are a
+        baseline too, so its pass computes both (model.mlp_hidden with_residual)."""
         key = (kind, layer, what)
         if key not in self._cache:
             m = self.models[kind]
-            fn = (lambda x: m.residual(x, layer)) if what == 'resid' else (lambda x: m.mlp_hidden(x, layer))
+            d = m.config.n_embd
+            with_mlp = kind == 'trained' or what == 'mlp'
+            if with_mlp:
+                fn = lambda x: torch.cat(m.mlp_hidden(x, layer, with_residual=True)[::-1], -1)  # (B, T, d + 4d)
+            else:
+                fn = lambda x: m.residual(x, layer)  # (B, T, d)
             split = [features_at(fn, self.tokens, *self.where[s], self.cfg.batch_size, self.cfg.device)
                      for s in ('train', 'test')]
             x = self.unsup_tokens[:, :-1].long()
             with torch.no_grad():
                 u = torch.cat([fn(x[i:i + self.cfg.batch_size].to(self.cfg.device)).float().cpu()
-                               for i in range(0, len(x), self.cfg.batch_size)])
-            self._cache[key] = (*split, u[x != self.pad_id])
+                               for i in range(0, len(x), self.cfg.batch_size)])  # (N, T, k)
+            acts = (*split, u[x != self.pad_id])
+            self._cache[(kind, layer, 'unsup_resid')] = u[..., :d].contiguous()
+            self._cache[(kind, layer, 'resid')] = tuple(a[..., :d].contiguous() for a in acts)
+            if with_mlp:
+                self._cache[(kind, layer, 'mlp')] = tuple(a[..., d:].contiguous() for a in acts)
         return self._cache[key]
 
 
@@ -210,14 +232,17 @@ def evaluate(cfg, log=print):
     for i, (kind, sae) in enumerate(saes):
         t = time.time()
         x_train, x_test, x_unsup = ev.activations(kind, sae.meta['layer'])
-        def reconstruct(resid, sae=sae):  # (B, T, d) -> (B, T, d)
-            return sae(resid.reshape(-1, resid.shape[-1]).float())[0].view_as(resid).to(resid.dtype)
-
-        unsup = metrics.sae_scores(sae, x_unsup)
+        unsup, x_hat = metrics.sae_scores(sae, x_unsup, reconstruction=True)  # x_hat (N, d) at the non-pad tokens
+        resid = ev.unsup_resid(kind, sae.meta['layer'])  # (n, T, d)
+        # the stream with the SAE's reconstruction in place: pad tokens keep theirs (they come after
+        # the game, so no counted target sees them)
+        replaced = resid.clone()
+        replaced[ev.unsup_tokens[:, :-1] != ev.pad_id] = x_hat
         row = {'name': sae.meta['name'], 'arch': sae.cfg['arch'], 'model': kind, 'layer': sae.meta['layer'],
                'd_sae': sae.cfg['d_sae'], 'l0': unsup['l0'], 'explained_variance': unsup['explained_variance'],
                'ce_loss_score': metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), sae.meta['layer'],
-                                                       reconstruct, cfg.batch_size, ev.clean_and_zero(kind, sae.meta['layer'])),
+                                                       replaced, cfg.batch_size, ev.clean_and_zero(kind, sae.meta['layer']),
+                                                       resid),
                'dead_fraction': unsup['dead_fraction']}
         row.update(score_features(encode_all(sae, x_train), encode_all(sae, x_test), ev))
         rows.append(row)

@@ -11,7 +11,7 @@ Supervised metrics, on SAE feature activations `acts` [N, F] and board-state-pro
 labels `labels` bool [N, G] (N positions, F features, G BSP elements):
     coverage              best single-feature F1 per element, averaged, best threshold
     board_reconstruction  rebuild the board from features labelled on train, micro-F1 on test
-    coverage_by_group, reconstruction_by_group
+    coverage_by_group, reconstruction_by_group, scores_by_group (both at once)
                           the same for several BSP sets at once (one firing pattern for all)
     linear_probe          supervised upper baseline: one logistic regression per element
                           (fit_linear_probe gives the probe itself)
@@ -131,37 +131,54 @@ def _counts_per_threshold(entries_by_feature, labels_f, n_feat, n_thresholds):
         tp[f, g]  = #positions where f fires and g is true   (= fires^T @ labels)  [F, G]
         n_fire[f] = #positions where f fires                                        [F]
     as float64.  Entries fire at k iff level > k, so the counts at k are those at k + 1 plus
-    the entries with level == k + 1: each entry enters one sparse matmul only once.
+    the entries with level == k + 1: each entry enters one sparse matmul only once. Where those
+    entries fill over a sixteenth of the [F, N] pattern (a dense dictionary: probabilities, which
+    are all > 0, fire everywhere at t = 0), a dense matmul does the same sum faster. On the CPU
+    the labels enter as a sparse matrix too: sparse x sparse is 1-4x faster there than sparse x
+    dense, for label densities from a third down to 2% (measured on 2 cores).
     labels_f: float32 [N, G] (0/1; float32 sums are exact below 2**24).
     tp and n_fire are updated in place between yields: copy them to keep them."""
     rows, cols, level = entries_by_feature
     n_pos = labels_f.shape[0]
     tp = torch.zeros(n_feat, labels_f.shape[1], dtype=torch.float64, device=labels_f.device)
     n_fire = torch.zeros(n_feat, dtype=torch.float64, device=labels_f.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+        warnings.simplefilter("ignore")
+        labels_csr = labels_f.to_sparse_csr() if labels_f.device.type == 'cpu' else None
     for k in reversed(range(n_thresholds)):
         new = (level == k + 1).nonzero().squeeze(1)  # entries whose highest passed t is k
         r, c = rows[new], cols[new]
-        tp += _ones_csr(c, r, (n_feat, n_pos)) @ labels_f  # [F, N] @ [N, G], exact integers
+        if len(new) > n_feat * n_pos / 16:
+            fires = torch.zeros(n_feat, n_pos, device=labels_f.device)
+            fires[c, r] = 1.0
+            tp += fires @ labels_f  # [F, N] @ [N, G], exact integers
+        elif labels_csr is not None:
+            tp += (_ones_csr(c, r, (n_feat, n_pos)) @ labels_csr).to_dense()
+        else:
+            tp += _ones_csr(c, r, (n_feat, n_pos)) @ labels_f
         n_fire += torch.bincount(c, minlength=n_feat)
         yield k, tp, n_fire
 
 
-def _predict_board(entries, k, feature_labels, n_pos):
-    """Predicted board at threshold k: OR of the labels of all firing features.
-    entries sorted by row, feature_labels bool [F, G] -> pred bool [n_pos, G].
+def _board_counts(entries, k, feature_labels, labels):
+    """Counts of the predicted boards at threshold k against labels bool [N, G], per element:
+    (TP [G], #predicted [G]) int64. The predicted board at position n is the OR of the labels
+    of all features firing there (entries sorted by row; feature_labels bool [F, G]).
     Only the features with a label and the elements some feature is labelled with are counted
-    (the other elements are never predicted), which is most of the work saved for a dictionary
+    (no other element is ever predicted), which is most of the work saved for a dictionary
     that labels few elements."""
     rows, cols, level = entries
     labelled = feature_labels.any(1)  # [F]
     named = feature_labels.any(0)  # [G]
-    pred = torch.zeros(n_pos, feature_labels.shape[1], dtype=torch.bool, device=feature_labels.device)
-    if not named.any():
-        return pred
-    fire = ((level > k) & labelled[cols]).nonzero().squeeze(1)  # firing entries of labelled f
-    fires = _ones_csr(rows[fire], cols[fire], (n_pos, feature_labels.shape[0]))  # [N, F]
-    pred[:, named] = (fires @ feature_labels[:, named].float()) > 0  # [N, G'] counts of labels
-    return pred
+    tp = torch.zeros(labels.shape[1], dtype=torch.int64, device=labels.device)
+    n_pred = torch.zeros_like(tp)
+    if named.any():
+        fire = ((level > k) & labelled[cols]).nonzero().squeeze(1)  # firing entries of labelled f
+        fires = _ones_csr(rows[fire], cols[fire], (labels.shape[0], feature_labels.shape[0]))  # [N, F]
+        pred = (fires @ feature_labels[:, named].float()) > 0  # [N, G'] from counts of labels
+        tp[named] = torch.count_nonzero(pred & labels[:, named], dim=0)
+        n_pred[named] = torch.count_nonzero(pred, dim=0)
+    return tp, n_pred
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +202,20 @@ def _best_f1_per_threshold(acts, labels, thresholds):
     entries = _by_feature(_firing_entries(acts, max_f, thresholds))
     n_true = torch.count_nonzero(labels, dim=0).double()  # [G]
     for k, tp, n_fire in _counts_per_threshold(entries, labels.float(), n_feat, len(thresholds)):
-        # F1 = 2 TP / (n_fire + n_true); absent elements get a dummy denominator (excluded by callers)
-        half_f1 = tp / (n_fire[:, None] + n_true.clamp_min(1)[None, :])  # [F, G]
-        yield k, 2 * half_f1.amax(0), half_f1.argmax(0)
+        yield k, *_best_f1(tp, n_fire, n_true)
+
+
+def _best_f1(tp, n_fire, n_true):
+    """Per element g, the best F1 over features f, from tp [F, G], n_fire [F] and n_true [G]
+    (float64): (f1_best [G], the feature achieving it [G]).
+    F1 = 2 TP / (n_fire + n_true); absent elements get a dummy denominator (excluded by callers)."""
+    half_f1 = tp / (n_fire[:, None] + n_true.clamp_min(1)[None, :])  # [F, G]
+    return 2 * half_f1.amax(0), half_f1.argmax(0)
+
+
+def _set_means(f1_best, present, slices):
+    """The mean of f1_best over the present elements of each set (0.0 for a set with none)."""
+    return [f1_best[s][present[s]].mean().item() if present[s].any() else 0.0 for s in slices]
 
 
 def coverage_details(acts, labels, thresholds=None) -> dict:
@@ -221,8 +249,8 @@ def coverage_by_group(acts, labels, group_sizes, thresholds=None) -> list:
     present = labels.bool().any(0)  # [G]
     per_t = [[0.0] * len(thresholds) for _ in slices]
     for k, f1_best, _ in _best_f1_per_threshold(acts, labels, thresholds):
-        for i, s in enumerate(slices):
-            per_t[i][k] = f1_best[s][present[s]].mean().item() if present[s].any() else 0.0
+        for i, c in enumerate(_set_means(f1_best, present, slices)):
+            per_t[i][k] = c
     return [max(c) for c in per_t]
 
 
@@ -275,9 +303,11 @@ def single_feature_scores(acts, labels, thresholds=None) -> dict:
 
 def _reconstruction_counts(acts_train, labels_train, acts_test, labels_test, thresholds,
                            min_precision, min_true_positives):
-    """Yield (k, feature_labels bool [F, G], train counts, test counts) for k = n-1 down to 0, where
-    counts = (TP [G], #predicted [G], #true [G]) per element of the predicted boards at threshold k
-    (int64; sum them over a set's columns for its micro-F1)."""
+    """Yield (k, feature_labels bool [F, G], train counts, test counts, (tp, n_fire)) for
+    k = n-1 down to 0, where counts = (TP [G], #predicted [G], #true [G]) per element of the
+    predicted boards at threshold k (int64; sum them over a set's columns for its micro-F1) and
+    (tp [F, G], n_fire [F]) are the train split's single-feature counts that label the features
+    (_counts_per_threshold's, so coverage on train can share them)."""
     acts_train, acts_test = acts_train.float(), acts_test.float()
     labels_train, labels_test = labels_train.bool(), labels_test.bool()
     n_feat = acts_train.shape[1]
@@ -290,11 +320,9 @@ def _reconstruction_counts(acts_train, labels_train, acts_test, labels_test, thr
     for k, tp, n_fire in counts:  # tp [F, G], n_fire [F] on train
         precision = tp / n_fire.clamp_min(1)[:, None]  # P(g | f fires), [F, G]
         lab = (precision >= min_precision) & (tp >= min_true_positives)  # [F, G] bool
-        out = []
-        for entries, labels, n in ((train, labels_train, n_true[0]), (test, labels_test, n_true[1])):
-            pred = _predict_board(entries, k, lab, labels.shape[0])  # [N, G]
-            out.append((count(pred & labels, dim=0), count(pred, dim=0), n))
-        yield k, lab, out[0], out[1]
+        out = [(*_board_counts(entries, k, lab, labels), n)
+               for entries, labels, n in ((train, labels_train, n_true[0]), (test, labels_test, n_true[1]))]
+        yield k, lab, out[0], out[1], (tp, n_fire)
 
 
 def _best_on_train(train_f1):
@@ -319,8 +347,8 @@ def reconstruction_details(acts_train, labels_train, acts_test, labels_test, thr
     thresholds = _check_thresholds(thresholds)
     n_thr = len(thresholds)
     train_f1, test_f1, feature_labels = [0.0] * n_thr, [0.0] * n_thr, [None] * n_thr
-    for k, lab, train, test in _reconstruction_counts(acts_train, labels_train, acts_test, labels_test,
-                                                      thresholds, min_precision, min_true_positives):
+    for k, lab, train, test, _ in _reconstruction_counts(acts_train, labels_train, acts_test, labels_test,
+                                                         thresholds, min_precision, min_true_positives):
         train_f1[k], test_f1[k], feature_labels[k] = _micro_f1_of(train), _micro_f1_of(test), lab
     i = _best_on_train(train_f1)
     return {"f1": test_f1[i], "threshold": thresholds[i], "thresholds": thresholds,
@@ -333,15 +361,30 @@ def reconstruction_by_group(acts_train, labels_train, acts_test, labels_test, gr
     bool [N_*, G] hold the sets' columns side by side, group_sizes their widths. A feature's label
     for one element never depends on other elements, so each set's score (its own micro-F1, its own
     t chosen on train) is exactly board_reconstruction on its columns alone. Returns [test F1]."""
+    return scores_by_group(acts_train, labels_train, acts_test, labels_test, group_sizes, thresholds,
+                           min_precision, min_true_positives)[1]
+
+
+def scores_by_group(acts_train, labels_train, acts_test, labels_test, group_sizes,
+                    thresholds=None, min_precision=0.95, min_true_positives=10):
+    """coverage_by_group on the train split and reconstruction_by_group, together: both count
+    the same train firing pattern against the same labels, so it is counted once (what
+    evaluate.py scores for every dictionary). Returns ([coverage per set], [test F1 per set]),
+    equal to the two calls (test_by_group_scores_equal_each_set_alone_by_brute_force)."""
     thresholds = _check_thresholds(thresholds)
     slices = group_slices(group_sizes, labels_train.shape[1])
+    present = labels_train.bool().any(0)  # [G]
+    n_true = torch.count_nonzero(labels_train.bool(), dim=0).double()  # [G]
+    cov = [[0.0] * len(thresholds) for _ in slices]
     train_f1 = [[0.0] * len(thresholds) for _ in slices]
     test_f1 = [[0.0] * len(thresholds) for _ in slices]
-    for k, _, train, test in _reconstruction_counts(acts_train, labels_train, acts_test, labels_test,
-                                                    thresholds, min_precision, min_true_positives):
+    for k, _, train, test, (tp, n_fire) in _reconstruction_counts(acts_train, labels_train, acts_test, labels_test,
+                                                                  thresholds, min_precision, min_true_positives):
+        for i, c in enumerate(_set_means(_best_f1(tp, n_fire, n_true)[0], present, slices)):
+            cov[i][k] = c
         for i, s in enumerate(slices):
             train_f1[i][k], test_f1[i][k] = _micro_f1_of(train, s), _micro_f1_of(test, s)
-    return [te[_best_on_train(tr)] for tr, te in zip(train_f1, test_f1)]
+    return [max(c) for c in cov], [te[_best_on_train(tr)] for tr, te in zip(train_f1, test_f1)]
 
 
 def board_reconstruction(acts_train, labels_train, acts_test, labels_test,
@@ -432,25 +475,29 @@ def explained_variance(x, x_hat) -> float:
 
 
 @torch.no_grad()
-def sae_scores(sae, x, batch_size=8192) -> dict:
+def sae_scores(sae, x, batch_size=8192, reconstruction=False):
     """The unsupervised scores of one SAE on activations x (N, d), encoded in batches:
     {'l0': l0(f), 'explained_variance': explained_variance(x, x_hat), 'dead_fraction':
     dead_fraction(f)} with (x_hat, f) = sae(x). train.py logs these and saves them in each SAE
-    file ('final'); evaluate.py reports them."""
+    file ('final'); evaluate.py reports them. reconstruction: return (scores, x_hat (N, d) float
+    on x's device), so a caller that needs x_hat too (loss recovered) encodes x only once."""
     was_training = sae.training
     sae.eval()
     device = next(sae.parameters()).device
-    fve, n_active, fired = VarianceExplained(), 0, None
+    fve, n_active, fired, x_hats = VarianceExplained(), 0, None, []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         x_hat, f = sae(xb)
         fve.update(xb, x_hat)
         n_active += torch.count_nonzero(f).item()
         fired = (f > 0).any(0) if fired is None else fired | (f > 0).any(0)  # as dead_fraction
+        if reconstruction:
+            x_hats.append(x_hat.float().to(x.device))
     sae.train(was_training)
     explained = fve.compute()
-    return {'l0': n_active / len(x), 'explained_variance': explained,
-            'dead_fraction': 1.0 - fired.double().mean().item()}
+    scores = {'l0': n_active / len(x), 'explained_variance': explained,
+              'dead_fraction': 1.0 - fired.double().mean().item()}
+    return (scores, torch.cat(x_hats)) if reconstruction else scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,16 +505,19 @@ def sae_scores(sae, x, batch_size=8192) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def cross_entropies(model, tokens, layer, reconstruct=None, batch_size=64, reference=None) -> dict:
+def cross_entropies(model, tokens, layer, reconstruct=None, batch_size=64, reference=None, resid=None) -> dict:
     """Token-weighted mean next-token cross-entropy over all non-pad targets, three ways:
         'clean': the unmodified model
         'zero':  residual stream after block `layer` replaced by zeros
         'sae':   residual stream after block `layer` replaced by reconstruct(resid) (only when
                  reconstruct is given)
     tokens: int64 [N, T+1]; x = tokens[:, :-1], y = tokens[:, 1:].  reconstruct maps
-    (B, T, d) -> (B, T, d).  Sums and counts are accumulated in float64 across batches.
+    (B, T, d) -> (B, T, d), or is the replaced stream itself, (N, T, d), when the caller has it.
+    Sums and counts are accumulated in float64 across batches.
     reference: an earlier result for the same model, tokens and layer; its 'clean' and 'zero'
     are reused instead of recomputed (they do not depend on the SAE: evaluate.py scores many).
+    resid: the residual stream after block `layer` on tokens[:, :-1], (N, T, d), when the caller
+    already has it (evaluate.py keeps it per model): blocks 0..layer are then not rerun.
     Returns {'clean': float, 'zero': float, 'sae': float}.
     """
     device = next(model.parameters()).device
@@ -488,12 +538,13 @@ def cross_entropies(model, tokens, layer, reconstruct=None, batch_size=64, refer
                 return F.cross_entropy(logits.float().reshape(-1, v), y.reshape(-1),
                                        ignore_index=ignore, reduction="sum").double().item()
 
-            resid = model.residual(x, layer)  # [B, T, d]
+            r = model.residual(x, layer) if resid is None else resid[i:i + batch_size].to(device)  # [B, T, d]
             if "clean" in sums:
-                sums["clean"] += ce_sum(model.forward_from(resid, layer)[0])
-                sums["zero"] += ce_sum(model.forward_from(torch.zeros_like(resid), layer)[0])
+                sums["clean"] += ce_sum(model.forward_from(r, layer)[0])
+                sums["zero"] += ce_sum(model.forward_from(torch.zeros_like(r), layer)[0])
             if "sae" in sums:
-                sums["sae"] += ce_sum(model.forward_from(reconstruct(resid), layer)[0])
+                r_hat = reconstruct(r) if callable(reconstruct) else reconstruct[i:i + batch_size].to(device)
+                sums["sae"] += ce_sum(model.forward_from(r_hat, layer)[0])
             count += int((y != ignore).sum())
     finally:
         model.train(was_training)
@@ -501,12 +552,12 @@ def cross_entropies(model, tokens, layer, reconstruct=None, batch_size=64, refer
     return {**({k: reference[k] for k in ("clean", "zero")} if reference else {}), **out}
 
 
-def loss_recovered(model, tokens, layer, reconstruct, batch_size=64, reference=None) -> float:
+def loss_recovered(model, tokens, layer, reconstruct, batch_size=64, reference=None, resid=None) -> float:
     """Loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), with the CEs of
     `cross_entropies` (1 = reconstruction as good as the clean model, 0 = as bad as zeros;
-    reference: as there). SAELens calls it ce_loss_score, the name results.json uses.
+    reference, resid: as there). SAELens calls it ce_loss_score, the name results.json uses.
     (test_loss_recovered_identity_and_zero)"""
-    ce = cross_entropies(model, tokens, layer, reconstruct, batch_size, reference)
+    ce = cross_entropies(model, tokens, layer, reconstruct, batch_size, reference, resid)
     gap = ce["zero"] - ce["clean"]
     return (ce["zero"] - ce["sae"]) / gap if gap != 0 else float("nan")
 
@@ -515,7 +566,8 @@ def loss_recovered(model, tokens, layer, reconstruct, batch_size=64, reference=N
 # Linear probe (supervised baseline)
 # ---------------------------------------------------------------------------------------------
 
-def fit_linear_probe(x_train, labels_train, steps=300, lr=3e-2, weight_decay=0.0, batch_size=None, seed=0):
+def fit_linear_probe(x_train, labels_train, steps=300, lr=3e-2, weight_decay=0.0, batch_size=None, seed=0,
+                     chunk=1024):
     """One logistic-regression probe per BSP element, trained jointly as one linear layer.
 
     x_train: float [N, d] activations; labels_train: bool [N, G].  Inputs are standardised with
@@ -523,7 +575,8 @@ def fit_linear_probe(x_train, labels_train, steps=300, lr=3e-2, weight_decay=0.0
     AdamW for `steps` steps (full batch if batch_size is None, else random minibatches), from
     zero weights and the base-rate bias. The gradient is written out rather than left to
     autograd, which halves the time of a step: d loss / d logits = (sigmoid(logits) - y) / (N G),
-    so grad W = z^T (sigmoid(logits) - y) / (N G) and grad b = its column sums.
+    so grad W = z^T (sigmoid(logits) - y) / (N G) and grad b = its column sums. It is summed over
+    blocks of `chunk` rows, so each block's (chunk, G) intermediate stays in the CPU's cache.
     Returns logits(x) -> float [N', G]: the trained probe as a function of raw activations."""
     x_train = x_train.float()
     y_train = labels_train.float().to(x_train.device)  # [N, G]
@@ -542,8 +595,14 @@ def fit_linear_probe(x_train, labels_train, steps=300, lr=3e-2, weight_decay=0.0
         else:
             idx = torch.randint(0, z_train.shape[0], (batch_size,), generator=gen).to(x_train.device)
             zb, yb = z_train[idx], y_train[idx]
-        g = torch.addmm(b, zb, W).sigmoid_().sub_(yb).div_(yb.numel())  # d loss / d logits, [n, G]
-        W.grad, b.grad = zb.T @ g, g.sum(0)
+        W.grad, b.grad = torch.zeros_like(W), torch.zeros_like(b)
+        for i in range(0, zb.shape[0], chunk):
+            zc = zb[i:i + chunk]  # [c, d]
+            g = torch.addmm(b, zc, W).sigmoid_().sub_(yb[i:i + chunk])  # (n G) x d loss / d logits, [c, G]
+            W.grad.addmm_(zc.T, g)
+            b.grad += g.sum(0)
+        W.grad.div_(yb.numel())
+        b.grad.div_(yb.numel())
         opt.step()
 
     @torch.no_grad()

@@ -193,12 +193,14 @@ class GPT(nn.Module):
             x = block(x)
         return self.head(x, targets)
 
-    def mlp_hidden(self, idx, layer):
-        """The GELU activations inside block `layer`'s MLP: (B, T, 4d)."""
+    def mlp_hidden(self, idx, layer, with_residual=False):
+        """The GELU activations inside block `layer`'s MLP: (B, T, 4d). with_residual: the pair
+        (hidden, residual stream after block `layer`) from the same pass (eval mode: no dropout)."""
         x = self.residual(idx, layer - 1) if layer > 0 else self.embed(idx)
         block = self.blocks[layer]
         x = x + block.attn(block.ln_1(x))
-        return F.gelu(block.mlp.fc(block.ln_2(x)))
+        hidden = F.gelu(block.mlp.fc(block.ln_2(x)))
+        return (hidden, x + block.mlp.proj(hidden)) if with_residual else hidden
 
     def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95)):
         # decay matrices only; biases, LayerNorm and embeddings' positions are not decayed

@@ -926,6 +926,22 @@ def test_residual_replacement_with_itself_is_exact_and_zero_changes_it():
             assert torch.allclose(model.forward_from(r, layer)[0], clean, atol=1e-5)
         assert not torch.allclose(model.forward_from(torch.zeros_like(r), 1)[0], clean)
         assert model.mlp_hidden(x, 1).shape == (3, 16, 128)
+        hidden, r = model.mlp_hidden(x, 1, with_residual=True)  # one pass, both: the same tensors
+        assert torch.equal(hidden, model.mlp_hidden(x, 1)) and torch.equal(r, model.residual(x, 1))
+
+
+def test_features_at_equals_the_whole_forward_pass_indexed():
+    import evaluate
+    model = tiny_model().eval()
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 60, (9, 17), generator=gen)  # (games, T + 1)
+    games = torch.randint(0, 9, (40,), generator=gen)
+    positions = torch.randint(0, 12, (40,), generator=gen)  # every game cut before position 16
+    with torch.no_grad():
+        whole = model.residual(tokens[:, :-1], 1)  # (9, 16, d)
+    for batch_size in (1, 2, 64):  # batches cut at different lengths; games repeated and unsorted
+        got = evaluate.features_at(lambda x: model.residual(x, 1), tokens, games, positions, batch_size, 'cpu')
+        assert torch.allclose(got, whole[games, positions], atol=1e-5)
 
 
 def test_loss_ignores_pad_targets():
@@ -1911,6 +1927,7 @@ def test_by_group_scores_equal_each_set_alone_by_brute_force(seed):
     cov = metrics.coverage_by_group(acts_tr, lab_tr, sizes)
     rec = metrics.reconstruction_by_group(acts_tr, lab_tr, acts_te, lab_te, sizes)
     assert len(cov) == len(rec) == 3 and cov[1] == 0.0
+    assert metrics.scores_by_group(acts_tr, lab_tr, acts_te, lab_te, sizes) == (cov, rec)  # one pass, same numbers
     for i, s in enumerate([slice(0, 4), slice(4, 5), slice(5, 9)]):
         assert cov[i] == pytest.approx(bf_coverage(acts_tr, lab_tr[:, s]), abs=1e-9)
         assert rec[i] == pytest.approx(bf_reconstruction(acts_tr, lab_tr[:, s], acts_te, lab_te[:, s])[0], abs=1e-9)
@@ -1919,8 +1936,14 @@ def test_by_group_scores_equal_each_set_alone_by_brute_force(seed):
         metrics.coverage_by_group(acts_tr, lab_tr, [4, 4])  # sizes must cover every column
 
 
-def test_firing_counts_exact():
+@pytest.mark.parametrize("dense", [False, True])
+def test_firing_counts_exact(dense, monkeypatch):
     acts, labels = random_case(3, n=80)
+    if dense:  # all > 0, like probabilities: every threshold's new entries fill over 1/16 -> dense matmuls
+        acts = torch.rand(acts.shape, generator=torch.Generator().manual_seed(3)) + 1e-3
+    sparse_products = []
+    ones_csr = metrics._ones_csr
+    monkeypatch.setattr(metrics, '_ones_csr', lambda *a: sparse_products.append(1) or ones_csr(*a))
     thresholds = metrics._check_thresholds(None)
     max_f = acts.amax(0)
     entries = metrics._by_feature(metrics._firing_entries(acts, max_f, thresholds))
@@ -1934,6 +1957,7 @@ def test_firing_counts_exact():
             for g in range(labels.shape[1]):
                 assert tp[f, g].item() == bf_counts(A, L, maxf, t, f, g)[0]
     assert seen == list(range(9, -1, -1))
+    assert len(sparse_products) == (0 if dense else 10)  # each path taken where it should be
 
 
 def test_unsorted_thresholds():
@@ -2165,6 +2189,13 @@ def test_loss_recovered_identity_and_zero():
         reference = metrics.cross_entropies(model, tokens, layer, batch_size=4)
         assert set(reference) == {'clean', 'zero'}
         assert metrics.loss_recovered(model, tokens, layer, lambda r: 0.5 * r, 4, reference) == half
+        # the residual stream handed in (blocks 0..layer not rerun): the same score
+        resid = model.residual(tokens[:, :-1], layer)
+        assert metrics.loss_recovered(model, tokens, layer, lambda r: 0.5 * r, 4, reference, resid) == pytest.approx(half, abs=1e-12)
+        assert metrics.loss_recovered(model, tokens, layer, lambda r: r, 4, reference,
+                                      torch.zeros_like(resid)) == pytest.approx(0.0, abs=1e-9)  # it is the one used
+        # the replaced stream handed in as a tensor: the same score as the function
+        assert metrics.loss_recovered(model, tokens, layer, 0.5 * resid, 4, reference) == pytest.approx(half, abs=1e-12)
 
 
 def test_cross_entropy_is_token_weighted_over_non_pad():
@@ -2403,6 +2434,8 @@ def test_sae_scores_in_batches_match_the_definitions():
         sae.b_enc[:8] = -1e4  # these features never fire, so the dead fraction is not 0
         x_hat, f = sae(x)
     s = metrics.sae_scores(sae, x, batch_size=7)
+    s2, x_hat2 = metrics.sae_scores(sae, x, batch_size=7, reconstruction=True)
+    assert s2 == s and torch.allclose(x_hat2, x_hat, atol=1e-6)
     # counted by hand from one pass over all rows
     rows = f.tolist()
     assert s['l0'] == pytest.approx(sum(sum(v != 0 for v in r) for r in rows) / 50, abs=1e-12)
