@@ -128,6 +128,8 @@ def matmul_ceiling(dtype, seconds, device):
 
 
 def bench_machine(cfg):
+    if cfg.device.startswith('cuda'):  # as training runs fp32 matmuls there (model.choose_precision)
+        torch.backends.cuda.matmul.allow_tf32 = True
     fp32, n32 = matmul_ceiling(torch.float32, cfg.seconds, cfg.device)
     bf16, n16 = matmul_ceiling(torch.bfloat16, cfg.seconds, cfg.device)
     print(f"machine: {processor_name()}; torch {torch.__version__}, CPU capability "
@@ -178,19 +180,27 @@ def bench_sae(cfg, ceilings):
     flop_per_act = 10 * d_in * d_sae
     print(f"SAE training at d_in {d_in}, d_sae {d_sae}, batch {B} (one train_step a batch; "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation, dense):")
+    # bf16 matmuls (sae.matmul_dtype, what train.py uses where the LM runs bf16) where not known slower
+    bf16_reason = choose_precision('bfloat16', cfg.device, d_in, rows=B)[1]
+    dtypes = ['float32'] + ([] if 'warning' in bf16_reason else ['bfloat16'])
+    if len(dtypes) == 1:
+        print(f"  bf16 matmuls not timed: {bf16_reason.split(': ', 1)[1].split(';')[0]}")
     for arch in ARCHS:
-        kw = {'k': 32} if 'topk' in arch else {}
-        sae = make_sae(arch, d_in, d_sae, total_steps=10**6, **kw).to(cfg.device)
-        sae.set_act_scale(x)
-        opt = sae.make_optimizer(3e-4)  # as train.py (JumpReLU: its own threshold lr)
-        step_no = [0]
+        for dtype in dtypes:
+            kw = {'k': 32} if 'topk' in arch else {}
+            torch.manual_seed(0)
+            sae = make_sae(arch, d_in, d_sae, total_steps=10**6, **kw).to(cfg.device)
+            sae.matmul_dtype = getattr(torch, dtype)
+            sae.set_act_scale(x)
+            opt = sae.make_optimizer(3e-4)  # as train.py (JumpReLU: its own threshold lr)
+            step_no = [0]
 
-        def step():
-            train_step(sae, opt, x, step_no[0], 3e-4)
-            step_no[0] += 1
-        rate = B / timed(step, cfg.seconds / 2, device=cfg.device)
-        print(f"  {arch:14s} {rate:9,.0f} act/s = {rate * flop_per_act / 1e9:6.1f} GFLOP/s, "
-              f"{rate * flop_per_act / 1e9 / ceilings['float32']:.0%} of the fp32 matmul ceiling")
+            def step():
+                train_step(sae, opt, x, step_no[0], 3e-4)
+                step_no[0] += 1
+            rate = B / timed(step, cfg.seconds / 2, device=cfg.device)
+            print(f"  {arch:14s} {dtype:8s} {rate:9,.0f} act/s = {rate * flop_per_act / 1e9:6.1f} GFLOP/s, "
+                  f"{rate * flop_per_act / 1e9 / ceilings[dtype]:.0%} of the {dtype} matmul ceiling")
 
 
 def bench_metrics(cfg, ceilings):

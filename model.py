@@ -207,7 +207,8 @@ class GPT(nn.Module):
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
         groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        # on a GPU one fused kernel updates every parameter (as nanoGPT): far fewer launches a step
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=next(self.parameters()).is_cuda)
 
 
 def choose_device(name='auto'):

@@ -36,7 +36,13 @@ Conventions shared by every architecture:
   MSE is the squared error SUMMED over the d_in dimensions, averaged over the batch:
   mse = mean_b ||x_b - x_hat_b||^2 (normalised units; E||x||^2 = d_in, so the zero
   reconstruction scores about d_in). Penalties are per-row sums averaged over the batch too.
-- stats: dict of python floats with the same keys for every architecture (STATS_KEYS).
+- stats: a dict with the same keys for every architecture (STATS_KEYS): p and coef are floats,
+  the rest 0-dim tensors on the SAE's device. Reading one (float(v)) waits for the step on a GPU,
+  so the training loop reads them only when it logs.
+- Matmul precision: `matmul_dtype` (fp32 unless train.py sets bf16 where it measured bf16 the
+  faster, as for the LM): the encoder and decoder products take bf16 inputs and come back as
+  fp32 at once; parameters, optimiser state, every other operation and the loss stay fp32
+  (TopK's sparse decode is a gather, not a matmul: fp32 too). Loaded SAEs compute in fp32.
 - Training step: loss.backward(); sae.before_optimizer_step(); opt.step();
   sae.after_optimizer_step(step): `train_step` below, the one place it is written.
 """
@@ -160,13 +166,23 @@ class SAE(nn.Module):
         # none), one matmul in six of a training step
         return self.b_enc - self.b_dec @ self.W_enc      # (d_sae,)
 
+    matmul_dtype = torch.float32  # train.py sets torch.bfloat16 where it measured bf16 the faster
+
+    def _matmul(self, bias, a, W):
+        # bias + a @ W, (B, m) @ (m, n) -> (B, n) fp32; the product in matmul_dtype (bf16: tensor
+        # cores, bf16 inputs, fp32 accumulation), its result back in fp32 at once
+        if self.matmul_dtype == torch.float32:
+            return torch.addmm(bias, a, W)
+        dt = self.matmul_dtype
+        return torch.addmm(bias.to(dt), a.to(dt), W.to(dt)).float()
+
     def _pre_acts(self, x):
         # x normalised (B, d_in) -> encoder pre-activations (B, d_sae), bias added inside the matmul
-        return torch.addmm(self._enc_bias(), x, self.W_enc)
+        return self._matmul(self._enc_bias(), x, self.W_enc)
 
     def _decode_n(self, f):
         # f (B, d_sae) -> normalised reconstruction (B, d_in)
-        return torch.addmm(self.b_dec, f, self.W_dec)
+        return self._matmul(self.b_dec, f, self.W_dec)
 
     def _decode_sparse_n(self, values, indices, offsets=None):
         """The reconstruction from only the active latents: values and indices (B, k), or flat
@@ -200,9 +216,9 @@ class SAE(nn.Module):
         with torch.no_grad():
             total_var = (x - x.mean(0)).pow(2).sum()
             fve = 1 - sq_err.sum() / total_var.clamp_min(1e-12)
-            # one device->host copy for all the stats
-            values = torch.stack([loss, mse, sparsity_loss, aux_loss, l0, fve]).tolist()
-        stats = dict(zip(STATS_KEYS[:6], values), p=float(self.p), coef=float(self.coef))
+            # no device->host copy here: on a GPU that would wait for every step of every SAE
+            values = torch.stack([loss, mse, sparsity_loss, aux_loss, l0, fve]).detach()  # (6,)
+        stats = dict(zip(STATS_KEYS[:6], values.unbind()), p=float(self.p), coef=float(self.coef))
         return loss, stats
 
     # --- keeping decoder rows at unit norm ---
@@ -279,7 +295,7 @@ class GatedSAE(SAE):
         f = self._gated(pi_gate, pi_mag)
         x_hat = self._decode_n(f)
         gate_acts = F.relu(pi_gate)                      # (B, d_sae)
-        x_hat_gate = torch.addmm(self.b_dec.detach(), gate_acts, self.W_dec.detach())
+        x_hat_gate = self._matmul(self.b_dec.detach(), gate_acts, self.W_dec.detach())
         aux_loss = (x - x_hat_gate).pow(2).sum(-1).mean()
         return active_per_row(f), x_hat, self._penalty(gate_acts), aux_loss
 

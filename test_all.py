@@ -1202,6 +1202,26 @@ def train_a_little(sae, steps=5, lr=1e-2):
     return S.train_sae(sae, (raw_batch(seed=s) for s in range(steps)), lr=lr, warmup_steps=1, total_steps=steps)
 
 
+@pytest.mark.parametrize("arch", list(S.ARCHS))
+def test_bf16_matmuls_close_to_fp32_with_fp32_state(arch):
+    x = raw_batch(B=64, seed=1)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        sae = small_sae(arch)
+        sae.set_act_scale(x)
+        sae.matmul_dtype = dtype
+        loss, stats = sae.loss(x, 0)
+        loss.backward()
+        grads[dtype] = (loss.item(), sae.W_enc.grad.flatten(), sae.W_dec.grad.flatten())
+        assert loss.dtype == torch.float32 and stats['mse'].dtype == torch.float32
+        assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32) for p in sae.parameters())
+    (l32, we32, wd32), (l16, we16, wd16) = grads[torch.float32], grads[torch.bfloat16]
+    assert l16 != l32 and l16 == pytest.approx(l32, rel=3e-2)  # bf16 products ran, and stayed close
+    for a, b in ((we32, we16), (wd32, wd16)):
+        assert F.cosine_similarity(a, b, dim=0) > 0.95
+
+
 # ---------------------------------------------------------------------------------------------
 # interface, identical for every architecture
 
@@ -1221,7 +1241,9 @@ def test_shapes_forward_and_stats(arch):
     loss, stats = sae.loss(x, step=0)
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert set(stats) == set(S.STATS_KEYS)
-    assert all(type(v) is float for v in stats.values())
+    # p and coef are floats; the rest stay on the device as 0-dim tensors (no host sync a step)
+    assert all(type(stats[k]) is float for k in ('p', 'coef'))
+    assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for k, v in stats.items() if k not in ('p', 'coef'))
     assert sae.cfg['arch'] == arch and sae.cfg['d_in'] == D_IN and sae.cfg['d_sae'] == D_SAE
 
 
@@ -1353,8 +1375,7 @@ def test_activation_scale_applied_consistently(arch):
     torch.testing.assert_close(f_c, f, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_hat_c, c * sae(x)[0], rtol=1e-5, atol=1e-4)
     # the loss is computed in normalised space, so it is the same too
-    torch.testing.assert_close(torch.tensor(scaled.loss(c * x, 0)[1]['mse']),
-                               torch.tensor(sae.loss(x, 0)[1]['mse']), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scaled.loss(c * x, 0)[1]['mse'], sae.loss(x, 0)[1]['mse'], rtol=1e-4, atol=1e-4)
 
 
 def test_init_b_dec_in_normalised_space():
@@ -2398,6 +2419,23 @@ def test_tiny_pipeline_end_to_end(tmp_path):
                          '--control=none', *dirs)
     assert rc == 0 and 'SAEs this run did not write' in out and 'standard_coef0.8' in out, out
     assert sorted(os.listdir(f'{tmp_path}/out/othello/saes')) == saes
+
+
+def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatch):
+    import train as TR
+    dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    TR.main(['--game=othello', '--preset=tiny', '--stage=lm', '--max_iters=3', '--eval_iters=1', '--legal_games=5', *dirs])
+    seen = []
+    matmul = S.SAE._matmul
+    monkeypatch.setattr(S.SAE, '_matmul', lambda self, *a: seen.append(self.matmul_dtype) or matmul(self, *a))
+    for dtype in ('float32', 'bfloat16'):
+        seen.clear()
+        TR.main(['--game=othello', '--preset=tiny', '--stage=sae', '--sae_archs=standard,topk', '--sae_steps=3',
+                 '--control=none', f'--dtype={dtype}', *dirs])
+        assert seen and set(seen) == {getattr(torch, dtype)}
+    # the files hold fp32 parameters, and a loaded SAE computes in fp32
+    sae = S.load(f'{tmp_path}/out/othello/saes/standard_coef0.8.pt', 'othello')
+    assert sae.matmul_dtype == torch.float32 and all(p.dtype == torch.float32 for p in sae.parameters())
 
 
 def test_tiny_chess_pipeline_and_evaluation(tmp_path, capsys):

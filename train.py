@@ -296,6 +296,13 @@ def train_lm(cfg, log=print, precision=''):
         if soft is None:
             soft = D.load_chess_soft_targets(cfg.data_dir, cfg.workers, log)
         soft = soft[:, :T - 1]
+    if cfg.device.startswith('cuda'):
+        # the training set lives on the GPU where it fits in a quarter of the free memory: a batch
+        # is then one gather there, with no host-to-GPU copy of its tokens and targets each step
+        size = train_tok.nbytes + (soft.nbytes if soft is not None else 0)
+        if size < torch.cuda.mem_get_info(cfg.device)[0] / 4:
+            train_tok, soft = train_tok.to(cfg.device), soft.to(cfg.device) if soft is not None else None
+            log(f"train set on the GPU: {size / 2**20:.0f} MiB")
 
     start_iter = 0
     if cfg.resume:
@@ -330,8 +337,8 @@ def train_lm(cfg, log=print, precision=''):
     def batch(tokens, soft=None):
         """A random batch: inputs (B, T) and targets, token ids (B, T) or, given soft targets,
         next-token distributions (B, T, vocab)."""
-        idx = torch.randint(len(tokens), (cfg.batch_size,), generator=gen)
-        b = tokens[idx].long().to(cfg.device)
+        idx = torch.randint(len(tokens), (cfg.batch_size,), generator=gen).to(tokens.device)
+        b = tokens[idx].long().to(cfg.device)  # (B, T + 1); no copy where the set is on the GPU
         if soft is None:
             return b[:, :-1], b[:, 1:]
         if cfg.game == 'othello':
@@ -549,6 +556,10 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             optimizers[name].load_state_dict(resume['optimizers'][name])
         seconds, window, history = resume['seconds'], resume['window'], resume['history']
         log(f"sae: resuming {len(saes)} SAEs at step {step} of {n_steps}")
+    # the SAEs' encoder and decoder products in bf16 where the LM's bf16 was measured (or known,
+    # CUDA) to be the faster; everything else in them stays fp32 (sae.py). fp16 has no scaler here.
+    for sae in saes.values():
+        sae.matmul_dtype = torch.bfloat16 if cfg.dtype == 'bfloat16' else torch.float32
     log(f"sae: {len(saes)} SAEs" + (f" (this process's share of {len(sweep)})" if world > 1 else "") +
         f", d_in {d_in} -> d_sae {d_sae}, layer {layer}, {n_steps} steps x {cfg.sae_batch} activations, "
         f"into {out_dir}/" + (f" (at most {cfg.sae_minutes:g} min)" if fit_to_budget else ""))
@@ -560,7 +571,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         lr = cfg.sae_lr * min(1.0, (step + 1) / cfg.sae_warmup, 5 * (1 - step / n_steps))
         for name, sae in saes.items():
             t = time.perf_counter()
-            window[name].append(train_step(sae, optimizers[name], x, step, lr))
+            window[name].append(train_step(sae, optimizers[name], x, step, lr)['mse'])  # a tensor: read when logged
             seconds[name] += time.perf_counter() - t
         if fit_to_budget and step + 1 == SAE_TIMING_STEPS:
             # time per step so far, with 10% to spare for the buffer refills still to come; under
@@ -578,7 +589,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             log(f"sae step {step + 1}/{n_steps} | {rate / 1e3:.1f}k act/s through all {len(saes)} SAEs "
                 f"({rate * len(saes) / 1e3:.0f}k SAE-act/s) | ETA {fmt_time(elapsed / (step + 1 - start) * (n_steps - step - 1))}")
             for name, sae in saes.items():
-                mse = sum(s['mse'] for s in window[name]) / len(window[name])
+                mse = sum(float(v) for v in window[name]) / len(window[name])
                 ev = metrics.sae_scores(sae, held_out)
                 history[name].append({'step': step + 1, 'mse': mse, 'p': sae.p, 'coef': sae.coef, **ev})
                 window[name] = []
@@ -589,7 +600,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             checkpoint({'step': step, 'n_steps': n_steps, 'fit_to_budget': fit_to_budget, 'stream': stream.state(),
                         'saes': {name: sae_to_dict(sae) for name, sae in saes.items()},
                         'optimizers': {name: opt.state_dict() for name, opt in optimizers.items()},
-                        'seconds': seconds, 'window': window, 'history': history})
+                        'seconds': seconds, 'window': {name: [float(v) for v in w] for name, w in window.items()},
+                        'history': history})
             saved_at = now()
     results = []
     for name, sae in saes.items():
