@@ -148,6 +148,13 @@ def bench_othello(cfg, ceilings):
           f"-> {fast / naive:.0f}x")
 
 
+def bf16_known_slower(device, width, rows):
+    """Why bf16 is not timed at a (rows x width) @ (width x 4 width) matmul on `device`, from
+    model.choose_precision's measurement (CPU) or knowledge (CUDA); '' where it may be faster."""
+    reason = choose_precision('bfloat16', device, width, rows=rows)[1]
+    return reason.split(': ', 1)[1].split(';')[0] if 'warning' in reason else ''
+
+
 def bench_lm(cfg, ceilings):
     torch.manual_seed(0)
     L, H, D, T, B = SHAPES[cfg.device]['lm']
@@ -155,11 +162,11 @@ def bench_lm(cfg, ceilings):
     opt = model.configure_optimizer(1e-3, 0.1)
     x, y = (torch.randint(0, 32, (B, T), device=cfg.device) for _ in range(2))
     flop_per_token = 6 * model.n_params() + 12 * L * D * T
-    bf16_reason = choose_precision('bfloat16', cfg.device, D, rows=B * T)[1]
+    bf16_slower = bf16_known_slower(cfg.device, D, B * T)
     print(f"LM training ({L} layers, {D} wide, context {T}, batch {B}; {flop_per_token / 1e6:.1f} MFLOP a token):")
     for name, dtype in (('fp32', 'float32'), ('bf16 autocast', 'bfloat16')):
-        if dtype == 'bfloat16' and 'warning' in bf16_reason:
-            print(f"  {name:14s} not timed: {bf16_reason.split(': ', 1)[1].split(';')[0]}")
+        if dtype == 'bfloat16' and bf16_slower:
+            print(f"  {name:14s} not timed: {bf16_slower}")
             continue
 
         def step():
@@ -181,10 +188,10 @@ def bench_sae(cfg, ceilings):
     print(f"SAE training at d_in {d_in}, d_sae {d_sae}, batch {B} (one train_step a batch; "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation, dense):")
     # bf16 matmuls (sae.matmul_dtype, what train.py uses where the LM runs bf16) where not known slower
-    bf16_reason = choose_precision('bfloat16', cfg.device, d_in, rows=B)[1]
-    dtypes = ['float32'] + ([] if 'warning' in bf16_reason else ['bfloat16'])
-    if len(dtypes) == 1:
-        print(f"  bf16 matmuls not timed: {bf16_reason.split(': ', 1)[1].split(';')[0]}")
+    bf16_slower = bf16_known_slower(cfg.device, d_in, B)
+    dtypes = ['float32'] + ([] if bf16_slower else ['bfloat16'])
+    if bf16_slower:
+        print(f"  bf16 matmuls not timed: {bf16_slower}")
     for arch in ARCHS:
         for dtype in dtypes:
             kw = {'k': 32} if 'topk' in arch else {}
