@@ -150,6 +150,7 @@ class Evaluation:
         self.names = labels['names']
         unsup = self.tokens[n_train:n_train + min(cfg.n_unsup_games, n_test)]
         self.unsup_tokens = unsup  # (n, T) whole games for the unsupervised metrics
+        self.unsup_real = unsup[:, :-1] != self.pad_id  # (n, T - 1) its inputs that are not pads
         self._cache = {}
         log(f"eval: {game}, {len(self.where['train'][0])} train / {len(self.where['test'][0])} test positions "
             f"from {n_train} / {n_test} held-out games; sets: {', '.join(labels['sets'])}")
@@ -188,7 +189,7 @@ class Evaluation:
             with torch.no_grad():
                 u = torch.cat([fn(x[i:i + self.cfg.batch_size].to(self.cfg.device)).float().cpu()
                                for i in range(0, len(x), self.cfg.batch_size)])  # (N, T, k)
-            acts = (*split, u[x != self.pad_id])
+            acts = (*split, u[self.unsup_real])
             self._cache[(kind, layer, 'unsup_resid')] = u[..., :d].contiguous()
             self._cache[(kind, layer, 'resid')] = tuple(a[..., :d].contiguous() for a in acts)
             if with_mlp:
@@ -237,7 +238,7 @@ def evaluate(cfg, log=print):
         # the stream with the SAE's reconstruction in place: pad tokens keep theirs (they come after
         # the game, so no counted target sees them)
         replaced = resid.clone()
-        replaced[ev.unsup_tokens[:, :-1] != ev.pad_id] = x_hat
+        replaced[ev.unsup_real] = x_hat
         row = {'name': sae.meta['name'], 'arch': sae.cfg['arch'], 'model': kind, 'layer': sae.meta['layer'],
                'd_sae': sae.cfg['d_sae'], 'l0': unsup['l0'], 'explained_variance': unsup['explained_variance'],
                'ce_loss_score': metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), sae.meta['layer'],
