@@ -1038,6 +1038,70 @@ def test_train_tiny_othello_then_resume(tmp_path):
     assert {float(s['step']) for s in final['optimizer']['state'].values()} == {60.0}
 
 
+def test_muon_resumes_only_with_muon(tmp_path):
+    import train as TR
+    common = ['--game=othello', '--preset=tiny', '--stage=lm', f'--data_dir={tmp_path}/data',
+              f'--out_dir={tmp_path}/out', '--dtype=float32', '--optimizer=muon']
+    TR.train_lm(TR.build_config(common + ['--max_iters=10']), log=lambda s: None)
+    with pytest.raises(D.UserError, match='trained with --optimizer=muon: resume with it'):
+        TR.train_lm(TR.build_config(common[:-1] + ['--max_iters=12', '--resume']), log=lambda s: None)
+    TR.train_lm(TR.build_config(common + ['--max_iters=12', '--resume']), log=lambda s: None)
+    ckpt = torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)
+    assert ckpt['iter'] == 12 and ckpt['train_config']['optimizer'] == 'muon'
+    # every parameter's state, Muon's momentum and AdamW's moments alike, counts on from 10 to 12
+    assert {float(s['step']) for s in ckpt['optimizer']['state'].values()} == {12.0}
+    assert sum('momentum_buffer' in s for s in ckpt['optimizer']['state'].values()) == 4 * 2  # 4 matrices a block
+
+
+@pytest.mark.parametrize('shape', [(16, 48), (48, 16), (24, 40)])
+def test_orthogonalize_keeps_the_singular_vectors_and_evens_the_values(shape):
+    from model import orthogonalize
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G[:, 0] *= 30  # a lopsided gradient: one direction far stronger than the rest
+    O = orthogonalize(G)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    inner = U.T @ O @ Vh.T  # diagonal when O has G's singular vectors
+    assert (inner - torch.diag(torch.diag(inner))).abs().max() < 1e-6
+    # every singular value, 30x apart in G, lands in about [0.7, 1.2]
+    assert 0.6 < torch.diag(inner).min() and torch.diag(inner).max() < 1.25
+
+
+def test_muon_is_adamw_off_the_blocks_and_takes_adamw_sized_steps_on_them():
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=12, block_size=10, n_layer=2, n_head=2, n_embd=32, pad_id=11))
+    twin = GPT(GPTConfig(vocab_size=12, block_size=10, n_layer=2, n_head=2, n_embd=32, pad_id=11))
+    twin.load_state_dict(model.state_dict())
+    lr = 1e-2
+    muon = model.configure_optimizer(lr, 0.1, kind='muon')
+    adamw = twin.configure_optimizer(lr, 0.1)
+    x = torch.randint(0, 11, (4, 10), generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in range(3):
+        for m, opt in ((model, muon), (twin, adamw)):
+            opt.zero_grad()
+            m(x, x)[1].backward()
+            opt.step()
+        if step == 0:  # one step of Muon moves each block matrix by about AdamW's typical RMS, 0.2 lr
+            for name, p in model.named_parameters():
+                if p.dim() == 2 and name.startswith('blocks.'):
+                    rms = (p - before[name] * (1 - lr * 0.1)).pow(2).mean().sqrt().item()
+                    assert 0.12 * lr < rms < 0.25 * lr, (name, rms / lr)
+    # everything else (embeddings, LayerNorms, biases) is updated exactly as torch.optim.AdamW does
+    # (the block matrices differ, so after the first step the gradients differ: compare step one only)
+    model.load_state_dict(before), twin.load_state_dict(before)
+    muon = model.configure_optimizer(lr, 0.1, kind='muon')
+    adamw = twin.configure_optimizer(lr, 0.1)
+    for m, opt in ((model, muon), (twin, adamw)):
+        opt.zero_grad()
+        m(x, x)[1].backward()
+        opt.step()
+    twin_params = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        if not (p.dim() == 2 and name.startswith('blocks.')):
+            torch.testing.assert_close(p, twin_params[name], rtol=1e-6, atol=1e-7)
+
+
 def fake_matmul_timer(bf16_speedup):
     """A stand-in for model.matmul_seconds: bf16 runs `bf16_speedup` times as fast as fp32.
     Records the calls, so a test can see which shapes were timed."""
@@ -1148,6 +1212,7 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     (['train.py', '--game=chess', '--soft_targets=True', '--source=stockfish'], 'needs random games'),
     (['train.py', '--game=othello', '--block_size=60'], 'at most 59'),
     (['train.py', '--preset=huge'], 'unknown preset'),
+    (['train.py', '--optimizer=sgd'], 'unknown --optimizer'),
 ])
 def test_bad_options_give_one_clear_line(args, message, tmp_path):
     rc, out = run_script(*args, f'--data_dir={tmp_path}')

@@ -63,6 +63,8 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_iters: int = 100
     weight_decay: float = 0.1
+    optimizer: str = 'adamw'    # adamw | muon: Muon on the blocks' weight matrices, AdamW on the rest
+                                # (model.Muon); on the chess cpu preset it learns about 3x as much a step
     grad_clip: float = 1.0
     soft_targets: bool = False  # random games: train on the exact next-token distribution (Othello:
                                 # uniform over the legal moves; chess: data.chess_next_char_counts)
@@ -108,8 +110,8 @@ PRESETS = {
              # chess: the shape and schedule of a measured study at a fixed LM time (README): on a
              # CPU budget the small model that takes the most steps wins
              'chess': {'n_layer': 2, 'n_head': 4, 'n_embd': 128, 'block_size': 255, 'batch_size': 8,
-                       'n_games': 30_000, 'max_iters': 100_000, 'lm_minutes': 12, 'lr': 6e-3, 'min_lr': 1e-4,
-                       'warmup_iters': 50, 'soft_targets': True, 'log_interval': 250, 'sae_steps': 1000,
+                       'n_games': 30_000, 'max_iters': 100_000, 'lm_minutes': 12, 'optimizer': 'muon', 'lr': 6e-3,
+                       'min_lr': 1e-4, 'warmup_iters': 50, 'soft_targets': True, 'log_interval': 250, 'sae_steps': 1000,
                        'sae_minutes': 5}}),
     # gpu (the default on CUDA): the paper's model shape in about 10 minutes on one GPU (README:
     # measured on an H200), by the clock: 3.3 minutes of LM, 1.3 of SAE sweep; a slower GPU trains
@@ -155,6 +157,8 @@ def build_config(argv):
         raise D.UserError(f"--soft_targets needs random games, not --source={cfg.source}: drop one of them")
     if cfg.game == 'othello' and cfg.block_size > 59:
         raise D.UserError("Othello games have 60 moves: --block_size must be at most 59")
+    if cfg.optimizer not in ('adamw', 'muon'):
+        raise D.UserError(f"unknown --optimizer {cfg.optimizer!r}: use adamw or muon")
     if cfg.control not in ('one', 'sweep', 'none'):
         raise D.UserError(f"unknown --control {cfg.control!r}: use one, sweep or none")
     sae_archs(cfg)
@@ -279,6 +283,9 @@ def train_lm(cfg, log=print, precision=''):
             return ckpt_path
         if ckpt['iter'] >= cfg.max_iters:
             raise D.UserError(f"{ckpt_path} is at iter {ckpt['iter']}: --max_iters must be above it to continue")
+        trained_with = ckpt.get('train_config', {}).get('optimizer', 'adamw')
+        if trained_with != cfg.optimizer:
+            raise D.UserError(f"{ckpt_path} was trained with --optimizer={trained_with}: resume with it")
     train, val = ensure_data(cfg)
     T = cfg.block_size + 1
     train_tok, val_tok = train['tokens'][:, :T], val['tokens'][:, :T]  # (N, T) uint8
@@ -313,7 +320,7 @@ def train_lm(cfg, log=print, precision=''):
     else:
         model = GPT(GPTConfig(vocab_size=vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, pad_id=pad_id, dropout=cfg.dropout)).to(cfg.device)
-    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay)
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, kind=cfg.optimizer)
     if cfg.resume:
         optimizer.load_state_dict(ckpt['optimizer'])
     log(f"model: {model.n_params() / 1e6:.2f}M parameters, {model.config}")
