@@ -231,12 +231,13 @@ def orthogonalize(G, steps=5):
         X <- a X + (b A + c A^2) X,  A = X X^T,  (a, b, c) = (3.4445, -4.7750, 2.0315)
     which maps each singular value s to a s + b s^3 + c s^5 and leaves the singular vectors alone.
     These coefficients (Keller Jordan's, for Muon) push small singular values up fast, at the price
-    of leaving each somewhere in about [0.7, 1.2] rather than exactly 1 (one far below the largest,
-    under about 1/1000 of the norm, stays small: five steps are not enough to lift it). Returns [m, n]."""
+    of leaving each somewhere in about [0.7, 1.2] rather than exactly 1 (each step multiplies a
+    small one by about a = 3.4, so one below about 1/500 of ||G||_F stays under 0.7 after five
+    steps). Returns [m, n]."""
+    if G.shape[0] > G.shape[1]:  # A = X X^T on the smaller side
+        return orthogonalize(G.T, steps).T
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G / (G.norm() + 1e-7)
-    if X.shape[0] > X.shape[1]:  # A = X X^T on the smaller side
-        return orthogonalize(G.T, steps).T
     for _ in range(steps):
         A = X @ X.T  # [m, m]
         B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2

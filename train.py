@@ -64,7 +64,8 @@ class TrainConfig:
     warmup_iters: int = 100
     weight_decay: float = 0.1
     optimizer: str = 'adamw'    # adamw | muon: Muon on the blocks' weight matrices, AdamW on the rest
-                                # (model.Muon); on the chess cpu preset it learns about 3x as much a step
+                                # (model.Muon); on the chess cpu preset it reaches in 3000 steps the
+                                # loss AdamW reaches in about 9000
     grad_clip: float = 1.0
     soft_targets: bool = False  # random games: train on the exact next-token distribution (Othello:
                                 # uniform over the legal moves; chess: data.chess_next_char_counts)
@@ -108,7 +109,8 @@ PRESETS = {
             {'othello': {'n_layer': 4, 'n_head': 4, 'n_embd': 128, 'max_iters': 4600, 'lr': 3e-3, 'min_lr': 2e-4,
                          'warmup_iters': 200, 'soft_targets': True},
              # chess: the shape and schedule of a measured study at a fixed LM time (README): on a
-             # CPU budget the small model that takes the most steps wins
+             # CPU budget the small model that takes the most steps wins, and Muon gets about 3x
+             # AdamW's progress from each step
              'chess': {'n_layer': 2, 'n_head': 4, 'n_embd': 128, 'block_size': 255, 'batch_size': 8,
                        'n_games': 30_000, 'max_iters': 100_000, 'lm_minutes': 12, 'optimizer': 'muon', 'lr': 6e-3,
                        'min_lr': 1e-4, 'warmup_iters': 50, 'soft_targets': True, 'log_interval': 250, 'sae_steps': 1000,
