@@ -211,9 +211,10 @@ class GPT(nn.Module):
         # decay matrices only; biases, LayerNorm and embeddings' positions are not decayed
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
-        if kind == 'muon':
-            hidden = [p for name, p in self.named_parameters() if p.dim() == 2 and name.startswith('blocks.')]
-            embeddings = [p for p in decay if all(p is not h for h in hidden)]  # wte (tied to the head), wpe
+        if kind == 'muon':  # the blocks' matrices to Muon; the embeddings' (wte, tied to the head; wpe) to AdamW
+            matrices = [(name, p) for name, p in self.named_parameters() if p.dim() >= 2]
+            hidden = [p for name, p in matrices if name.startswith('blocks.')]
+            embeddings = [p for name, p in matrices if not name.startswith('blocks.')]
             return Muon([{'params': hidden, 'muon': True, 'weight_decay': weight_decay},
                          {'params': embeddings, 'weight_decay': weight_decay},
                          {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=betas)
