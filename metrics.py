@@ -566,12 +566,18 @@ def loss_recovered(model, tokens, layer, reconstruct, batch_size=64, reference=N
 # Linear probe (supervised baseline)
 # ---------------------------------------------------------------------------------------------
 
-def fit_linear_probe(x_train, labels_train, steps=300, lr=3e-2, weight_decay=0.0, batch_size=None, seed=0,
+def fit_linear_probe(x_train, labels_train, steps=100, lr=0.1, weight_decay=0.0, batch_size=None, seed=0,
                      chunk=1024):
     """One logistic-regression probe per BSP element, trained jointly as one linear layer.
 
-    x_train: float [N, d] activations; labels_train: bool [N, G].  Inputs are standardised with
-    the train mean/std.  logits = z W + b, W [d, G]; loss = mean BCE-with-logits over N x G;
+    x_train: float [N, d] activations; labels_train: bool [N, G].  Inputs are whitened with the
+    train set's mean and covariance: z = (x - mean) S, S [d, d] = U diag(1 / sqrt(lambda)) where
+    cov = U diag(lambda) U^T (eigenvalues floored at 1e-6 of the largest), so that z's covariance
+    is the identity. Any linear probe on x is one on z, so the fit's optimum is unchanged; but a
+    residual stream has a few directions of large variance that make gradient steps crawl along
+    the rest, and whitening removes them: on the chess model 100 whitened steps reach the micro-F1
+    of 1000 steps on standardised inputs (README).  logits = z W + b, W [d, G];
+    loss = mean BCE-with-logits over N x G;
     AdamW for `steps` steps (full batch if batch_size is None, else random minibatches), from
     zero weights and the base-rate bias. The gradient is written out rather than left to
     autograd, which halves the time of a step: d loss / d logits = (sigmoid(logits) - y) / (N G),
@@ -580,9 +586,12 @@ def fit_linear_probe(x_train, labels_train, steps=300, lr=3e-2, weight_decay=0.0
     Returns logits(x) -> float [N', G]: the trained probe as a function of raw activations."""
     x_train = x_train.float()
     y_train = labels_train.float().to(x_train.device)  # [N, G]
-    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # [d]
-    z_train = (x_train - mean) / std
     d, n_el = x_train.shape[1], y_train.shape[1]
+    mean = x_train.mean(0)  # [d]
+    cov = torch.cov((x_train - mean).T).reshape(d, d)  # [d, d]
+    eigval, eigvec = torch.linalg.eigh(cov.double().cpu())  # in float64 on the CPU (any device's x)
+    white = (eigvec / eigval.clamp_min(1e-6 * eigval.max().clamp_min(1e-30)).sqrt()).float().to(x_train.device)
+    z_train = (x_train - mean) @ white  # [N, d], covariance the identity
     # convex problem: start from zero weights and the base-rate bias
     W = torch.zeros(d, n_el, device=x_train.device)  # [d, G]
     rate = y_train.mean(0).clamp(1e-4, 1 - 1e-4)
@@ -607,7 +616,7 @@ def fit_linear_probe(x_train, labels_train, steps=300, lr=3e-2, weight_decay=0.0
 
     @torch.no_grad()
     def logits(x):
-        return torch.addmm(b, (x.float() - mean) / std, W)
+        return torch.addmm(b, (x.float() - mean) @ white, W)
     return logits
 
 
@@ -627,7 +636,7 @@ def probe_scores(logits_test, labels_test) -> dict:
             "f1_mean": f1_el[present].mean().item() if present.any() else 0.0}
 
 
-def linear_probe(x_train, labels_train, x_test, labels_test, steps=300, lr=3e-2,
+def linear_probe(x_train, labels_train, x_test, labels_test, steps=100, lr=0.1,
                  weight_decay=0.0, batch_size=None, seed=0) -> dict:
     """The supervised upper baseline: fit_linear_probe on train, probe_scores on test.
     Returns {'f1_micro': float, 'accuracy': float, 'f1_mean': float}."""
