@@ -588,10 +588,11 @@ def fit_linear_probe(x_train, labels_train, steps=100, lr=0.1, weight_decay=0.0,
     y_train = labels_train.float().to(x_train.device)  # [N, G]
     d, n_el = x_train.shape[1], y_train.shape[1]
     mean = x_train.mean(0)  # [d]
-    cov = torch.cov((x_train - mean).T, correction=0).reshape(d, d)  # [d, d]
+    centred = x_train - mean  # [N, d]
+    cov = torch.cov(centred.T, correction=0).reshape(d, d)  # [d, d]
     eigval, eigvec = torch.linalg.eigh(cov.double().cpu())  # in float64 on the CPU (any device's x)
     white = (eigvec / eigval.clamp_min(1e-6 * eigval.max().clamp_min(1e-30)).sqrt()).float().to(x_train.device)
-    z_train = (x_train - mean) @ white  # [N, d], covariance the identity
+    z_train = centred @ white  # [N, d], covariance the identity
     # convex problem: start from zero weights and the base-rate bias
     W = torch.zeros(d, n_el, device=x_train.device)  # [d, G]
     rate = y_train.mean(0).clamp(1e-4, 1 - 1e-4)
