@@ -208,7 +208,7 @@ class GPT(nn.Module):
     def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), kind='adamw'):
         """kind 'adamw': AdamW on every parameter (as nanoGPT). kind 'muon': Muon on the blocks'
         weight matrices, AdamW on the embeddings, LayerNorms and biases (class Muon)."""
-        # decay matrices only; biases, LayerNorm and embeddings' positions are not decayed
+        # decay the matrices only (the blocks' weights and both embeddings); biases and LayerNorms are not
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
         if kind == 'muon':  # the blocks' matrices to Muon; the embeddings' (wte, tied to the head; wpe) to AdamW
