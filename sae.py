@@ -76,10 +76,10 @@ def active_per_row(f):
 
 
 def lp_sum(acts, p):
-    """sum_i acts_i^p per row, for acts >= 0. (B, d_sae) -> (B,)
+    """sum_i acts_i^p per row, for acts >= 0, p a float or a 0-dim tensor. (B, d_sae) -> (B,)
     For p < 1 the derivative p * a^(p-1) is infinite at a = 0; zeros contribute nothing to the
     value, and clamping before the power keeps their (masked-out) gradient finite, not NaN."""
-    if p == 1.0:
+    if isinstance(p, float) and p == 1.0:
         return acts.sum(-1)
     active = acts > 0
     return torch.where(active, acts.clamp_min(1e-12).pow(p), torch.zeros_like(acts)).sum(-1)
@@ -124,7 +124,9 @@ class SAE(nn.Module):
     def make_optimizer(self, lr):
         """Adam over this SAE's parameters. Each group carries 'lr_scale': a schedule sets a
         group's lr to lr * lr_scale (only JumpReLU's thresholds use a scale other than 1)."""
-        return torch.optim.Adam([{'params': list(self.parameters()), 'lr': lr, 'lr_scale': 1.0}], lr=lr)
+        # on a GPU one fused kernel updates every parameter (make the optimizer after .to(device))
+        return torch.optim.Adam([{'params': list(self.parameters()), 'lr': lr, 'lr_scale': 1.0}], lr=lr,
+                                fused=self.W_enc.is_cuda)
 
     # --- normalisation ---
 
@@ -167,6 +169,19 @@ class SAE(nn.Module):
         return self.b_enc - self.b_dec @ self.W_enc      # (d_sae,)
 
     matmul_dtype = torch.float32  # train.py sets torch.bfloat16 where it measured bf16 the faster
+    loss_compiled = False          # compile_loss() sets it
+
+    def compile_loss(self, **options):
+        """Compile _loss, the tensor work of a training loss, with torch.compile(**options): its
+        forward and backward are traced once, and on a GPU the elementwise work around the
+        matmuls fuses into a few kernels. loss(), train_step and saving are unchanged. Returns
+        self. (train.py --sae_compile; the gpu presets turn it on.)"""
+        # every architecture traces the base class's _loss: one cached trace per class, more
+        # than torch's default limit of traces for one function allows
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._loss = torch.compile(self._loss, **options)
+        self.loss_compiled = True
+        return self
 
     def _matmul(self, bias, a, W):
         # bias + a @ W, (B, m) @ (m, n) -> (B, n) fp32; the product in matmul_dtype (bf16: tensor
@@ -207,7 +222,15 @@ class SAE(nn.Module):
     # --- the loss ---
 
     def loss(self, x, step):
-        """x RAW activations (B, d_in) -> (loss, stats). All maths in fp32, normalised space."""
+        """x RAW activations (B, d_in) -> (loss, stats). All maths in fp32, normalised space.
+        Subclasses that keep training state on the host (p-annealing's history, TopK's dead
+        latents) wrap it here; the tensor work is _loss, the part compile_loss compiles."""
+        loss, stats = self._loss(x)
+        return loss, dict(stats, p=float(self.p), coef=float(self.coef))
+
+    def _loss(self, x):
+        # the tensors of loss(): the same kernels every step, whatever the step, so that a
+        # compiled _loss (compile_loss) is traced once and never waits for the host
         x = x.float() * self.act_scale                      # (B, d_in)
         l0, x_hat, sparsity_loss, aux_loss = self._train_forward(x)
         sq_err = (x - x_hat).pow(2).sum(-1)                 # (B,)
@@ -218,8 +241,7 @@ class SAE(nn.Module):
             fve = 1 - sq_err.sum() / total_var.clamp_min(1e-12)
             # no device->host copy here: on a GPU that would wait for every step of every SAE
             values = torch.stack([loss, mse, sparsity_loss, aux_loss, l0, fve]).detach()  # (6,)
-        stats = dict(zip(STATS_KEYS[:6], values.unbind()), p=float(self.p), coef=float(self.coef))
-        return loss, stats
+        return loss, dict(zip(STATS_KEYS[:6], values.unbind()))
 
     # --- keeping decoder rows at unit norm ---
 
@@ -355,19 +377,35 @@ class PAnnealing:
                 p = update_p
         return p
 
-    def loss(self, x, step):
-        self._loss_step = step  # _penalty needs it to know when to keep history
-        return super().loss(x, step)
+    _history_p = None  # set by loss(): the next update's p, while this batch's L_p_next is kept
 
-    def _penalty(self, acts):
-        lp = lp_sum(acts, self.p).mean()
+    def loss(self, x, step):
+        # a compiled _loss takes p and coef as 0-dim tensors: one trace then serves every value
+        # (a float would be baked into it); eager keeps floats, so p = 1 skips the power (lp_sum)
+        as_arg = (lambda v: torch.tensor(v, device=self.W_enc.device)) if self.loss_compiled else float
+        self._p_arg, self._coef_arg = as_arg(self.p), as_arg(self.coef)
+        # keep history only in the window just before the next update: eager computes L_p_next
+        # only there (saves a pow per step); a compiled loss computes it every step, so that
+        # it is one trace (fused, the power costs little there) and keeps it only there
+        self._history_p, keep = None, False
         if self.training and self.n_anneal_done < len(self._schedule):
             next_step, next_p = self._schedule[self.n_anneal_done]
-            # keep history only in the window just before the next update (saves a pow per step)
-            if next_step - self._loss_step < self.cfg['history_len']:
-                with torch.no_grad():
-                    self.lp_history.append((lp.detach(), lp_sum(acts.detach(), next_p).mean()))
-        return self.coef * lp
+            keep = next_step - step < self.cfg['history_len']
+            if keep or self.loss_compiled:
+                self._history_p = as_arg(next_p)
+        elif self.loss_compiled:
+            self._history_p = as_arg(self.p)
+        loss, stats = super().loss(x, step)
+        if keep:  # host-side state, appended outside the tensor work
+            self.lp_history.append(self._lp_pair)
+        return loss, stats
+
+    def _penalty(self, acts):
+        lp = lp_sum(acts, self._p_arg).mean()
+        if self._history_p is not None:
+            with torch.no_grad():  # (mean L_p, mean L_p_next): read by after_optimizer_step's rescale
+                self._lp_pair = (lp.detach(), lp_sum(acts.detach(), self._history_p).mean())
+        return self._coef_arg * lp
 
     @torch.no_grad()
     def after_optimizer_step(self, step):
@@ -451,22 +489,44 @@ class TopKSAE(SAE):
         active = values.detach() > 0                     # a kept zero is not a firing latent
         if self.training:  # dead-latent bookkeeping counts training rows only
             self.tokens_since_fired += x.shape[0]
-            self.tokens_since_fired[indices[active]] = 0
+            # latents kept with a positive value fired: their counts restart. A count per latent
+            # (index_add_), not a boolean-mask index: no shape depends on the data, so the GPU
+            # never waits for the host to learn one
+            fired = torch.zeros_like(self.tokens_since_fired).index_add_(0, indices.flatten(), active.flatten().long())
+            self.tokens_since_fired.masked_fill_(fired > 0, 0)
         l0 = active.sum() / x.shape[0]
         return l0, x_hat, x.new_zeros(()), self._aux_loss(x, x_hat, pre)
 
+    # rows of training left before any latent can be dead (dead_tokens - the largest count, less
+    # the rows since), kept on the host: while it is positive the aux loss is skipped without
+    # reading the counts from the device. None: not known yet (a new or loaded SAE, or counts set
+    # by hand), so the first training step reads the counts once
+    rows_to_dead = None
+    _aux_on = True  # set by loss(): whether some latent may be dead after this batch
+
+    def loss(self, x, step):
+        if self.training:
+            if self.rows_to_dead is None:
+                self.rows_to_dead = self.cfg['dead_tokens'] - int(self.tokens_since_fired.max())
+            self.rows_to_dead -= x.shape[0]
+        # a compiled loss always computes the aux loss (zero while no latent is dead): one trace
+        self._aux_on = self.loss_compiled or self.rows_to_dead is None or self.rows_to_dead <= 0
+        return super().loss(x, step)
+
     def _aux_loss(self, x, x_hat, pre):
-        dead = self.tokens_since_fired >= self.cfg['dead_tokens']       # (d_sae,)
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        if not self._aux_on:  # no latent can be dead yet
             return x.new_zeros(())
+        dead = self.tokens_since_fired >= self.cfg['dead_tokens']       # (d_sae,)
         residual = (x - x_hat).detach()                                  # (B, d_in)
-        values, indices = (pre * dead).topk(min(self.cfg['aux_k'], n_dead), dim=-1)  # (B, aux_k)
+        # the top aux_k of the dead latents' pre-activations. The live ones are zeroed, not left
+        # out, so the shape never depends on the data: where fewer than aux_k latents are dead,
+        # the extra picks are zeros (live latents, or dead ones below zero) and add nothing
+        values, indices = (pre * dead).topk(min(self.cfg['aux_k'], pre.shape[1]), dim=-1)  # (B, aux_k)
         values = values.relu()                           # as top-k of ReLU(pre) over the dead
         residual_hat = self._decode_sparse_n(values, indices) - self.b_dec  # (B, d_in), no bias
         aux_mse = (residual - residual_hat).pow(2).sum(-1).mean()
         residual_var = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        return self.cfg['aux_coef'] * aux_mse / residual_var
+        return self.cfg['aux_coef'] * aux_mse / residual_var * dead.any()  # 0 where none is dead
 
 
 class BatchTopKSAE(TopKSAE):
@@ -485,13 +545,15 @@ class BatchTopKSAE(TopKSAE):
 
     def _topk_over_batch(self, acts):
         """The k*B largest entries of acts (B, d_sae): values (k*B,) descending and flat indices.
-        A top-k over all B * d_sae entries is slow, so the candidates are each row's top 4k: an
-        entry left out of them is at most its row's 4k-th value, so where every row's 4k-th value
-        is below the k*B-th candidate the candidates hold the answer; else (a row with more
-        than 4k of the batch's largest) the whole batch is searched."""
+        On a CPU a top-k over all B * d_sae entries is slow, so the candidates are each row's
+        top 4k: an entry left out of them is at most its row's 4k-th value, so where every row's
+        4k-th value is below the k*B-th candidate the candidates hold the answer; else (a row
+        with more than 4k of the batch's largest) the whole batch is searched. That check reads
+        a value on the host, so on a GPU (and under torch.compile) the whole batch is searched at
+        once: a GPU's top-k needs no shortcut, and its steps then never wait for the host."""
         B, d_sae = acts.shape
         n, per_row = self.cfg['k'] * B, 4 * self.cfg['k']
-        if per_row < d_sae:
+        if per_row < d_sae and acts.device.type == 'cpu' and not torch.compiler.is_compiling():
             cand_values, cand_indices = acts.topk(per_row, dim=-1)      # (B, per_row) descending
             values, pos = cand_values.flatten().topk(n)                  # (n,) into the candidates
             if (cand_values[:, -1] < values[-1]).all():
@@ -501,18 +563,20 @@ class BatchTopKSAE(TopKSAE):
 
     def _select_train(self, pre):
         values, flat = self._topk_over_batch(pre)
-        if self.training and values[-1] > 0:
-            with torch.no_grad():
+        if self.training:
+            with torch.no_grad():  # on the device: no host read of the smallest kept value
                 smallest_kept = values[-1]
                 decay = self.cfg['threshold_decay']
-                new = smallest_kept if self.threshold < 0 else decay * self.threshold + (1 - decay) * smallest_kept
-                self.threshold.copy_(new)
+                ema = torch.where(self.threshold < 0, smallest_kept, decay * self.threshold + (1 - decay) * smallest_kept)
+                # a batch whose k*B-th value is not positive (too few activations fire) leaves it
+                self.threshold.copy_(torch.where(smallest_kept > 0, ema, self.threshold))
         # group the kept entries by row for _decode_sparse_n: row r's entries start at offsets[r]
-        rows = torch.div(flat, pre.shape[1], rounding_mode='floor')
+        B, d_sae = pre.shape
+        rows = torch.div(flat, d_sae, rounding_mode='floor')
         order = torch.argsort(rows)
-        counts = torch.bincount(rows, minlength=pre.shape[0])            # (B,)
+        counts = torch.zeros(B, dtype=torch.long, device=pre.device).index_add_(0, rows, torch.ones_like(rows))  # (B,)
         offsets = torch.cumsum(counts, 0) - counts
-        return values[order], (flat % pre.shape[1])[order], offsets
+        return values[order], (flat % d_sae)[order], offsets
 
     def encode_batch(self, x):
         """Training-time selection on RAW x (B, d_in): the top k*B activations of the batch."""
@@ -595,7 +659,8 @@ class JumpReLUSAE(SAE):
         scale = self.cfg['threshold_lr_scale']
         rest = [p for name, p in self.named_parameters() if name != 'log_threshold']
         return torch.optim.Adam([{'params': rest, 'lr': lr, 'lr_scale': 1.0},
-                                 {'params': [self.log_threshold], 'lr': lr * scale, 'lr_scale': scale}], lr=lr)
+                                 {'params': [self.log_threshold], 'lr': lr * scale, 'lr_scale': scale}], lr=lr,
+                                fused=self.W_enc.is_cuda)
 
     def _encode_n(self, x):
         z = self._pre_acts(x)

@@ -1181,14 +1181,15 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     lr = TR.lr_at(19, TR.build_config(args), clock=19 / 30)
     assert lr < 0.7 * TR.build_config(args).lr and f'iter 20/5000 | ' in out
     assert re.search(r'iter 20/5000 \| loss [0-9.]+ \| lr ' + re.escape(f'{lr:.2e}'), out)
-    # the sweep: 3 SAEs, 3 s a step; 20 steps timed (60 s, 10% added to spare), so
-    # int(8 * 60 / 3.3) = 145 steps fit; the control on the random model trains as many
-    assert '3.300s a step: 145 steps fit in --sae_minutes=8' in out
+    # the sweep: 3 SAEs, 3 s a step; of the first 20 steps the 19 after the first are timed (57 s,
+    # 10% added to spare: 3.3 s a step), and the 20 have used 60 s of the 480, so
+    # 20 + int(420 / 3.3) = 147 steps fit; the control on the random model trains as many
+    assert '3.300s a step: 147 steps fit in --sae_minutes=8' in out
     for sub in ('saes', 'saes_random'):
         sae = S.load(f'{tmp_path}/out/othello/{sub}/p_anneal_coef1.6.pt')
-        assert sae.meta['steps'] == 145 and sae.cfg['total_steps'] == 145
-        assert sae.meta['history'][-1]['step'] == 145
-        assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 145 steps
+        assert sae.meta['steps'] == 147 and sae.cfg['total_steps'] == 147
+        assert sae.meta['history'][-1]['step'] == 147
+        assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 147 steps
 
 
 @pytest.mark.parametrize('args, message', [
@@ -1369,6 +1370,41 @@ def test_decoder_rows_unit_norm_and_gradient_projection(arch):
     norms = sae.W_dec.detach().norm(dim=1)
     assert torch.allclose(norms, torch.ones(D_SAE), atol=1e-5)
     assert not torch.allclose(sae.W_dec.detach(), W_dec_before)  # it did train
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch):
+    # compile_loss with fullgraph=True fails on any graph break, and a graph break is where the
+    # traced loss would read a value on the host (a GPU sync) or change shape with the data. The
+    # run crosses every p-annealing update (coef rescales from the L_p history kept in the 2
+    # steps before each, and only there) and, for TopK, dead latents (k = 1 of 64 over 32 rows;
+    # dead after 64 rows): still one trace, and the same training as eager up to float rounding
+    # (aot_eager: the traced graph run op by op)
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend('aot_eager')
+    kw = dict(total_steps=30, k=1, dead_tokens=64) if 'topk' in arch else dict(total_steps=30)
+    if 'anneal' in arch:
+        kw['history_len'] = 2
+    torch.manual_seed(0)
+    eager = S.make_sae(arch, D_IN, D_SAE, **kw)
+    eager.set_act_scale(raw_batch())
+    compiled = S.from_dict(S.to_dict(eager)).train().compile_loss(backend=counter, fullgraph=True)
+    runs = {}
+    for sae in (eager, compiled):
+        opt = sae.make_optimizer(1e-2)
+        runs[sae] = [S.train_step(sae, opt, raw_batch(seed=s), s, 1e-2) for s in range(30)]
+    assert counter.frame_count == 1
+    assert compiled.n_anneal_done == eager.n_anneal_done and compiled.p == eager.p
+    assert compiled.coef == pytest.approx(eager.coef, rel=1e-4)
+    if arch in ('p_anneal', 'gated_anneal'):
+        assert eager.n_anneal_done == 10 and eager.coef != eager.cfg['coef']  # the rescales happened
+    if 'topk' in arch:
+        assert runs[eager][-1]['aux_loss'] > 0  # dead latents trained through the aux loss
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-3, atol=1e-3, msg=name)
+    for a, b in zip(runs[eager], runs[compiled]):
+        assert float(b['loss']) == pytest.approx(float(a['loss']), rel=1e-3)
 
 
 @pytest.mark.parametrize('arch', ARCHS)
@@ -2499,6 +2535,27 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert sorted(os.listdir(f'{tmp_path}/out/othello/saes')) == saes
 
 
+def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
+    # bench.py --device=cuda's branches (the compiled LM, the whole compiled sweep), run here on
+    # the CPU at small shapes with dynamo's plain 'eager' backend standing in for the GPU's
+    # compiler: a GPU session gets one run, so its script must not first meet these lines there
+    import bench
+    import train as TR
+    monkeypatch.setattr(bench, 'on_gpu', lambda cfg: True)
+    monkeypatch.setitem(bench.SHAPES, 'cuda', {'lm': (2, 2, 16, 8, 4), 'sae': (8, 256, 32)})  # TopK's k 160 < 256
+    compile_ = torch.compile
+    compiled = []
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn) or compile_(fn, backend='eager'))
+    bench.main(['--seconds=0.01'])
+    out = capsys.readouterr().out
+    assert re.search(r'float32 compiled +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling \(first step, compiling', out)
+    for arch, settings in TR.SWEEP.items():
+        assert re.search(rf'{arch} +x{len(settings)} \| eager .*% \| compiled .*% \(compiling', out), arch
+    n = sum(len(s) for s in TR.SWEEP.values())
+    assert re.search(rf'the whole sweep, compiled: [0-9,]+ act/s through all {n} SAEs', out)
+    assert len(compiled) == 1 + n  # the LM, and every SAE's loss once
+
+
 def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatch):
     import train as TR
     dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
@@ -2514,6 +2571,16 @@ def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatc
     # the files hold fp32 parameters, and a loaded SAE computes in fp32
     sae = S.load(f'{tmp_path}/out/othello/saes/standard_coef0.8.pt', 'othello')
     assert sae.matmul_dtype == torch.float32 and all(p.dtype == torch.float32 for p in sae.parameters())
+    # --sae_compile compiles each SAE's loss (here with dynamo's plain 'eager' backend: traced as
+    # for the GPU's compiler, run op by op; test_compiled_loss_... checks the traces) and trains on it
+    compiled = []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn) or compile_(fn, backend='eager'))
+    TR.main(['--game=othello', '--preset=tiny', '--stage=sae', '--sae_archs=topk', '--sae_steps=3',
+             '--control=none', '--sae_compile', *dirs])
+    assert [type(fn.__self__).__name__ for fn in compiled] == ['TopKSAE'] * 3
+    sae = S.load(f'{tmp_path}/out/othello/saes/topk_k40.pt', 'othello')
+    assert sae.meta['train_config']['sae_compile'] and math.isfinite(sae.meta['final']['explained_variance'])
 
 
 def test_tiny_chess_pipeline_and_evaluation(tmp_path, capsys):

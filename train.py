@@ -94,6 +94,9 @@ class TrainConfig:
     sae_buffer: int = 65536     # activations held and shuffled between model passes
     sae_log_interval: int = 250
     sae_ckpt_minutes: float = 5.0  # checkpoint the whole sweep this often, for --resume (0: after every step)
+    sae_compile: bool = False   # torch.compile each SAE's loss (sae.SAE.compile_loss; on in the gpu presets:
+                                # on a GPU it fuses the elementwise work of a step; on a CPU it is slower
+                                # for TopK, and costs seconds of compiling per architecture)
     control: str = 'one'        # random-init control: one (per arch, middle setting) | sweep | none
 
 
@@ -115,20 +118,24 @@ PRESETS = {
                        'n_games': 30_000, 'max_iters': 100_000, 'lm_minutes': 12, 'optimizer': 'muon', 'lr': 6e-3,
                        'min_lr': 1e-4, 'warmup_iters': 50, 'soft_targets': True, 'log_interval': 250, 'sae_steps': 1000,
                        'sae_minutes': 5}}),
-    # gpu (the default on CUDA): the paper's model shape in about 10 minutes on one GPU (README:
-    # measured on an H200), by the clock: 3.3 minutes of LM, 1.3 of SAE sweep; a slower GPU trains
-    # fewer steps. Chess: the 256 characters the evaluation scores (the first 20 '.'), exact soft
-    # targets (computed on the CPU, about 12 ms of CPU a game, then kept with the data)
+    # gpu (the default on CUDA): the paper's model shape end to end (evaluate.py included) in
+    # under 10 minutes on one GPU, so that it fits one 10-minute call, by the clock: 3.3 minutes of
+    # LM and 2.5 of SAE sweep (compiling included), then the control, about a third of the sweep's
+    # steps; a slower GPU trains fewer steps. LM and SAE losses are compiled (torch.compile).
+    # Chess: the 256 characters the evaluation scores (the first 20 '.'), exact soft targets
+    # (computed on the CPU, about 12 ms of CPU a game, then kept with the data), and a shorter
+    # sweep for the time its data and evaluation take
     'gpu': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'batch_size': 512, 'lr': 1e-3, 'min_lr': 1e-4,
-             'warmup_iters': 300, 'max_iters': 100_000, 'lm_minutes': 3.3, 'eval_interval': 2000, 'log_interval': 250,
+             'warmup_iters': 300, 'max_iters': 100_000, 'lm_minutes': 3.3, 'compile': True, 'eval_interval': 2000,
+             'log_interval': 250,
              'workers': min(16, os.cpu_count() or 1), 'sae_batch': 8192, 'sae_buffer': 1 << 20, 'sae_steps': 30_000,
-             'sae_minutes': 1.3, 'sae_lr': 1e-3, 'sae_warmup': 100, 'sae_log_interval': 400},
+             'sae_minutes': 2.5, 'sae_lr': 1e-3, 'sae_warmup': 100, 'sae_log_interval': 400, 'sae_compile': True},
             {'othello': {'block_size': 59, 'n_games': 2_000_000, 'soft_targets': True},
              'chess': {'block_size': 255, 'batch_size': 128, 'n_games': 120_000, 'lm_minutes': 3.0,
-                       'soft_targets': True}}),
+                       'soft_targets': True, 'sae_minutes': 1.5}}),
     'paper': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'lr': 6e-4, 'min_lr': 6e-5, 'warmup_iters': 1000,
                'max_iters': 60000, 'compile': True, 'eval_interval': 2000, 'sae_batch': 8192, 'sae_steps': 30000,
-               'sae_lr': 3e-4, 'sae_warmup': 1000, 'sae_buffer': 1 << 20, 'sae_log_interval': 2000},
+               'sae_lr': 3e-4, 'sae_warmup': 1000, 'sae_buffer': 1 << 20, 'sae_log_interval': 2000, 'sae_compile': True},
               {'othello': {'block_size': 59, 'batch_size': 256, 'n_games': 2_000_000},
                'chess': {'block_size': 1023, 'batch_size': 64, 'n_games': 200_000, 'legal_games': 100}}),
 }
@@ -514,7 +521,7 @@ class ActivationStream:
         return self.buffer[self.perm[(self.taken - 1) * B:self.taken * B]]
 
 
-SAE_TIMING_STEPS = 20  # --sae_minutes: steps timed before the step count is fitted to the budget
+SAE_TIMING_STEPS = 20  # --sae_minutes: steps run (the first untimed) before the step count is fitted to the budget
 
 
 def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out_dir, log=print, n_steps=None,
@@ -571,11 +578,14 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     # CUDA) to be the faster; everything else in them stays fp32 (sae.py). fp16 has no scaler here.
     for sae in saes.values():
         sae.matmul_dtype = torch.bfloat16 if cfg.dtype == 'bfloat16' else torch.float32
+        if cfg.sae_compile:  # traced at its first step, once per architecture (the control reuses the traces)
+            sae.compile_loss()
     log(f"sae: {len(saes)} SAEs" + (f" (this process's share of {len(sweep)})" if world > 1 else "") +
         f", d_in {d_in} -> d_sae {d_sae}, layer {layer}, {n_steps} steps x {cfg.sae_batch} activations, "
         f"into {out_dir}/" + (f" (at most {cfg.sae_minutes:g} min)" if fit_to_budget else ""))
     t0 = saved_at = now()
     start = step
+    t_timing = None  # --sae_minutes times the steps after the first (which compiles, under --sae_compile)
     while step < n_steps:
         x = first if step == 0 else next(stream)
         # linear warm-up, constant, then linear decay over the last 20% of steps
@@ -584,11 +594,15 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             t = time.perf_counter()
             window[name].append(train_step(sae, optimizers[name], x, step, lr)['mse'])  # a tensor: read when logged
             seconds[name] += time.perf_counter() - t  # on a GPU only the launches: replaced below
-        if fit_to_budget and step + 1 == SAE_TIMING_STEPS:
-            # time per step so far, with 10% to spare for the buffer refills still to come; under
-            # torchrun every process takes the smallest count, so the control's steps agree
-            per_step = 1.1 * (now() - t0) / (step + 1 - start)
-            n_steps = max(5 * SAE_TIMING_STEPS, min(n_steps, int(cfg.sae_minutes * 60 / per_step)))
+        if step == start:
+            t_timing = now()
+        if fit_to_budget and step + 1 == start + SAE_TIMING_STEPS:
+            # time per step after the first, with 10% to spare for the buffer refills still to
+            # come, and the time so far counted against the budget; under torchrun every process
+            # takes the smallest count, so the control's steps agree
+            per_step = 1.1 * (now() - t_timing) / (SAE_TIMING_STEPS - 1)
+            left = cfg.sae_minutes * 60 - (now() - t0)
+            n_steps = max(5 * SAE_TIMING_STEPS, min(n_steps, step + 1 + int(left / per_step)))
             n_steps = agree(n_steps, dist.ReduceOp.MIN)
             for sae in saes.values():
                 sae.set_total_steps(n_steps)
@@ -652,7 +666,7 @@ def sweep_checkpoint(cfg):
 def sweep_options(cfg):
     """The options a resumed sweep must share with the one it continues."""
     return {k: v for k, v in dataclasses.asdict(cfg).items()
-            if (k.startswith('sae_') and k != 'sae_ckpt_minutes') or k in ('game', 'seed', 'layer', 'anneal_start', 'control')}
+            if (k.startswith('sae_') and k not in ('sae_ckpt_minutes', 'sae_compile')) or k in ('game', 'seed', 'layer', 'anneal_start', 'control')}
 
 
 def train_saes(cfg, log=print):
