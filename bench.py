@@ -4,8 +4,8 @@ and noisy: compare numbers from the same run only).
 
 Reads/writes nothing. Run: python bench.py               (about a minute on 2 CPU cores)
                           python bench.py --only=sae     (othello | lm | sae | metrics)
-                          python bench.py --device=cuda  (LM and SAEs on the GPU, at the gpu
-                                                          preset's shapes: 8 x 512, context 59,
+                          python bench.py --device=cuda  (the gpu preset's LM and SAE sweep on the
+                                                          GPU, at its shapes: 8 x 512, context 59,
                                                           batch 512; d_in 512, d_sae 4096, batch 8192)
 
 First the machine: processor, torch's CPU capability, threads, and this run's ceilings, a large
@@ -22,6 +22,12 @@ work, as a fraction of the fp32 ceiling (or bf16's, for bf16 autocast):
            minimum (the encoder and decoder matmuls forward, and the three backward products
            that give the weights' gradients); TopK-style SAEs skip most of the decoder's share.
   metrics  coverage + board reconstruction, 4096 features x 20,000 positions x 768 elements
+On a GPU (--device=cuda) the LM and the SAEs are timed as the gpu preset trains them, against the
+bf16 ceiling (where the GPU has bf16 units): the LM in bf16 autocast, eager and torch.compile'd;
+the whole SAE sweep of train.py (SWEEP: 21 SAEs), bf16 matmuls, each architecture's 3 SAEs eager
+and with compiled losses (sae.SAE.compile_loss), then the sweep as one figure (the sum of the
+architectures' times per batch). The first compiled step's time (tracing and compiling) is shown
+beside it and left out of the rate.
 """
 import platform
 import time
@@ -47,6 +53,12 @@ class BenchConfig:
 # are nanoGPT's yardstick shape and a 2-core-sized SAE; the GPU's are train.py's gpu preset's
 SHAPES = {'cpu': {'lm': (4, 6, 192, 255, 32), 'sae': (256, 2048, 4096)},
           'cuda': {'lm': (8, 8, 512, 59, 512), 'sae': (512, 4096, 8192)}}
+
+
+def on_gpu(cfg):
+    """Whether this run times the GPU set (the gpu preset's LM and SAE sweep, at SHAPES['cuda']);
+    a test sets it for a CPU run at small shapes, so the GPU branches run in the tests too."""
+    return cfg.device.startswith('cuda')
 
 
 def sync(device):
@@ -157,32 +169,46 @@ def bf16_known_slower(device, width, rows):
 
 def bench_lm(cfg, ceilings):
     torch.manual_seed(0)
-    L, H, D, T, B = SHAPES[cfg.device]['lm']
+    L, H, D, T, B = SHAPES['cuda' if on_gpu(cfg) else 'cpu']['lm']
     model = GPT(GPTConfig(vocab_size=33, block_size=T, n_layer=L, n_head=H, n_embd=D, pad_id=32)).to(cfg.device)
     opt = model.configure_optimizer(1e-3, 0.1)
     x, y = (torch.randint(0, 32, (B, T), device=cfg.device) for _ in range(2))
     flop_per_token = 6 * model.n_params() + 12 * L * D * T
     bf16_slower = bf16_known_slower(cfg.device, D, B * T)
     print(f"LM training ({L} layers, {D} wide, context {T}, batch {B}; {flop_per_token / 1e6:.1f} MFLOP a token):")
-    for name, dtype in (('fp32', 'float32'), ('bf16 autocast', 'bfloat16')):
+    # the CPU: fp32 and bf16 eager. A GPU: what the gpu preset trains with, the precision
+    # choose_precision picks (bf16 where the GPU has bf16 units), eager and torch.compile'd
+    if on_gpu(cfg):
+        dtype = choose_precision('auto', cfg.device, D)[0]
+        variants = [(f'{dtype} eager', dtype, False), (f'{dtype} compiled', dtype, True)]
+    else:
+        variants = [('fp32', 'float32', False), ('bf16 autocast', 'bfloat16', False)]
+    for name, dtype, compiled in variants:
         if dtype == 'bfloat16' and bf16_slower:
-            print(f"  {name:14s} not timed: {bf16_slower}")
+            print(f"  {name:16s} not timed: {bf16_slower}")
             continue
+        fwd = torch.compile(model) if compiled else model
 
         def step():
-            with torch.autocast(cfg.device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
-                loss = model(x, y)[1]
+            with torch.autocast(cfg.device, dtype=getattr(torch, dtype), enabled=dtype != 'float32'):
+                loss = fwd(x, y)[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        t0 = time.perf_counter()
+        step()  # compiles, where compiled
+        sync(cfg.device)
+        first = time.perf_counter() - t0
         rate = B * T / timed(step, cfg.seconds, device=cfg.device)
-        print(f"  {name:14s} {rate:9,.0f} tok/s = {rate * flop_per_token / 1e9:6.1f} GFLOP/s, "
-              f"{rate * flop_per_token / 1e9 / ceilings[dtype]:.0%} of the {dtype} matmul ceiling")
+        ceiling = ceilings['bfloat16' if dtype != 'float32' else 'float32']
+        print(f"  {name:16s} {rate:9,.0f} tok/s = {rate * flop_per_token / 1e9:8.1f} GFLOP/s, "
+              f"{rate * flop_per_token / 1e9 / ceiling:.0%} of the {'bf16' if dtype != 'float32' else 'fp32'} "
+              f"matmul ceiling" + (f" (first step, compiling: {first:.1f}s)" if compiled else ''))
 
 
 def bench_sae(cfg, ceilings):
     torch.manual_seed(0)
-    d_in, d_sae, B = SHAPES[cfg.device]['sae']
+    d_in, d_sae, B = SHAPES['cpu']['sae']
     x = torch.randn(B, d_in, device=cfg.device) * 3 + 1
     flop_per_act = 10 * d_in * d_sae
     print(f"SAE training at d_in {d_in}, d_sae {d_sae}, batch {B} (one train_step a batch; "
@@ -210,6 +236,54 @@ def bench_sae(cfg, ceilings):
                   f"{rate * flop_per_act / 1e9 / ceilings[dtype]:.0%} of the {dtype} matmul ceiling")
 
 
+def bench_sweep(cfg, ceilings):
+    """A GPU: train.py's whole SAE sweep (SWEEP, 3 settings of each architecture) as the gpu
+    preset trains it, bf16 matmuls (where the GPU has bf16 units) and compiled losses, one
+    train_step of every SAE on each batch; eager beside it for the compiler's share."""
+    from train import SWEEP
+    torch.manual_seed(0)
+    d_in, d_sae, B = SHAPES['cuda']['sae']
+    x = torch.randn(B, d_in, device=cfg.device) * 3 + 1
+    dtype = torch.bfloat16 if choose_precision('auto', cfg.device, d_in)[0] == 'bfloat16' else torch.float32
+    ceiling = ceilings['bfloat16' if dtype == torch.bfloat16 else 'float32']
+    flop_per_act = 10 * d_in * d_sae
+    print(f"SAE sweep at d_in {d_in}, d_sae {d_sae}, batch {B}: train.py's SWEEP, {str(dtype)[6:]} matmuls, "
+          f"{flop_per_act / 1e6:.1f} MFLOP an activation per SAE (dense):")
+    seconds = {True: 0.0, False: 0.0}  # per batch through every SAE of the sweep: compiled, eager
+    for arch, settings in SWEEP.items():
+        line = f"  {arch:14s} x{len(settings)}"
+        for compiled in (False, True):
+            saes = []
+            for setting in settings:
+                sae = make_sae(arch, d_in, d_sae, total_steps=10**6, **setting).to(cfg.device)
+                sae.matmul_dtype = dtype
+                sae.set_act_scale(x)
+                saes.append((sae.compile_loss() if compiled else sae, sae.make_optimizer(3e-4)))
+            step_no = [0]
+
+            def step():
+                for sae, opt in saes:
+                    train_step(sae, opt, x, step_no[0], 3e-4)
+                step_no[0] += 1
+            t0 = time.perf_counter()
+            step()  # compiles, where compiled
+            sync(cfg.device)
+            first = time.perf_counter() - t0
+            per_batch = timed(step, cfg.seconds / 2, device=cfg.device)
+            seconds[compiled] += per_batch
+            rate = len(saes) * B * flop_per_act / per_batch / 1e9
+            line += (f" | {'compiled' if compiled else 'eager'} {rate:8.1f} GFLOP/s, {rate / ceiling:4.0%}"
+                     + (f" (compiling {first:.0f}s)" if compiled else ''))
+        print(line)
+    n = sum(len(s) for s in SWEEP.values())
+    for compiled in (True, False):
+        rate = B / seconds[compiled]
+        print(f"  the whole sweep, {'compiled' if compiled else 'eager'}: {rate:,.0f} act/s through all {n} SAEs "
+              f"({rate * n / 1e6:.2f}M SAE-act/s) = {rate * n * flop_per_act / 1e9:.1f} GFLOP/s, "
+              f"{rate * n * flop_per_act / 1e9 / ceiling:.0%} of the {'bf16' if dtype == torch.bfloat16 else 'fp32'} "
+              f"matmul ceiling")
+
+
 def bench_metrics(cfg, ceilings):
     g = torch.Generator().manual_seed(0)
     F_, N, G = 4096, 20_000, 768
@@ -232,7 +306,10 @@ def main(argv):
         raise D.UserError("bench.py: --device=cuda but torch sees no GPU here: use --device=cpu")
     print(f"bench.py config: {cfg}")
     ceilings = bench_machine(cfg)
-    for name, fn in (('othello', bench_othello), ('lm', bench_lm), ('sae', bench_sae), ('metrics', bench_metrics)):
+    # a GPU: the gpu preset's LM and its SAE sweep; a CPU: every benchmark
+    benches = (('lm', bench_lm), ('sae', bench_sweep)) if on_gpu(cfg) else \
+        (('othello', bench_othello), ('lm', bench_lm), ('sae', bench_sae), ('metrics', bench_metrics))
+    for name, fn in benches:
         if cfg.only in ('', name):
             fn(cfg, ceilings)
 
