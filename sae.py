@@ -199,12 +199,28 @@ class SAE(nn.Module):
         # f (B, d_sae) -> normalised reconstruction (B, d_in)
         return self._matmul(self.b_dec, f, self.W_dec)
 
+    # how _decode_sparse_n decodes: None picks by device (a CPU the gather, a GPU the matmul);
+    # True or False forces one (the tests run the GPU's way on the CPU)
+    DENSE_DECODE = None
+
     def _decode_sparse_n(self, values, indices, offsets=None):
         """The reconstruction from only the active latents: values and indices (B, k), or flat
-        (n,) with `offsets` (B,) where each row's entries start. Equal to _decode_n of the dense
-        f, at the cost of the active latents only (embedding_bag sums the W_dec rows it picks,
-        weighted by the values; its backward writes only those rows of W_dec's gradient)."""
-        return F.embedding_bag(indices, self.W_dec, offsets, mode='sum', per_sample_weights=values) + self.b_dec
+        (n,) with `offsets` (B,) where each row's entries start; equal to _decode_n of the dense
+        f. On a CPU at the cost of the active latents only: embedding_bag sums the W_dec rows it
+        picks, weighted by the values, and its backward writes only those rows of W_dec's
+        gradient. On a GPU the values are scattered into the dense f (B, d_sae) and decoded by
+        _decode_n: a matmul on tensor cores, whose backward gives W_dec's gradient as one more
+        matmul, where the gather's backward would add B * k rows one by one."""
+        dense = self.W_dec.device.type != 'cpu' if self.DENSE_DECODE is None else self.DENSE_DECODE
+        if not dense:
+            return F.embedding_bag(indices, self.W_dec, offsets, mode='sum', per_sample_weights=values) + self.b_dec
+        B = len(offsets) if offsets is not None else len(indices)
+        if offsets is None:  # (B, k): row b's picks are row b
+            f = values.new_zeros(B, self.W_dec.shape[0]).scatter(1, indices, values)
+        else:  # flat (n,): entry j lies in the last row whose offset is at most j
+            rows = torch.searchsorted(offsets, torch.arange(len(indices), device=offsets.device), right=True) - 1
+            f = values.new_zeros(B, self.W_dec.shape[0]).index_put((rows, indices), values)
+        return self._decode_n(f)
 
     def _encode_n(self, x):
         raise NotImplementedError
@@ -452,7 +468,7 @@ class TopKSAE(SAE):
     training rows are 'dead'; the top aux_k of their pre-activations reconstruct the residual
     x - x_hat (detached), giving them gradient. The aux MSE is divided by the residual's variance
     (scale free) and weighted by aux_coef. Training decodes from the k active latents only
-    (_decode_sparse_n): the dense (B, d_sae) f is never built."""
+    (_decode_sparse_n; on a CPU the dense (B, d_sae) f is never built)."""
     arch = 'topk'
     DEFAULT_COEF = 0.0
 

@@ -1353,6 +1353,41 @@ def test_fast_training_path_equals_the_dense_reference(arch):
             torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize('arch', ['topk', 'batch_topk'])
+def test_the_gpu_dense_decode_equals_the_cpu_gather(arch, monkeypatch):
+    # the GPU's way (DENSE_DECODE: the picks scattered into f, one matmul), run here on the CPU,
+    # gives the loss and gradients of the CPU's embedding_bag, the aux loss's decode included
+    # (every latent that does not fire in the batch is dead; BatchTopK's rows keep from 0 to many
+    # latents each)
+    results = []
+    for dense in (False, True):
+        monkeypatch.setattr(S.SAE, 'DENSE_DECODE', dense)
+        torch.manual_seed(0)
+        sae = small_sae(arch, dead_tokens=100, aux_k=6)
+        x = raw_batch(B=12)
+        sae.set_act_scale(x)
+        sae.init_b_dec(x)
+        sae.tokens_since_fired.fill_(1000)
+        loss, stats = sae.loss(x, 0)
+        loss.backward()
+        results.append((stats, {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (gather, gather_grads), (dense, dense_grads) = results
+    assert gather['aux_loss'] > 0
+    for key in ('loss', 'mse', 'aux_loss', 'l0'):
+        torch.testing.assert_close(dense[key], gather[key], rtol=1e-5, atol=1e-5, msg=key)
+    for name, grad in gather_grads.items():
+        torch.testing.assert_close(dense_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    # flat picks with offsets, rows 0 and 2 empty: row 1 takes latents 3 and 5, row 3 latent 3
+    values, indices, offsets = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([3, 5, 3]), torch.tensor([0, 0, 2, 2])
+    decoded = []
+    for dense in (False, True):
+        monkeypatch.setattr(S.SAE, 'DENSE_DECODE', dense)
+        decoded.append(sae._decode_sparse_n(values, indices, offsets))
+    want = torch.stack([torch.zeros(D_IN), 2 * sae.W_dec[3] - sae.W_dec[5], torch.zeros(D_IN), 0.5 * sae.W_dec[3]])
+    for got in decoded:
+        torch.testing.assert_close(got, want + sae.b_dec, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('arch', ARCHS)
 def test_decoder_rows_unit_norm_and_gradient_projection(arch):
     torch.manual_seed(0)
@@ -1372,15 +1407,16 @@ def test_decoder_rows_unit_norm_and_gradient_projection(arch):
     assert not torch.allclose(sae.W_dec.detach(), W_dec_before)  # it did train
 
 
-@pytest.mark.parametrize('arch', ARCHS)
-def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch):
+@pytest.mark.parametrize('arch, dense', [(a, False) for a in ARCHS] + [('topk', True), ('batch_topk', True)])
+def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch, dense, monkeypatch):
     # compile_loss with fullgraph=True fails on any graph break, and a graph break is where the
     # traced loss would read a value on the host (a GPU sync) or change shape with the data. The
     # run crosses every p-annealing update (coef rescales from the L_p history kept in the 2
     # steps before each, and only there) and, for TopK, dead latents (k = 1 of 64 over 32 rows;
     # dead after 64 rows): still one trace, and the same training as eager up to float rounding
-    # (aot_eager: the traced graph run op by op)
+    # (aot_eager: the traced graph run op by op). dense: TopK decoding as on a GPU
     from torch._dynamo.testing import CompileCounterWithBackend
+    monkeypatch.setattr(S.SAE, 'DENSE_DECODE', dense)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend('aot_eager')
     kw = dict(total_steps=30, k=1, dead_tokens=64) if 'topk' in arch else dict(total_steps=30)

@@ -413,8 +413,12 @@ def train_lm(cfg, log=print, precision=''):
         tokens_seen += n_batch  # a tensor: no sync per step
         done, last_iter = it + 1 - start_iter, it + 1
         out_of_time = clock() >= 1
+        if done == 1:
+            t_first = now()  # the first step also compiles, under --compile: the estimate times the next 19
+            if cfg.compile:
+                log(f"LM: the first step, which compiles the model, took {t_first - t0:.1f}s")
         if done == 20 and it + 1 < cfg.max_iters:  # a first estimate, before the first log line
-            total = (now() - t0) / done * (cfg.max_iters - start_iter)
+            total = (t_first - t0) + (now() - t_first) / (done - 1) * (cfg.max_iters - start_iter - 1)
             log(f"LM: about {fmt_time(min(total, budget) if budget > 0 else total)} of training "
                 f"(timed on the first 20 steps)")
         if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters or out_of_time:
@@ -596,6 +600,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             seconds[name] += time.perf_counter() - t  # on a GPU only the launches: replaced below
         if step == start:
             t_timing = now()
+            if cfg.sae_compile:
+                log(f"sae: the first step, which compiles each architecture's loss, took {t_timing - t0:.1f}s")
         if fit_to_budget and step + 1 == start + SAE_TIMING_STEPS:
             # time per step after the first, with 10% to spare for the buffer refills still to
             # come, and the time so far counted against the budget; under torchrun every process
