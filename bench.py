@@ -240,7 +240,7 @@ def bench_sweep(cfg, ceilings):
     """A GPU: train.py's whole SAE sweep (SWEEP, 3 settings of each architecture) as the gpu
     preset trains it, bf16 matmuls (where the GPU has bf16 units) and compiled losses, one
     train_step of every SAE on each batch; eager beside it for the compiler's share."""
-    from train import SWEEP
+    from train import SWEEP, sweep_settings
     torch.manual_seed(0)
     d_in, d_sae, B = SHAPES['cuda']['sae']
     x = torch.randn(B, d_in, device=cfg.device) * 3 + 1
@@ -250,7 +250,8 @@ def bench_sweep(cfg, ceilings):
     print(f"SAE sweep at d_in {d_in}, d_sae {d_sae}, batch {B}: train.py's SWEEP, {str(dtype)[6:]} matmuls, "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation per SAE (dense):")
     seconds = {True: 0.0, False: 0.0}  # per batch through every SAE of the sweep: compiled, eager
-    for arch, settings in SWEEP.items():
+    for arch in SWEEP:
+        settings = sweep_settings(arch, d_in)
         line = f"  {arch:14s} x{len(settings)}"
         for compiled in (False, True):
             saes = []

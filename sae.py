@@ -94,6 +94,11 @@ ARCHS = {}  # arch name -> class: every class below that sets `arch` enters itse
 class SAE(nn.Module):
     arch = None
     DEFAULT_COEF = 5.0  # sparsity coefficient; a sweep variable, this is only a starting point
+    # How the coefficient that keeps the same L0 grows with d_in (train.sweep_settings). With
+    # E||x||^2 = d_in, L0 features of size about sqrt(d_in / L0) rebuild x, so an L1 penalty
+    # coef * sum_i f_i ~ coef * sqrt(d_in * L0) balances a squared error ~ d_in at coef ~ sqrt(d_in):
+    # power 1/2. An L0 penalty (JumpReLU: coef * the count) balances it at coef ~ d_in: power 1.
+    COEF_POWER = 0.5
 
     def __init__(self, d_in, d_sae, *, coef=None, total_steps=None):
         super().__init__()
@@ -663,6 +668,7 @@ class JumpReLUSAE(SAE):
     thresholds learn faster: their lr is threshold_lr_scale times the rest (make_optimizer)."""
     arch = 'jumprelu'
     DEFAULT_COEF = 1.0
+    COEF_POWER = 1.0  # an L0 penalty (SAE.COEF_POWER)
 
     def __init__(self, d_in, d_sae, *, bandwidth=0.05, init_threshold=0.1, threshold_lr_scale=10.0, **kw):
         super().__init__(d_in, d_sae, **kw)

@@ -1158,6 +1158,20 @@ def test_lr_schedule_follows_the_clock_when_it_is_ahead():
     assert TR.lr_at(20, cfg, clock=1.0) == pytest.approx(1e-4)
 
 
+def test_sweep_coefficients_scale_with_the_width_by_the_penalty_s_rule():
+    import train as TR
+    assert all(TR.sweep_settings(a, TR.SWEEP_WIDTH) == TR.SWEEP[a] for a in TR.SWEEP)
+    # at width 512 (the gpu presets) an L1 coefficient doubles (sqrt 4), JumpReLU's quadruples
+    assert TR.sweep_settings('standard', 512) == [{'coef': 1.6}, {'coef': 3.2}, {'coef': 6.4}]
+    assert TR.sweep_settings('gated_anneal', 512) == [{'coef': 3.0}, {'coef': 6.0}, {'coef': 12.0}]
+    assert TR.sweep_settings('jumprelu', 512) == [{'coef': 0.4}, {'coef': 1.2}, {'coef': 4.0}]
+    assert TR.sweep_settings('topk', 512) == TR.SWEEP['topk']  # no coefficient
+    assert TR.sweep_settings('p_anneal', 192) == [{'coef': 0.98}, {'coef': 1.96}, {'coef': 3.92}]  # sqrt(1.5), 3 digits
+    # the rule itself: features of size sqrt(d_in / L0) make an L1 penalty grow as sqrt(d_in) at a
+    # fixed L0, while the squared error grows as d_in; an L0 penalty does not grow at all
+    assert S.ARCHS['standard'].COEF_POWER == 0.5 and S.ARCHS['jumprelu'].COEF_POWER == 1.0
+
+
 def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, capsys):
     import train as TR
     # a fake clock: one second passes with every optimiser step (the LM's and each SAE's), none
@@ -1186,7 +1200,7 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     # 20 + int(420 / 3.3) = 147 steps fit; the control on the random model trains as many
     assert '3.300s a step: 147 steps fit in --sae_minutes=8' in out
     for sub in ('saes', 'saes_random'):
-        sae = S.load(f'{tmp_path}/out/othello/{sub}/p_anneal_coef1.6.pt')
+        sae = S.load(f'{tmp_path}/out/othello/{sub}/p_anneal_coef0.8.pt')  # the middle setting at width 32
         assert sae.meta['steps'] == 147 and sae.cfg['total_steps'] == 147
         assert sae.meta['history'][-1]['step'] == 147
         assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 147 steps

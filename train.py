@@ -456,8 +456,11 @@ def train_lm(cfg, log=print, precision=''):
 # ----------------------------------------------------------------------------------------------
 # The SAE stage
 
-# Sparsity settings per architecture, chosen so that L0 spans roughly 10 to 200 on the cpu
-# preset's models (normalised activations, E||x||^2 = d_in; MSE summed over d_in). Edit to taste.
+# Sparsity settings per architecture, chosen on the cpu presets' models (d_in = SWEEP_WIDTH = 128),
+# where the L1-penalty architectures' L0 spans about 20 to 180 (README). Normalised activations,
+# E||x||^2 = d_in; MSE summed over d_in. For another width the coefficients are scaled by the
+# penalty's rule (sweep_settings, sae.SAE.COEF_POWER). Edit to taste.
+SWEEP_WIDTH = 128
 SWEEP = {
     'standard': [{'coef': c} for c in (0.8, 1.6, 3.2)],
     'gated': [{'coef': c} for c in (1.5, 3.0, 6.0)],
@@ -470,6 +473,15 @@ SWEEP = {
 
 
 SAE_OPTIONS = ('anneal_start',)  # TrainConfig fields passed to every architecture that takes them
+
+
+def sweep_settings(arch, d_in):
+    """SWEEP[arch] for SAEs on a residual stream of width d_in: each coefficient times
+    (d_in / SWEEP_WIDTH) ** COEF_POWER of the architecture (sae.SAE.COEF_POWER: the coefficient
+    that keeps L0 where it was grows as sqrt(d_in) for an L1 penalty, as d_in for JumpReLU's L0
+    penalty), to 3 significant digits. The gpu presets' width, 512: L1 coefficients x2, JumpReLU's x4."""
+    factor = (d_in / SWEEP_WIDTH) ** ARCHS[arch].COEF_POWER
+    return [dict(s, coef=float(f"{s['coef'] * factor:.3g}")) if 'coef' in s else dict(s) for s in SWEEP[arch]]
 
 
 def default_layer(n_layer):
@@ -707,7 +719,8 @@ def train_saes(cfg, log=print):
     T = model.config.block_size + 1
     tokens, val_tokens = train['tokens'][:, :T], val['tokens'][:, :T]
     archs = sae_archs(cfg)
-    sweep = [(a, s) for a in archs for s in SWEEP[a]]
+    d_in = model.config.n_embd
+    sweep = [(a, s) for a in archs for s in sweep_settings(a, d_in)]
     if saved['part'] == 'saes':
         done = train_sae_sweep(cfg, model, model_id, tokens, val_tokens, train['pad_id'], sweep,
                                os.path.join(cfg.out_dir, cfg.game, 'saes'), log,
@@ -726,7 +739,7 @@ def train_saes(cfg, log=print):
                                                                    'train_config': dataclasses.asdict(cfg)})
         barrier()  # written before any process reads its digest
         random_id = {'path': random_path, 'iter': 0, 'sha256': D.file_digest(random_path), 'random_init': True}
-        control = sweep if cfg.control == 'sweep' else [(a, SWEEP[a][len(SWEEP[a]) // 2]) for a in archs]
+        control = sweep if cfg.control == 'sweep' else [(a, sweep_settings(a, d_in)[len(SWEEP[a]) // 2]) for a in archs]
         log(f"sae: control on a random-init model ({len(control)} SAEs)")
         # as many steps as the trained model's SAEs had (fewer than sae_steps under --sae_minutes)
         results = results + train_sae_sweep(cfg, random_model, random_id, tokens, val_tokens, train['pad_id'], control,
