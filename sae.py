@@ -525,6 +525,10 @@ class TopKSAE(SAE):
     rows_to_dead = None
     _aux_on = True  # set by loss(): whether some latent may be dead after this batch
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.rows_to_dead = None  # new counts: read them again at the next training step
+
     def loss(self, x, step):
         if self.training:
             if self.rows_to_dead is None:
@@ -565,7 +569,8 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer('threshold', torch.tensor(-1.0))  # normalised units; < 0 = unset
 
     def _topk_over_batch(self, acts):
-        """The k*B largest entries of acts (B, d_sae): values (k*B,) descending and flat indices.
+        """The k*B largest entries of acts (B, d_sae): values (k*B,) and flat indices, in no set
+        order (a GPU's top-k of that many then skips sorting them).
         On a CPU a top-k over all B * d_sae entries is slow, so the candidates are each row's
         top 4k: an entry left out of them is at most its row's 4k-th value, so where every row's
         4k-th value is below the k*B-th candidate the candidates hold the answer; else (a row
@@ -580,13 +585,13 @@ class BatchTopKSAE(TopKSAE):
             if (cand_values[:, -1] < values[-1]).all():
                 rows = torch.div(pos, per_row, rounding_mode='floor')
                 return values, rows * d_sae + cand_indices.flatten()[pos]
-        return acts.flatten().topk(n)
+        return acts.flatten().topk(n, sorted=False)
 
     def _select_train(self, pre):
         values, flat = self._topk_over_batch(pre)
         if self.training:
             with torch.no_grad():  # on the device: no host read of the smallest kept value
-                smallest_kept = values[-1]
+                smallest_kept = values.min()
                 decay = self.cfg['threshold_decay']
                 ema = torch.where(self.threshold < 0, smallest_kept, decay * self.threshold + (1 - decay) * smallest_kept)
                 # a batch whose k*B-th value is not positive (too few activations fire) leaves it
