@@ -250,6 +250,13 @@ def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def wait_for(device):
+    """Wait until the GPU has run the work queued on it, so that the clock read next counts it
+    (the host runs ahead of the GPU by up to a queue of kernels); nothing on a CPU."""
+    if device.startswith('cuda'):
+        torch.cuda.synchronize(device)
+
+
 # Several processes (torchrun): main sets up torch.distributed; these read it, and do nothing
 # special in one process.
 
@@ -414,10 +421,12 @@ def train_lm(cfg, log=print, precision=''):
         done, last_iter = it + 1 - start_iter, it + 1
         out_of_time = clock() >= 1
         if done == 1:
+            wait_for(cfg.device)
             t_first = now()  # the first step also compiles, under --compile: the estimate times the next 19
             if cfg.compile:
                 log(f"LM: the first step, which compiles the model, took {t_first - t0:.1f}s")
         if done == 20 and it + 1 < cfg.max_iters:  # a first estimate, before the first log line
+            wait_for(cfg.device)
             total = (t_first - t0) + (now() - t_first) / (done - 1) * (cfg.max_iters - start_iter - 1)
             log(f"LM: about {fmt_time(min(total, budget) if budget > 0 else total)} of training "
                 f"(timed on the first 20 steps)")
@@ -611,6 +620,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             window[name].append(train_step(sae, optimizers[name], x, step, lr)['mse'])  # a tensor: read when logged
             seconds[name] += time.perf_counter() - t  # on a GPU only the launches: replaced below
         if step == start:
+            wait_for(cfg.device)
             t_timing = now()
             if cfg.sae_compile:
                 log(f"sae: the first step, which compiles each architecture's loss, took {t_timing - t0:.1f}s")
@@ -618,6 +628,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             # time per step after the first, with 10% to spare for the buffer refills still to
             # come, and the time so far counted against the budget; under torchrun every process
             # takes the smallest count, so the control's steps agree
+            wait_for(cfg.device)
             per_step = 1.1 * (now() - t_timing) / (SAE_TIMING_STEPS - 1)
             left = cfg.sae_minutes * 60 - (now() - t0)
             n_steps = max(5 * SAE_TIMING_STEPS, min(n_steps, step + 1 + int(left / per_step)))
@@ -626,7 +637,13 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
                 sae.set_total_steps(n_steps)
             fit_to_budget = False
             log(f"sae: {per_step:.3f}s a step: {n_steps} steps fit in --sae_minutes={cfg.sae_minutes:g}")
+        elif step + 1 == start + SAE_TIMING_STEPS and n_steps > step + 1:  # no budget: an estimate (e.g. --preset paper)
+            wait_for(cfg.device)
+            per_step = (now() - t_timing) / (SAE_TIMING_STEPS - 1)
+            log(f"sae: about {fmt_time(now() - t0 + per_step * (n_steps - step - 1))} for {n_steps} steps "
+                f"(timed on the first {SAE_TIMING_STEPS}; buffer refills not counted)")
         if (step + 1) % cfg.sae_log_interval == 0 or step + 1 == n_steps:
+            wait_for(cfg.device)
             elapsed = now() - t0
             rate = (step + 1 - start) * cfg.sae_batch / elapsed  # activations through the whole sweep per second
             log(f"sae step {step + 1}/{n_steps} | {rate / 1e3:.1f}k act/s through all {len(saes)} SAEs "
