@@ -429,11 +429,16 @@ def _legal_job(tokens):
     return othello_bitboards(tokens)['legal']
 
 
+_TOKEN_BITS = {}  # device -> (60,) int64: each move token's square bit, copied to a device once
+
+
 def othello_soft_targets(legal):
     """The exact next-token distribution of the random-game source: uniform over the legal moves.
     legal [B, T] int64 bitboards -> float [B, T, 61] (the pad token gets 0); a position with no
     legal move (the game is over) gets an all-zero row, which the loss ignores."""
-    bits = torch.from_numpy(BIT.view(np.int64))[OTHELLO_SQUARES].to(legal.device)  # (60,) token -> bit
+    bits = _TOKEN_BITS.get(legal.device)  # kept: a copy to a GPU at every training step would wait for it
+    if bits is None:
+        bits = _TOKEN_BITS[legal.device] = torch.from_numpy(BIT.view(np.int64))[OTHELLO_SQUARES].to(legal.device)
     soft = ((legal[..., None] & bits) != 0).float()  # (B, T, 60)
     soft = soft / soft.sum(-1, keepdim=True).clamp(min=1)
     return torch.nn.functional.pad(soft, (0, 1))

@@ -400,11 +400,20 @@ class PAnnealing:
 
     _history_p = None  # set by loss(): the next update's p, while this batch's L_p_next is kept
 
+    def _scalar(self, name, value):
+        # `value` in the 0-dim tensor kept as attribute `name` on the SAE's device, filled in place:
+        # a fill is a kernel launch, where torch.tensor(value, device=...) would copy from the host
+        # and wait for the GPU
+        t = self.__dict__.get(name)
+        if t is None or t.device != self.W_enc.device:
+            t = self.__dict__[name] = torch.empty((), device=self.W_enc.device)
+        return t.fill_(value)
+
     def loss(self, x, step):
         # a compiled _loss takes p and coef as 0-dim tensors: one trace then serves every value
         # (a float would be baked into it); eager keeps floats, so p = 1 skips the power (lp_sum)
-        as_arg = (lambda v: torch.tensor(v, device=self.W_enc.device)) if self.loss_compiled else float
-        self._p_arg, self._coef_arg = as_arg(self.p), as_arg(self.coef)
+        as_arg = (lambda name, v: self._scalar(name, v)) if self.loss_compiled else (lambda name, v: float(v))
+        self._p_arg, self._coef_arg = as_arg('_p_tensor', self.p), as_arg('_coef_tensor', self.coef)
         # keep history only in the window just before the next update: eager computes L_p_next
         # only there (saves a pow per step); a compiled loss computes it every step, so that
         # it is one trace (fused, the power costs little there) and keeps it only there
@@ -413,9 +422,9 @@ class PAnnealing:
             next_step, next_p = self._schedule[self.n_anneal_done]
             keep = next_step - step < self.cfg['history_len']
             if keep or self.loss_compiled:
-                self._history_p = as_arg(next_p)
+                self._history_p = as_arg('_history_p_tensor', next_p)
         elif self.loss_compiled:
-            self._history_p = as_arg(self.p)
+            self._history_p = as_arg('_history_p_tensor', self.p)
         loss, stats = super().loss(x, step)
         if keep:  # host-side state, appended outside the tensor work
             self.lp_history.append(self._lp_pair)

@@ -364,7 +364,9 @@ def train_lm(cfg, log=print, precision=''):
     def batch(tokens, soft=None):
         """A random batch: inputs (B, T) and targets, token ids (B, T) or, given soft targets,
         next-token distributions (B, T, vocab)."""
-        idx = torch.randint(len(tokens), (cfg.batch_size,), generator=gen).to(tokens.device)
+        idx = torch.randint(len(tokens), (cfg.batch_size,), generator=gen)
+        if tokens.is_cuda:  # from pinned memory, without waiting: a plain copy to the GPU would wait for it
+            idx = idx.pin_memory().to(tokens.device, non_blocking=True)
         b = tokens[idx].long().to(cfg.device)  # (B, T + 1); no copy where the set is on the GPU
         if soft is None:
             return b[:, :-1], b[:, 1:]
