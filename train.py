@@ -469,10 +469,10 @@ def train_lm(cfg, log=print, precision=''):
 # ----------------------------------------------------------------------------------------------
 # The SAE stage
 
-# Sparsity settings per architecture, chosen on the cpu presets' models (d_in = SWEEP_WIDTH = 128):
-# on the chess cpu model the L1-penalty architectures' L0 spans 22 to 118 (README). Normalised activations,
-# E||x||^2 = d_in; MSE summed over d_in. For another width the coefficients are scaled by the
-# penalty's rule (sweep_settings, sae.SAE.COEF_POWER). Edit to taste.
+# Sparsity settings per architecture, chosen on the cpu presets' models (d_in = SWEEP_WIDTH =
+# 128): on the chess cpu model the L1-penalty architectures' L0 spans 22 to 118 (README).
+# Normalised activations, E||x||^2 = d_in; MSE summed over d_in. For another width the
+# coefficients are scaled by the penalty's rule (sweep_settings, sae.SAE.COEF_POWER). Edit to taste.
 SWEEP_WIDTH = 128
 SWEEP = {
     'standard': [{'coef': c} for c in (0.8, 1.6, 3.2)],
