@@ -20,7 +20,8 @@ work, as a fraction of the fp32 ceiling (or bf16's, for bf16 autocast):
   sae      SAE training activations/s at d_in 256, d_sae 2048, batch 4096 (SHAPES), one train_step per
            batch, for every architecture. FLOP per activation: 10 x d_in x d_sae, the dense
            minimum (the encoder and decoder matmuls forward, and the three backward products
-           that give the weights' gradients); TopK-style SAEs skip most of the decoder's share.
+           that give the weights' gradients); on the CPU TopK-style SAEs skip most of the
+           decoder's share.
   metrics  coverage + board reconstruction, 4096 features x 20,000 positions x 768 elements
 On a GPU (--device=cuda) the LM and the SAEs are timed as the gpu preset trains them, against the
 bf16 ceiling (where the GPU has bf16 units): the LM in bf16 autocast, eager and torch.compile'd;
