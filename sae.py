@@ -369,7 +369,6 @@ class PAnnealing:
                         history_len=history_len)
         self.lp_history = deque(maxlen=history_len)  # (mean L_p, mean L_p_next) per batch
         self._schedule = self.p_schedule()
-        self._loss_step = 0
 
     def anneal_start_step(self):
         # a float is a fraction of training, an int a step
@@ -412,7 +411,7 @@ class PAnnealing:
     def loss(self, x, step):
         # a compiled _loss takes p and coef as 0-dim tensors: one trace then serves every value
         # (a float would be baked into it); eager keeps floats, so p = 1 skips the power (lp_sum)
-        as_arg = (lambda name, v: self._scalar(name, v)) if self.loss_compiled else (lambda name, v: float(v))
+        as_arg = self._scalar if self.loss_compiled else (lambda name, v: float(v))
         self._p_arg, self._coef_arg = as_arg('_p_tensor', self.p), as_arg('_coef_tensor', self.coef)
         # keep history only in the window just before the next update: eager computes L_p_next
         # only there (saves a pow per step); a compiled loss computes it every step, so that
