@@ -528,8 +528,9 @@ class TopKSAE(SAE):
 
     # rows of training left before any latent can be dead (dead_tokens - the largest count, less
     # the rows since), kept on the host: while it is positive the aux loss is skipped without
-    # reading the counts from the device. None: not known yet (a new or loaded SAE, or counts set
-    # by hand), so the first training step reads the counts once
+    # reading the counts from the device. None: not known yet (a new SAE, or new counts from
+    # load_state_dict), so the next training step reads the counts once; whoever sets the counts
+    # by hand after a step sets it back to None
     rows_to_dead = None
     _aux_on = True  # set by loss(): whether some latent may be dead after this batch
 
