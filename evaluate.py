@@ -225,10 +225,13 @@ def load_saes(ev):
 
 
 def evaluate(cfg, log=print):
-    """Score every SAE and the baselines. Returns the rows of the results table."""
+    """Score every SAE and the baselines. Returns the rows of the results table. The log times
+    each part: loading, each SAE's row, the baselines."""
+    t_load = time.time()
     ev = Evaluation(cfg, log)
     saes = load_saes(ev) if cfg.saes == 'all' else []
     layer = saes[0][1].meta['layer'] if saes else default_layer(ev.model.config.n_layer)
+    log(f"eval: data, models and {len(saes)} SAEs loaded in {time.time() - t_load:.1f}s")
     rows = []
     t0 = time.time()
     for i, (kind, sae) in enumerate(saes):
@@ -253,6 +256,7 @@ def evaluate(cfg, log=print):
                          for k, v in row.items() if k.startswith(('coverage', 'reconstruction')))
             + f" ({time.time() - t:.1f}s)")
     # baselines: the layer's MLP neurons as a dictionary, and a linear probe on the residual stream
+    t_base = time.time()
     m_train, m_test, m_unsup = ev.activations('trained', layer, 'mlp')
     rows.append({'name': 'mlp_neurons', 'arch': 'mlp', 'model': 'trained', 'layer': layer, 'd_sae': m_train.shape[1],
                  'l0': metrics.l0(m_unsup > 0), 'explained_variance': None, 'ce_loss_score': None,
@@ -278,7 +282,8 @@ def evaluate(cfg, log=print):
         rows.append({'name': 'probe_dictionary' + suffix, 'arch': 'probe_dict', 'model': kind, 'layer': layer,
                      'd_sae': lab_train.shape[1], 'l0': None, 'explained_variance': None, 'ce_loss_score': None,
                      'dead_fraction': None, **score_features(torch.sigmoid(logits_train), torch.sigmoid(logits_test), ev)})
-    log(f"eval: {len(rows)} rows in {time.time() - t0:.1f}s")
+    log(f"eval: {len(rows)} rows in {time.time() - t0:.1f}s (the baselines' {len(rows) - len(saes)} in "
+        f"{time.time() - t_base:.1f}s)")
     return rows
 
 
