@@ -2429,7 +2429,8 @@ def test_linear_probe_reaches_the_optimum_on_correlated_inputs():
     labels = torch.rand(n, n_el, generator=gen) < torch.sigmoid(hidden @ torch.randn(d, n_el, generator=gen))
     X = torch.cat([x.double(), torch.ones(n, 1, dtype=torch.double)], 1)  # raw inputs and an intercept
     W = torch.zeros(d + 1, n_el, dtype=torch.double, requires_grad=True)
-    opt = torch.optim.LBFGS([W], max_iter=5000, tolerance_grad=1e-12, tolerance_change=1e-15, history_size=50,
+    # converged: 500 iterations end within 1e-8 of where 5000 do (13 s here, against 0.6)
+    opt = torch.optim.LBFGS([W], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-12, history_size=50,
                             line_search_fn='strong_wolfe')
 
     def loss():
