@@ -39,7 +39,7 @@ import torch
 
 import data as D
 import metrics
-from model import GPT, GPTConfig, choose_precision
+from model import GPT, GPTConfig, choose_precision, wait_for
 from sae import ARCHS, make_sae, train_step
 
 
@@ -62,21 +62,15 @@ def on_gpu(cfg):
     return cfg.device.startswith('cuda')
 
 
-def sync(device):
-    """Wait for the GPU's queued work (a no-op on the CPU), so a timer sees work done."""
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-
-
 def timed(fn, seconds, min_reps=2, device='cpu'):
     """Seconds per call of fn, after one warm-up call, repeated for about `seconds`."""
     fn()
-    sync(device)
+    wait_for(device)
     reps, t0 = 0, time.perf_counter()
     while reps < min_reps or time.perf_counter() - t0 < seconds:
         fn()
         reps += 1
-    sync(device)
+    wait_for(device)
     return (time.perf_counter() - t0) / reps
 
 
@@ -198,7 +192,7 @@ def bench_lm(cfg, ceilings):
             opt.step()
         t0 = time.perf_counter()
         step()  # compiles, where compiled
-        sync(cfg.device)
+        wait_for(cfg.device)
         first = time.perf_counter() - t0
         rate = B * T / timed(step, cfg.seconds, device=cfg.device)
         ceiling = ceilings['bfloat16' if dtype != 'float32' else 'float32']
@@ -269,7 +263,7 @@ def bench_sweep(cfg, ceilings):
                 step_no[0] += 1
             t0 = time.perf_counter()
             step()  # compiles, where compiled
-            sync(cfg.device)
+            wait_for(cfg.device)
             first = time.perf_counter() - t0
             per_batch = timed(step, cfg.seconds / 2, device=cfg.device)
             seconds[compiled] += per_batch

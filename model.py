@@ -305,6 +305,13 @@ def choose_device(name='auto'):
     return name
 
 
+def wait_for(device):
+    """Wait until the GPU has run the work queued on it, so that a clock read next counts it (the
+    host runs ahead of the GPU by up to a queue of kernels); nothing on a CPU."""
+    if device.startswith('cuda'):
+        torch.cuda.synchronize(device)
+
+
 def matmul_seconds(dtype, rows, width, reps=3):
     """Best-of-`reps` seconds for one (rows, width) @ (width, 4 width) CPU matmul, the shape of a
     transformer MLP, with inputs in `dtype` (fp32 or bf16), after one warm-up call."""

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as D
 import metrics
-from model import GPT, GPTConfig, choose_device, choose_precision, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, choose_device, choose_precision, load_checkpoint, save_checkpoint, wait_for
 from sae import ARCHS, from_dict as sae_from_dict, make_sae, save as save_sae, to_dict as sae_to_dict, train_step
 
 
@@ -250,13 +250,6 @@ def autocast_for(cfg):
 
 def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-def wait_for(device):
-    """Wait until the GPU has run the work queued on it, so that the clock read next counts it
-    (the host runs ahead of the GPU by up to a queue of kernels); nothing on a CPU."""
-    if device.startswith('cuda'):
-        torch.cuda.synchronize(device)
 
 
 # Several processes (torchrun): main sets up torch.distributed; these read it, and do nothing
