@@ -621,26 +621,27 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             t_timing = now()
             if cfg.sae_compile:
                 log(f"sae: the first step, which compiles each architecture's loss, took {t_timing - t0:.1f}s")
-        if fit_to_budget and step + 1 == start + SAE_TIMING_STEPS:
-            # time per step after the first, with 10% to spare for the buffer refills still to
-            # come; the budget counts from the end of the first step (which compiles, under
-            # --sae_compile: a fixed cost, logged above, that the budget leaves out so that the
-            # SAEs train for --sae_minutes however long compiling takes). Under torchrun every
-            # process takes the smallest count, so the control's steps agree
+        if step + 1 == start + SAE_TIMING_STEPS and n_steps > step + 1:
             wait_for(cfg.device)
-            per_step = 1.1 * (now() - t_timing) / (SAE_TIMING_STEPS - 1)
-            left = cfg.sae_minutes * 60 - (now() - t_timing)
-            n_steps = max(5 * SAE_TIMING_STEPS, min(n_steps, step + 1 + int(left / per_step)))
-            n_steps = agree(n_steps, dist.ReduceOp.MIN)
-            for sae in saes.values():
-                sae.set_total_steps(n_steps)
-            fit_to_budget = False
-            log(f"sae: {per_step:.3f}s a step: {n_steps} steps fit in --sae_minutes={cfg.sae_minutes:g}")
-        elif step + 1 == start + SAE_TIMING_STEPS and n_steps > step + 1:  # no budget: an estimate (e.g. --preset paper)
-            wait_for(cfg.device)
-            per_step = (now() - t_timing) / (SAE_TIMING_STEPS - 1)
-            log(f"sae: about {fmt_time(now() - t0 + per_step * (n_steps - step - 1))} for {n_steps} steps "
-                f"(timed on the first {SAE_TIMING_STEPS}; buffer refills not counted)")
+            since_first = now() - t_timing
+            per_step = since_first / (SAE_TIMING_STEPS - 1)  # the steps after the first
+            if fit_to_budget:
+                # with 10% to spare for the buffer refills still to come; the budget counts from the
+                # end of the first step (which compiles, under --sae_compile: a fixed cost, logged
+                # above, that the budget leaves out so that the SAEs train for --sae_minutes however
+                # long compiling takes). Under torchrun every process takes the smallest count, so
+                # the control's steps agree
+                per_step *= 1.1
+                left = cfg.sae_minutes * 60 - since_first
+                n_steps = max(5 * SAE_TIMING_STEPS, min(n_steps, step + 1 + int(left / per_step)))
+                n_steps = agree(n_steps, dist.ReduceOp.MIN)
+                for sae in saes.values():
+                    sae.set_total_steps(n_steps)
+                fit_to_budget = False
+                log(f"sae: {per_step:.3f}s a step: {n_steps} steps fit in --sae_minutes={cfg.sae_minutes:g}")
+            else:  # no budget: an estimate (e.g. --preset paper)
+                log(f"sae: about {fmt_time(now() - t0 + per_step * (n_steps - step - 1))} for {n_steps} steps "
+                    f"(timed on the first {SAE_TIMING_STEPS}; buffer refills not counted)")
         if (step + 1) % cfg.sae_log_interval == 0 or step + 1 == n_steps:
             wait_for(cfg.device)
             # activations through the whole sweep per second, over the steps after the first (which
@@ -741,8 +742,8 @@ def train_saes(cfg, log=print):
     T = model.config.block_size + 1
     tokens, val_tokens = train['tokens'][:, :T], val['tokens'][:, :T]
     archs = sae_archs(cfg)
-    d_in = model.config.n_embd
-    sweep = [(a, s) for a in archs for s in sweep_settings(a, d_in)]
+    settings = {a: sweep_settings(a, model.config.n_embd) for a in archs}
+    sweep = [(a, s) for a in archs for s in settings[a]]
     if saved['part'] == 'saes':
         done = train_sae_sweep(cfg, model, model_id, tokens, val_tokens, train['pad_id'], sweep,
                                os.path.join(cfg.out_dir, cfg.game, 'saes'), log,
@@ -761,7 +762,7 @@ def train_saes(cfg, log=print):
                                                                    'train_config': dataclasses.asdict(cfg)})
         barrier()  # written before any process reads its digest
         random_id = {'path': random_path, 'iter': 0, 'sha256': D.file_digest(random_path), 'random_init': True}
-        control = sweep if cfg.control == 'sweep' else [(a, sweep_settings(a, d_in)[len(SWEEP[a]) // 2]) for a in archs]
+        control = sweep if cfg.control == 'sweep' else [(a, settings[a][len(settings[a]) // 2]) for a in archs]
         log(f"sae: control on a random-init model ({len(control)} SAEs)")
         # as many steps as the trained model's SAEs had (fewer than sae_steps under --sae_minutes)
         results = results + train_sae_sweep(cfg, random_model, random_id, tokens, val_tokens, train['pad_id'], control,
