@@ -126,12 +126,16 @@ class SAE(nn.Module):
         if 'arch' in cls.__dict__:
             ARCHS[cls.arch] = cls
 
+    def lr_scales(self):
+        """[(parameters, lr scale)]: every parameter at the base rate (JumpReLU's thresholds differ)."""
+        return [(list(self.parameters()), 1.0)]
+
     def make_optimizer(self, lr):
-        """Adam over this SAE's parameters. Each group carries 'lr_scale': a schedule sets a
-        group's lr to lr * lr_scale (only JumpReLU's thresholds use a scale other than 1)."""
+        """Adam over this SAE's parameters, a group per entry of lr_scales(). Each group carries
+        'lr_scale': a schedule sets a group's lr to lr * lr_scale."""
         # on a GPU one fused kernel updates every parameter (make the optimizer after .to(device))
-        return torch.optim.Adam([{'params': list(self.parameters()), 'lr': lr, 'lr_scale': 1.0}], lr=lr,
-                                fused=self.W_enc.is_cuda)
+        return torch.optim.Adam([{'params': params, 'lr': lr * scale, 'lr_scale': scale}
+                                 for params, scale in self.lr_scales()], lr=lr, fused=self.W_enc.is_cuda)
 
     # --- normalisation ---
 
@@ -679,7 +683,7 @@ class JumpReLUSAE(SAE):
     units, where activations are sqrt(d_in) times larger than with the unit mean squared norm
     the paper uses, hence defaults larger than its 0.001. Adam moves log_threshold about lr per
     step whatever the coefficient, so in a short run the L0 hardly depends on coef unless the
-    thresholds learn faster: their lr is threshold_lr_scale times the rest (make_optimizer)."""
+    thresholds learn faster: their lr is threshold_lr_scale times the rest (lr_scales)."""
     arch = 'jumprelu'
     DEFAULT_COEF = 1.0
     COEF_POWER = 1.0  # an L0 penalty (SAE.COEF_POWER)
@@ -689,14 +693,11 @@ class JumpReLUSAE(SAE):
         self.cfg.update(bandwidth=bandwidth, init_threshold=init_threshold, threshold_lr_scale=threshold_lr_scale)
         self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
 
-    def make_optimizer(self, lr):
+    def lr_scales(self):
         # the thresholds get their own lr: Adam moves log_threshold about lr per step whatever
         # the coefficient, so with the base lr a short run ends where it started
-        scale = self.cfg['threshold_lr_scale']
         rest = [p for name, p in self.named_parameters() if name != 'log_threshold']
-        return torch.optim.Adam([{'params': rest, 'lr': lr, 'lr_scale': 1.0},
-                                 {'params': [self.log_threshold], 'lr': lr * scale, 'lr_scale': scale}], lr=lr,
-                                fused=self.W_enc.is_cuda)
+        return [(rest, 1.0), ([self.log_threshold], self.cfg['threshold_lr_scale'])]
 
     def _encode_n(self, x):
         z = self._pre_acts(x)
