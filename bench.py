@@ -56,16 +56,29 @@ SHAPES = {'cpu': {'lm': (4, 6, 192, 255, 32), 'sae': (256, 2048, 4096)},
           'cuda': {'lm': (8, 8, 512, 59, 512), 'sae': (512, 4096, 8192)}}
 
 
+SHORT = {'float32': 'fp32', 'bfloat16': 'bf16', 'float16': 'fp16'}  # dtype names as printed
+
+
 def on_gpu(cfg):
     """Whether this run times the GPU set (the gpu preset's LM and SAE sweep, at SHAPES['cuda']);
     a test sets it for a CPU run at small shapes, so the GPU branches run in the tests too."""
     return cfg.device.startswith('cuda')
 
 
-def timed(fn, seconds, min_reps=2, device='cpu'):
-    """Seconds per call of fn, after one warm-up call, repeated for about `seconds`."""
+def first_call(fn, device):
+    """Seconds of one call of fn, its GPU work included: the warm-up call, which also compiles
+    where fn runs a compiled model."""
+    t0 = time.perf_counter()
     fn()
     wait_for(device)
+    return time.perf_counter() - t0
+
+
+def timed(fn, seconds, min_reps=2, device='cpu', warm_up=True):
+    """Seconds per call of fn, repeated for about `seconds`, after one warm-up call (warm_up=False:
+    the caller has made it, e.g. with first_call)."""
+    if warm_up:
+        first_call(fn, device)
     reps, t0 = 0, time.perf_counter()
     while reps < min_reps or time.perf_counter() - t0 < seconds:
         fn()
@@ -137,14 +150,17 @@ def matmul_ceiling(dtype, seconds, device):
 def bench_machine(cfg):
     if cfg.device.startswith('cuda'):  # as training runs fp32 matmuls there (model.choose_precision)
         torch.backends.cuda.matmul.allow_tf32 = True
-    fp32, n32 = matmul_ceiling(torch.float32, cfg.seconds, cfg.device)
-    bf16, n16 = matmul_ceiling(torch.bfloat16, cfg.seconds, cfg.device)
+    # fp32 and bf16, and fp16 on a GPU that trains in it (no bf16 units: its bf16 is emulated)
+    names = ['float32', 'bfloat16']
+    if cfg.device.startswith('cuda') and choose_precision('auto', cfg.device, 512)[0] == 'float16':
+        names.append('float16')
+    measured = {name: matmul_ceiling(getattr(torch, name), cfg.seconds, cfg.device) for name in names}
     print(f"machine: {processor_name()}; torch {torch.__version__}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
     if cfg.device.startswith('cuda'):
         print(f"GPU: {torch.cuda.get_device_name()}, fp32 matmuls in TF32: {torch.backends.cuda.matmul.allow_tf32}")
-    print(f"ceilings: fp32 matmul {fp32:.1f} GFLOP/s ({n32}^3), bf16 matmul {bf16:.1f} GFLOP/s ({n16}^3)")
-    return {'float32': fp32, 'bfloat16': bf16}
+    print("ceilings: " + ", ".join(f"{SHORT[name]} matmul {rate:.1f} GFLOP/s ({n}^3)" for name, (rate, n) in measured.items()))
+    return {name: rate for name, (rate, n) in measured.items()}
 
 
 def bench_othello(cfg, ceilings):
@@ -190,15 +206,11 @@ def bench_lm(cfg, ceilings):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        t0 = time.perf_counter()
-        step()  # compiles, where compiled
-        wait_for(cfg.device)
-        first = time.perf_counter() - t0
-        rate = B * T / timed(step, cfg.seconds, device=cfg.device)
-        ceiling = ceilings['bfloat16' if dtype != 'float32' else 'float32']
+        first = first_call(step, cfg.device)  # compiles, where compiled
+        rate = B * T / timed(step, cfg.seconds, device=cfg.device, warm_up=False)
         print(f"  {name:16s} {rate:9,.0f} tok/s = {rate * flop_per_token / 1e9:8.1f} GFLOP/s, "
-              f"{rate * flop_per_token / 1e9 / ceiling:.0%} of the {'bf16' if dtype != 'float32' else 'fp32'} "
-              f"matmul ceiling" + (f" (first step, compiling: {first:.1f}s)" if compiled else ''))
+              f"{rate * flop_per_token / 1e9 / ceilings[dtype]:.0%} of the {SHORT[dtype]} matmul ceiling"
+              + (f" (first step, compiling: {first:.1f}s)" if compiled else ''))
 
 
 def bench_sae(cfg, ceilings):
@@ -239,10 +251,11 @@ def bench_sweep(cfg, ceilings):
     torch.manual_seed(0)
     d_in, d_sae, B = SHAPES['cuda']['sae']
     x = torch.randn(B, d_in, device=cfg.device) * 3 + 1
-    dtype = torch.bfloat16 if choose_precision('auto', cfg.device, d_in)[0] == 'bfloat16' else torch.float32
-    ceiling = ceilings['bfloat16' if dtype == torch.bfloat16 else 'float32']
+    # bf16 matmuls where the LM trains in bf16, else fp32 (fp16 GPUs keep fp32 SAEs), as train.py
+    name = 'bfloat16' if choose_precision('auto', cfg.device, d_in)[0] == 'bfloat16' else 'float32'
+    dtype, ceiling = getattr(torch, name), ceilings[name]
     flop_per_act = 10 * d_in * d_sae
-    print(f"SAE sweep at d_in {d_in}, d_sae {d_sae}, batch {B}: train.py's SWEEP, {str(dtype)[6:]} matmuls, "
+    print(f"SAE sweep at d_in {d_in}, d_sae {d_sae}, batch {B}: train.py's SWEEP, {name} matmuls, "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation per SAE (dense):")
     seconds = {True: 0.0, False: 0.0}  # per batch through every SAE of the sweep: compiled, eager
     for arch in SWEEP:
@@ -261,11 +274,8 @@ def bench_sweep(cfg, ceilings):
                 for sae, opt in saes:
                     train_step(sae, opt, x, step_no[0], 3e-4)
                 step_no[0] += 1
-            t0 = time.perf_counter()
-            step()  # compiles, where compiled
-            wait_for(cfg.device)
-            first = time.perf_counter() - t0
-            per_batch = timed(step, cfg.seconds / 2, device=cfg.device)
+            first = first_call(step, cfg.device)  # compiles, where compiled
+            per_batch = timed(step, cfg.seconds / 2, device=cfg.device, warm_up=False)
             seconds[compiled] += per_batch
             rate = len(saes) * B * flop_per_act / per_batch / 1e9
             line += (f" | {'compiled' if compiled else 'eager'} {rate:8.1f} GFLOP/s, {rate / ceiling:4.0%}"
@@ -276,8 +286,7 @@ def bench_sweep(cfg, ceilings):
         rate = B / seconds[compiled]
         print(f"  the whole sweep, {'compiled' if compiled else 'eager'}: {rate:,.0f} act/s through all {n} SAEs "
               f"({rate * n / 1e6:.2f}M SAE-act/s) = {rate * n * flop_per_act / 1e9:.1f} GFLOP/s, "
-              f"{rate * n * flop_per_act / 1e9 / ceiling:.0%} of the {'bf16' if dtype == torch.bfloat16 else 'fp32'} "
-              f"matmul ceiling")
+              f"{rate * n * flop_per_act / 1e9 / ceiling:.0%} of the {SHORT[name]} matmul ceiling")
 
 
 def bench_metrics(cfg, ceilings):
