@@ -2609,6 +2609,14 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir(f'{tmp_path}/out/othello/saes')) == saes
 
 
+def compile_with_dynamo_eager(monkeypatch):
+    """torch.compile with dynamo's plain 'eager' backend whatever the caller asks (traced as for
+    the GPU's compiler, run op by op: no compiler needed). Returns the list of functions compiled."""
+    compiled, compile_ = [], torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn) or compile_(fn, backend='eager'))
+    return compiled
+
+
 def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     # bench.py --device=cuda's branches (the compiled LM, the whole compiled sweep), run here on
     # the CPU at small shapes with dynamo's plain 'eager' backend standing in for the GPU's
@@ -2617,9 +2625,7 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     import train as TR
     monkeypatch.setattr(bench, 'on_gpu', lambda cfg: True)
     monkeypatch.setitem(bench.SHAPES, 'cuda', {'lm': (2, 2, 16, 8, 4), 'sae': (8, 256, 32)})  # TopK's k 160 < 256
-    compile_ = torch.compile
-    compiled = []
-    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn) or compile_(fn, backend='eager'))
+    compiled = compile_with_dynamo_eager(monkeypatch)
     bench.main(['--seconds=0.01'])
     out = capsys.readouterr().out
     assert re.search(r'float32 compiled +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling \(first step, compiling', out)
@@ -2647,9 +2653,7 @@ def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatc
     assert sae.matmul_dtype == torch.float32 and all(p.dtype == torch.float32 for p in sae.parameters())
     # --sae_compile compiles each SAE's loss (here with dynamo's plain 'eager' backend: traced as
     # for the GPU's compiler, run op by op; test_compiled_loss_... checks the traces) and trains on it
-    compiled = []
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn) or compile_(fn, backend='eager'))
+    compiled = compile_with_dynamo_eager(monkeypatch)
     TR.main(['--game=othello', '--preset=tiny', '--stage=sae', '--sae_archs=topk', '--sae_steps=3',
              '--control=none', '--sae_compile', *dirs])
     assert [type(fn.__self__).__name__ for fn in compiled] == ['TopKSAE'] * 3
