@@ -3167,7 +3167,9 @@ def test_two_processes_train_the_one_process_lm_and_saes(killed_and_resumed):
     root = killed_and_resumed[0]
     ref = root / 'ref' / 'othello'  # one process, the same options
     common = KILL_RUN + [f'--data_dir={root}/data']
-    out = run_train(torchrun(2, *common, '--stage=lm', f'--out_dir={root}/ddp'))
+    # with a time budget too large to bind, so that the processes agree on the clock (every
+    # CLOCK_EVERY steps) and all stop at --max_iters; the budget's share of the lr is below 1e-7
+    out = run_train(torchrun(2, *common, '--stage=lm', '--lm_minutes=1000', f'--out_dir={root}/ddp'))
     assert '2 processes (gloo)' in out and out.count('final val loss') == 1  # rank 0 alone logs
     # the same global batches, split 16 + 16 rows: the gradient is the one-process gradient up to
     # the order of the float sums, so after 40 steps the weights agree to about 1e-6 here

@@ -266,6 +266,9 @@ def barrier():
         dist.barrier()
 
 
+CLOCK_EVERY = 16  # under torchrun, steps between two readings of the LM's clock (train_lm)
+
+
 def agree(value, op):
     """`value` reduced over the processes by `op` (dist.ReduceOp.MIN, MAX...): the one value all
     of them then use. One process: `value`."""
@@ -392,11 +395,13 @@ def train_lm(cfg, log=print, precision=''):
     loss = None
     budget = cfg.lm_minutes * 60  # seconds; 0: no time limit
     # the fraction of the budget used; under torchrun the largest of the processes', so that all
-    # take the same lr and stop together
-    clock = lambda: agree((now() - t0) / budget, dist.ReduceOp.MAX) if budget > 0 else 0.0
+    # take the same lr and stop together. Agreeing is an all-reduce read back on the host, which
+    # waits for the GPU: under torchrun the clock is read every CLOCK_EVERY steps only (the same
+    # steps on every process), so that most steps queue without waiting
+    used = 0.0
     last_iter = start_iter
     for it in range(start_iter, cfg.max_iters):
-        lr = lr_at(it, cfg, clock())
+        lr = lr_at(it, cfg, used)
         for group in optimizer.param_groups:
             group['lr'] = lr
         x, y = batch(train_tok, soft)  # every process draws the same batch, (B, T)
@@ -416,7 +421,9 @@ def train_lm(cfg, log=print, precision=''):
         scaler.update()
         tokens_seen += n_batch  # a tensor: no sync per step
         done, last_iter = it + 1 - start_iter, it + 1
-        out_of_time = clock() >= 1
+        if budget > 0 and (world == 1 or done % CLOCK_EVERY == 0):
+            used = agree((now() - t0) / budget, dist.ReduceOp.MAX)
+        out_of_time = used >= 1
         if done == 1:
             wait_for(cfg.device)
             t_first = now()  # the first step also compiles, under --compile: the estimate times the next 19
