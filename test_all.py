@@ -2584,6 +2584,12 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert 'explained_variance' in sae.meta['final'] and sae.meta['train_config']['preset'] == 'tiny'
     rc, out = run_script('evaluate.py', '--game=othello', '--n_train=50', '--n_test=50', '--probe_steps=20', *dirs)
     assert rc == 0, out
+    # the log says where the SAE rows' time went: three parts, each timed, that fit in the rows' time
+    parts = re.search(rf"the {len(saes) + len(S.ARCHS)} SAE rows' time in: model passes ([0-9.]+)s, "
+                      r"L0 / variance / loss recovered ([0-9.]+)s, coverage / reconstruction ([0-9.]+)s", out)
+    total, baselines = map(float, re.search(r"rows in ([0-9.]+)s \(the baselines' 5 in ([0-9.]+)s\)", out).groups())
+    assert parts and float(parts.group(3)) > 0, out  # 28 SAEs scored: never under 0.05 s
+    assert sum(map(float, parts.groups())) <= total - baselines + 0.3, out  # each figure is rounded to 0.1 s
     results = json.load(open(f'{tmp_path}/out/othello/results.json'))
     rows = {r['name'] + '/' + r['model']: r for r in results['rows']}
     assert len(rows) == len(saes) + len(S.ARCHS) + 5  # + MLP neurons, probe and probe dictionary on both models
