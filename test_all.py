@@ -1161,12 +1161,17 @@ def test_lr_schedule_follows_the_clock_when_it_is_ahead():
 def test_sweep_coefficients_scale_with_the_width_by_the_penalty_s_rule():
     import train as TR
     assert all(TR.sweep_settings(a, TR.SWEEP_WIDTH) == TR.SWEEP[a] for a in TR.SWEEP)
-    # at width 512 (the gpu presets) an L1 coefficient doubles (sqrt 4), JumpReLU's quadruples
-    assert TR.sweep_settings('standard', 512) == [{'coef': 1.6}, {'coef': 3.2}, {'coef': 6.4}]
-    assert TR.sweep_settings('gated_anneal', 512) == [{'coef': 3.0}, {'coef': 6.0}, {'coef': 12.0}]
-    assert TR.sweep_settings('jumprelu', 512) == [{'coef': 0.4}, {'coef': 1.2}, {'coef': 4.0}]
-    assert TR.sweep_settings('topk', 512) == TR.SWEEP['topk']  # no coefficient
-    assert TR.sweep_settings('p_anneal', 192) == [{'coef': 0.98}, {'coef': 1.96}, {'coef': 3.92}]  # sqrt(1.5), 3 digits
+    # at width 512 (the gpu presets) an L1 coefficient doubles (sqrt 4), JumpReLU's quadruples;
+    # at 192, sqrt(1.5) and 1.5 times, to 3 significant digits; TopK's k stays
+    for arch, settings in TR.SWEEP.items():
+        factor = {'standard': 2, 'gated': 2, 'p_anneal': 2, 'gated_anneal': 2, 'jumprelu': 4}.get(arch)
+        if factor is None:
+            assert TR.sweep_settings(arch, 512) == TR.sweep_settings(arch, 192) == settings, arch
+            continue
+        assert [s['coef'] for s in TR.sweep_settings(arch, 512)] == [pytest.approx(factor * s['coef']) for s in settings]
+        at_192 = [s['coef'] for s in TR.sweep_settings(arch, 192)]
+        assert at_192 == [pytest.approx(s['coef'] * 1.5 ** (0.5 if factor == 2 else 1), rel=5e-3) for s in settings]
+        assert all(len(f'{c:.6e}'.split('e')[0].rstrip('0').replace('.', '')) <= 3 for c in at_192), at_192
     # the rule itself: features of size sqrt(d_in / L0) make an L1 penalty grow as sqrt(d_in) at a
     # fixed L0, while the squared error grows as d_in; an L0 penalty does not grow at all
     assert S.ARCHS['standard'].COEF_POWER == 0.5 and S.ARCHS['jumprelu'].COEF_POWER == 1.0
@@ -1200,7 +1205,7 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     # 20 + int((480 - 57) / 3.3) = 148 steps fit; the control on the random model trains as many
     assert '3.300s a step: 148 steps fit in --sae_minutes=8' in out
     for sub in ('saes', 'saes_random'):
-        sae = S.load(f'{tmp_path}/out/othello/{sub}/p_anneal_coef0.8.pt')  # the middle setting at width 32
+        sae = S.load(f'{tmp_path}/out/othello/{sub}/p_anneal_coef0.6.pt')  # the middle setting (1.2) at width 32
         assert sae.meta['steps'] == 148 and sae.cfg['total_steps'] == 148
         assert sae.meta['history'][-1]['step'] == 148
         assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 148 steps

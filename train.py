@@ -470,18 +470,19 @@ def train_lm(cfg, log=print, precision=''):
 # The SAE stage
 
 # Sparsity settings per architecture, chosen on the cpu presets' models (d_in = SWEEP_WIDTH =
-# 128): on the chess cpu model the L1-penalty architectures' L0 spans 22 to 118 (README).
+# 128): each L1-penalty architecture's settings span L0 of about 10 (Othello; chess about 20) to
+# 150 on both (measured: README, Presets).
 # Normalised activations, E||x||^2 = d_in; MSE summed over d_in. For another width the
 # coefficients are scaled by the penalty's rule (sweep_settings, sae.SAE.COEF_POWER). Edit to taste.
 SWEEP_WIDTH = 128
 SWEEP = {
-    'standard': [{'coef': c} for c in (0.8, 1.6, 3.2)],
-    'gated': [{'coef': c} for c in (1.5, 3.0, 6.0)],
-    'p_anneal': [{'coef': c} for c in (0.8, 1.6, 3.2)],
-    'gated_anneal': [{'coef': c} for c in (1.5, 3.0, 6.0)],
+    'standard': [{'coef': c} for c in (0.5, 1.6, 4.0)],
+    'gated': [{'coef': c} for c in (1.0, 3.0, 7.0)],
+    'p_anneal': [{'coef': c} for c in (0.35, 1.2, 3.5)],
+    'gated_anneal': [{'coef': c} for c in (0.6, 2.5, 6.5)],
     'topk': [{'k': k} for k in (10, 40, 160)],
     'batch_topk': [{'k': k} for k in (10, 40, 160)],
-    'jumprelu': [{'coef': c} for c in (0.1, 0.3, 1.0)],
+    'jumprelu': [{'coef': c} for c in (0.03, 0.3, 2.0)],
 }
 
 
