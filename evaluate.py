@@ -201,8 +201,8 @@ class Evaluation:
 def stale_sae(ev, sae, kind, path):
     """Why `sae` (read from `path`) does not belong to the current model file of `kind`, in one
     line; None if it does (the model file's digest is the one the SAE recorded when trained).
-    Each model file is digested once (a gpu preset's model.pt, with its optimiser state, is
-    about 300 MB: a third of a second each, for each of the 28 SAEs)."""
+    Each model file is digested once, not once per SAE: a gpu preset's model.pt, with its
+    optimiser state, is about 300 MB, a quarter of a second to digest on a 2-core CPU."""
     model_file = os.path.join(ev.dir, 'model.pt' if kind == 'trained' else 'model_random.pt')
     if kind in ev.models and (kind, 'sha256') not in ev._cache:
         ev._cache[(kind, 'sha256')] = D.file_digest(model_file)
