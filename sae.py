@@ -212,24 +212,29 @@ class SAE(nn.Module):
     # True or False forces one (the tests run the GPU's way on the CPU)
     DENSE_DECODE = None
 
-    def _decode_sparse_n(self, values, indices, offsets=None):
+    def _decode_sparse_n(self, values, indices, rows=None, n_rows=None):
         """The reconstruction from only the active latents: values and indices (B, k), or flat
-        (n,) with `offsets` (B,) where each row's entries start; equal to _decode_n of the dense
-        f. On a CPU at the cost of the active latents only: embedding_bag sums the W_dec rows it
-        picks, weighted by the values, and its backward writes only those rows of W_dec's
-        gradient. On a GPU the values are scattered into the dense f (B, d_sae) and decoded by
-        _decode_n: a matmul on tensor cores, whose backward gives W_dec's gradient as one more
-        matmul, where the gather's backward would add B * k rows one by one."""
+        (n,) with `rows` (n,), the row of each entry in any order, and n_rows = B; equal to
+        _decode_n of the dense f. On a CPU at the cost of the active latents only: embedding_bag
+        sums the W_dec rows it picks, weighted by the values, and its backward writes only those
+        rows of W_dec's gradient. On a GPU the values are scattered into the dense f (B, d_sae)
+        and decoded by _decode_n: a matmul on tensor cores, whose backward gives W_dec's gradient
+        as one more matmul, where the gather's backward would add B * k rows one by one."""
         dense = self.W_dec.device.type != 'cpu' if self.DENSE_DECODE is None else self.DENSE_DECODE
-        if not dense:
-            return F.embedding_bag(indices, self.W_dec, offsets, mode='sum', per_sample_weights=values) + self.b_dec
-        B = len(offsets) if offsets is not None else len(indices)
-        if offsets is None:  # (B, k): row b's picks are row b
-            f = values.new_zeros(B, self.W_dec.shape[0]).scatter(1, indices, values)
-        else:  # flat (n,): entry j lies in the last row whose offset is at most j
-            rows = torch.searchsorted(offsets, torch.arange(len(indices), device=offsets.device), right=True) - 1
-            f = values.new_zeros(B, self.W_dec.shape[0]).index_put((rows, indices), values)
-        return self._decode_n(f)
+        if dense:
+            if rows is None:  # (B, k): row b's picks are row b
+                f = values.new_zeros(len(indices), self.W_dec.shape[0]).scatter(1, indices, values)
+            else:
+                f = values.new_zeros(n_rows, self.W_dec.shape[0]).index_put((rows, indices), values)
+            return self._decode_n(f)
+        offsets = None
+        if rows is not None:  # embedding_bag takes flat entries grouped by row: row r's from offsets[r]
+            order = torch.argsort(rows)
+            # a count per row by index_add_ (bincount's output size would depend on the data)
+            counts = torch.zeros(n_rows, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+            offsets = torch.cumsum(counts, 0) - counts                    # (B,)
+            values, indices = values[order], indices[order]
+        return F.embedding_bag(indices, self.W_dec, offsets, mode='sum', per_sample_weights=values) + self.b_dec
 
     def _encode_n(self, x):
         raise NotImplementedError
@@ -506,8 +511,8 @@ class TopKSAE(SAE):
         return self._keep_topk_per_row(self._relu_pre(x))
 
     def _select_train(self, pre):
-        """The training selection from pre-activations (B, d_sae): (values, indices, offsets)
-        for _decode_sparse_n, the values before their ReLU."""
+        """The training selection from pre-activations (B, d_sae): (values, indices, rows) for
+        _decode_sparse_n, the values before their ReLU (rows None: (B, k) picks, row b's in row b)."""
         values, indices = pre.topk(self.cfg['k'], dim=-1)                # (B, k)
         return values, indices, None
 
@@ -516,9 +521,9 @@ class TopKSAE(SAE):
         # ReLU(pre) (a negative among the k becomes a kept zero), with no (B, d_sae) ReLU to run
         # forward and backward
         pre = self._pre_acts(x)                          # (B, d_sae)
-        values, indices, offsets = self._select_train(pre)
+        values, indices, rows = self._select_train(pre)
         values = values.relu()
-        x_hat = self._decode_sparse_n(values, indices, offsets)
+        x_hat = self._decode_sparse_n(values, indices, rows, n_rows=x.shape[0])
         active = values.detach() > 0                     # a kept zero is not a firing latent
         if self.training:  # dead-latent bookkeeping counts training rows only
             self.tokens_since_fired += x.shape[0]
@@ -609,13 +614,10 @@ class BatchTopKSAE(TopKSAE):
                 ema = torch.where(self.threshold < 0, smallest_kept, decay * self.threshold + (1 - decay) * smallest_kept)
                 # a batch whose k*B-th value is not positive (too few activations fire) leaves it
                 self.threshold.copy_(torch.where(smallest_kept > 0, ema, self.threshold))
-        # group the kept entries by row for _decode_sparse_n: row r's entries start at offsets[r]
-        B, d_sae = pre.shape
-        rows = torch.div(flat, d_sae, rounding_mode='floor')
-        order = torch.argsort(rows)
-        counts = torch.zeros(B, dtype=torch.long, device=pre.device).index_add_(0, rows, torch.ones_like(rows))  # (B,)
-        offsets = torch.cumsum(counts, 0) - counts
-        return values[order], (flat % d_sae)[order], offsets
+        # flat entries, each with its row: the GPU's dense decode scatters them as they are, and
+        # only the CPU's gather groups them by row (_decode_sparse_n)
+        d_sae = pre.shape[1]
+        return values, flat % d_sae, torch.div(flat, d_sae, rounding_mode='floor')
 
     def encode_batch(self, x):
         """Training-time selection on RAW x (B, d_in): the top k*B activations of the batch."""

@@ -1401,12 +1401,13 @@ def test_the_gpu_dense_decode_equals_the_cpu_gather(arch, monkeypatch):
         torch.testing.assert_close(dense[key], gather[key], rtol=1e-5, atol=1e-5, msg=key)
     for name, grad in gather_grads.items():
         torch.testing.assert_close(dense_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
-    # flat picks with offsets, rows 0 and 2 empty: row 1 takes latents 3 and 5, row 3 latent 3
-    values, indices, offsets = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([3, 5, 3]), torch.tensor([0, 0, 2, 2])
+    # flat picks with their rows, out of order, rows 0 and 2 empty: row 1 takes latents 3 and 5,
+    # row 3 latent 3
+    values, indices, rows = torch.tensor([0.5, 2.0, -1.0]), torch.tensor([3, 3, 5]), torch.tensor([3, 1, 1])
     decoded = []
     for dense in (False, True):
         monkeypatch.setattr(S.SAE, 'DENSE_DECODE', dense)
-        decoded.append(sae._decode_sparse_n(values, indices, offsets))
+        decoded.append(sae._decode_sparse_n(values, indices, rows, n_rows=4))
     want = torch.stack([torch.zeros(D_IN), 2 * sae.W_dec[3] - sae.W_dec[5], torch.zeros(D_IN), 0.5 * sae.W_dec[3]])
     for got in decoded:
         torch.testing.assert_close(got, want + sae.b_dec, rtol=1e-5, atol=1e-6)
