@@ -182,9 +182,10 @@ class SAE(nn.Module):
 
     def compile_loss(self, **options):
         """Compile _loss, the tensor work of a training loss, with torch.compile(**options): its
-        forward and backward are traced once, and on a GPU the elementwise work around the
-        matmuls fuses into a few kernels. loss(), train_step and saving are unchanged. Returns
-        self. (train.py --sae_compile; the gpu presets turn it on.)"""
+        forward and backward are traced once per architecture (TopK's: once per k, a shape), and
+        on a GPU the elementwise work around the matmuls fuses into a few kernels. loss(),
+        train_step and saving are unchanged. Returns self. (train.py --sae_compile; the gpu
+        presets turn it on.)"""
         # every architecture traces the base class's _loss: one cached trace per class, more
         # than torch's default limit of traces for one function allows
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

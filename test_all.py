@@ -1180,11 +1180,23 @@ def test_sweep_coefficients_scale_with_the_width_by_the_penalty_s_rule():
 def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, capsys):
     import train as TR
     # a fake clock: one second passes with every optimiser step (the LM's and each SAE's), none
-    # otherwise, whatever the machine
+    # otherwise, whatever the machine; and each SAE's loss "compiles" for 20 s at its first call
     t = [1000.0]
     monkeypatch.setattr(TR, 'now', lambda: t[0])
+
+    def slow_to_compile(sae, **options):
+        loss = sae._loss
+
+        def first_call_compiles(*args):
+            if not sae.loss_compiled:
+                t[0] += 20.0
+                sae.loss_compiled = True
+            return loss(*args)
+        sae._loss, sae.loss_compiled = first_call_compiles, False
+        return sae
+    monkeypatch.setattr(S.SAE, 'compile_loss', slow_to_compile)
     args = ['--game=othello', '--preset=tiny', '--max_iters=5000', '--lm_minutes=0.5', '--sae_steps=400',
-            '--sae_minutes=8', '--sae_archs=p_anneal', '--workers=1',
+            '--sae_minutes=8', '--sae_archs=p_anneal', '--sae_compile', '--workers=1',
             f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
     from torch.optim.optimizer import register_optimizer_step_post_hook
     handle = register_optimizer_step_post_hook(lambda *_: t.__setitem__(0, t[0] + 1.0))
@@ -1200,14 +1212,16 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     lr = TR.lr_at(19, TR.build_config(args), clock=19 / 30)
     assert lr < 0.7 * TR.build_config(args).lr and f'iter 20/5000 | ' in out
     assert re.search(r'iter 20/5000 \| loss [0-9.]+ \| lr ' + re.escape(f'{lr:.2e}'), out)
-    # the sweep: 3 SAEs, 3 s a step; of the first 20 steps the 19 after the first are timed (57 s,
-    # 10% added to spare: 3.3 s a step), and the budget counts from the end of the first step, so
-    # 20 + int((480 - 57) / 3.3) = 148 steps fit; the control on the random model trains as many
-    assert '3.300s a step: 148 steps fit in --sae_minutes=8' in out
+    # the sweep: 3 SAEs, 3 s a step; the first step, compiling, takes 63 s. The 19 steps after it
+    # are timed (57 s, 10% added to spare: 3.3 s a step), and the budget counts from the sweep's
+    # start, compiling included: 120 s gone, so 20 + int((480 - 120) / 3.3) = 129 steps fit; the
+    # control on the random model trains as many
+    assert 'sae: the first step, which compiles each architecture\'s loss, took 63.0s' in out
+    assert '3.300s a step: 129 steps fit in --sae_minutes=8' in out
     for sub in ('saes', 'saes_random'):
         sae = S.load(f'{tmp_path}/out/othello/{sub}/p_anneal_coef0.6.pt')  # the middle setting (1.2) at width 32
-        assert sae.meta['steps'] == 148 and sae.cfg['total_steps'] == 148
-        assert sae.meta['history'][-1]['step'] == 148
+        assert sae.meta['steps'] == 129 and sae.cfg['total_steps'] == 129
+        assert sae.meta['history'][-1]['step'] == 129
         assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 148 steps
 
 
@@ -1462,6 +1476,13 @@ def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch,
             if sae is compiled:  # after the first step nothing makes a tensor from host values
                 m.setattr(torch, 'tensor', from_the_host)
             runs[sae] += [S.train_step(sae, opt, batches[s], s, 1e-2) for s in range(1, 30)]
+    assert counter.frame_count == 1
+    # a new SAE of the same architecture and setting, as the random-init control makes (its steps
+    # are not on the sweep's clock), runs on the same trace
+    again = S.make_sae(arch, D_IN, D_SAE, **kw)
+    again.set_act_scale(raw_batch())
+    again.train().compile_loss(backend=counter, fullgraph=True)
+    S.train_step(again, again.make_optimizer(1e-2), batches[0], 0, 1e-2)
     assert counter.frame_count == 1
     assert compiled.n_anneal_done == eager.n_anneal_done and compiled.p == eager.p
     assert compiled.coef == pytest.approx(eager.coef, rel=1e-4)

@@ -85,9 +85,9 @@ class TrainConfig:
     sae_archs: str = 'all'      # all (every architecture in SWEEP) or a comma-separated list of them
     sae_expansion: int = 8      # d_sae = sae_expansion * n_embd
     sae_steps: int = 4000
-    sae_minutes: float = 0.0    # > 0: fewer steps if sae_steps would take longer than this (timed on
-                                # the first steps; the first step, which compiles under --sae_compile,
-                                # is not counted); the random-init control gets the same steps
+    sae_minutes: float = 0.0    # > 0: fewer steps if sae_steps would take longer than this, the first
+                                # step (which compiles under --sae_compile) included: the steps are timed
+                                # on the 19 after it; the random-init control gets the same steps
     sae_batch: int = 1024       # activations per step (the paper: 8192)
     sae_lr: float = 1e-3        # the paper: 3e-4 over 300M activations; a short run needs more
     sae_warmup: int = 100
@@ -121,9 +121,9 @@ PRESETS = {
                        'sae_minutes': 5}}),
     # gpu (the default on CUDA): the paper's model shape end to end (evaluate.py included) in
     # under 10 minutes on one GPU, so that it fits one 10-minute call, by the clock: 3.3 minutes of
-    # LM (compiling included) and 2 of SAE sweep (after its first step, which compiles), then the
-    # control, about a third of the sweep's time; a slower GPU trains fewer steps. LM and SAE
-    # losses are compiled (torch.compile).
+    # LM and 2.8 of SAE sweep, compiling included in both (the sweep's steps get what compiling
+    # leaves: about 2 minutes if it takes 50 s), then the control, about a third of the sweep's
+    # steps' time; a slower GPU trains fewer steps. LM and SAE losses are compiled (torch.compile).
     # Chess: the 256 characters the evaluation scores (the first 20 '.'), exact soft targets
     # (computed on the CPU, about 12 ms of CPU a game, then kept with the data), and a shorter
     # sweep for the time its data and evaluation take
@@ -131,10 +131,10 @@ PRESETS = {
              'warmup_iters': 300, 'max_iters': 100_000, 'lm_minutes': 3.3, 'compile': True, 'eval_interval': 2000,
              'log_interval': 250,
              'workers': min(16, os.cpu_count() or 1), 'sae_batch': 8192, 'sae_buffer': 1 << 20, 'sae_steps': 30_000,
-             'sae_minutes': 2.0, 'sae_lr': 1e-3, 'sae_warmup': 100, 'sae_log_interval': 400, 'sae_compile': True},
+             'sae_minutes': 2.8, 'sae_lr': 1e-3, 'sae_warmup': 100, 'sae_log_interval': 400, 'sae_compile': True},
             {'othello': {'block_size': 59, 'n_games': 2_000_000, 'soft_targets': True},
              'chess': {'block_size': 255, 'batch_size': 128, 'n_games': 80_000, 'lm_minutes': 3.0,
-                       'soft_targets': True, 'sae_minutes': 1.2}}),
+                       'soft_targets': True, 'sae_minutes': 2.0}}),
     'paper': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'lr': 6e-4, 'min_lr': 6e-5, 'warmup_iters': 1000,
                'max_iters': 60000, 'compile': True, 'eval_interval': 2000, 'sae_batch': 8192, 'sae_steps': 30000,
                'sae_lr': 3e-4, 'sae_warmup': 1000, 'sae_buffer': 1 << 20, 'sae_log_interval': 2000, 'sae_compile': True},
@@ -615,7 +615,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         f"into {out_dir}/" + (f" (at most {cfg.sae_minutes:g} min)" if fit_to_budget else ""))
     t0 = saved_at = now()
     start = step
-    t_timing = None  # the end of the first step (which compiles, under --sae_compile): --sae_minutes counts from it
+    t_timing = None  # the end of the first step (which compiles, under --sae_compile): steps are timed from it
     while step < n_steps:
         x = first if step == 0 else next(stream)
         # linear warm-up, constant, then linear decay over the last 20% of steps
@@ -635,12 +635,12 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             per_step = since_first / (SAE_TIMING_STEPS - 1)  # the steps after the first
             if fit_to_budget:
                 # with 10% to spare for the buffer refills still to come; the budget counts from the
-                # end of the first step (which compiles, under --sae_compile: a fixed cost, logged
-                # above, that the budget leaves out so that the SAEs train for --sae_minutes however
-                # long compiling takes). Under torchrun every process takes the smallest count, so
-                # the control's steps agree
+                # sweep's start, its first step included (which compiles, under --sae_compile, for as
+                # long as this machine takes: the steps get what compiling leaves, and the run ends
+                # on time). Under torchrun every process takes the smallest count, so the control's
+                # steps agree
                 per_step *= 1.1
-                left = cfg.sae_minutes * 60 - since_first
+                left = cfg.sae_minutes * 60 - (now() - t0)
                 n_steps = max(5 * SAE_TIMING_STEPS, min(n_steps, step + 1 + int(left / per_step)))
                 n_steps = agree(n_steps, dist.ReduceOp.MIN)
                 for sae in saes.values():
