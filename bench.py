@@ -3,7 +3,8 @@ Speed figures for the README, each measured as a ratio within one run (machines 
 and noisy: compare numbers from the same run only).
 
 Reads/writes nothing. Run: python bench.py               (about a minute on 2 CPU cores)
-                          python bench.py --only=sae     (othello | lm | sae | metrics)
+                          python bench.py --only=sae     (othello | lm | sae | metrics; machine:
+                                                          the machine and its ceilings alone)
                           python bench.py --device=cuda  (the gpu preset's LM and SAE sweep on the
                                                           GPU, at its shapes: 8 x 512, context 59,
                                                           batch 512; d_in 512, d_sae 4096, batch 8192)
@@ -16,12 +17,13 @@ work, as a fraction of the fp32 ceiling (or bf16's, for bf16 autocast):
   lm       GPT training tokens/s at nanoGPT's yardstick shape (4 layers, 192 wide, context 255,
            batch 32; SHAPES below): fp32, and bf16 autocast where model.choose_precision's probe does not
            already show it far slower. FLOP per token: 6 x parameters + 12 x layers x width x
-           context (forward and backward, attention included), as nanoGPT counts them.
+           context (forward and backward, attention included), as nanoGPT counts them
+           (model.GPT.flops_per_token).
   sae      SAE training activations/s at d_in 256, d_sae 2048, batch 4096 (SHAPES), one train_step per
            batch, for every architecture. FLOP per activation: 10 x d_in x d_sae, the dense
            minimum (the encoder and decoder matmuls forward, and the three backward products
-           that give the weights' gradients); on the CPU TopK-style SAEs skip most of the
-           decoder's share.
+           that give the weights' gradients; sae.SAE.flops_per_activation); on the CPU TopK-style
+           SAEs skip most of the decoder's share.
   metrics  coverage + board reconstruction, 4096 features x 20,000 positions x 768 elements
 On a GPU (--device=cuda) the LM and the SAEs are timed as the gpu preset trains them, against the
 bf16 ceiling (where the GPU has bf16 units): the LM in bf16 autocast, eager and torch.compile'd;
@@ -45,7 +47,7 @@ from sae import ARCHS, make_sae, train_step
 
 @dataclass
 class BenchConfig:
-    only: str = ''      # run one benchmark: othello | lm | sae | metrics
+    only: str = ''      # run one benchmark: othello | lm | sae | metrics; machine: the ceilings alone
     seconds: float = 5.0  # rough time per measurement
     device: str = 'cpu'   # cpu | cuda: the LM and SAE benchmarks on a GPU, at the gpu preset's shapes
 
@@ -184,7 +186,7 @@ def bench_lm(cfg, ceilings):
     model = GPT(GPTConfig(vocab_size=33, block_size=T, n_layer=L, n_head=H, n_embd=D, pad_id=32)).to(cfg.device)
     opt = model.configure_optimizer(1e-3, 0.1)
     x, y = (torch.randint(0, 32, (B, T), device=cfg.device) for _ in range(2))
-    flop_per_token = 6 * model.n_params() + 12 * L * D * T
+    flop_per_token = model.flops_per_token()
     bf16_slower = bf16_known_slower(cfg.device, D, B * T)
     print(f"LM training ({L} layers, {D} wide, context {T}, batch {B}; {flop_per_token / 1e6:.1f} MFLOP a token):")
     # the CPU: fp32 and bf16 eager. A GPU: what the gpu preset trains with, the precision
@@ -217,7 +219,7 @@ def bench_sae(cfg, ceilings):
     torch.manual_seed(0)
     d_in, d_sae, B = SHAPES['cpu']['sae']
     x = torch.randn(B, d_in, device=cfg.device) * 3 + 1
-    flop_per_act = 10 * d_in * d_sae
+    flop_per_act = make_sae('standard', d_in, d_sae).flops_per_activation()
     print(f"SAE training at d_in {d_in}, d_sae {d_sae}, batch {B} (one train_step a batch; "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation, dense):")
     # bf16 matmuls (sae.matmul_dtype, what train.py uses where the LM runs bf16) where not known slower
@@ -254,7 +256,7 @@ def bench_sweep(cfg, ceilings):
     # bf16 matmuls where the LM trains in bf16, else fp32 (fp16 GPUs keep fp32 SAEs), as train.py
     name = 'bfloat16' if choose_precision('auto', cfg.device, d_in)[0] == 'bfloat16' else 'float32'
     dtype, ceiling = getattr(torch, name), ceilings[name]
-    flop_per_act = 10 * d_in * d_sae
+    flop_per_act = make_sae('standard', d_in, d_sae).flops_per_activation()
     print(f"SAE sweep at d_in {d_in}, d_sae {d_sae}, batch {B}: train.py's SWEEP, {name} matmuls, "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation per SAE (dense):")
     seconds = {True: 0.0, False: 0.0}  # per batch through every SAE of the sweep: compiled, eager
@@ -304,8 +306,8 @@ def bench_metrics(cfg, ceilings):
 
 def main(argv):
     cfg = D.parse_config(BenchConfig(), argv, 'bench.py')
-    D.check_options(cfg, 'bench.py', {'only': (lambda v: v in ('', 'othello', 'lm', 'sae', 'metrics'),
-                                               'othello, lm, sae or metrics'), 'seconds': D.POSITIVE_REAL,
+    D.check_options(cfg, 'bench.py', {'only': (lambda v: v in ('', 'othello', 'lm', 'sae', 'metrics', 'machine'),
+                                               'othello, lm, sae, metrics or machine'), 'seconds': D.POSITIVE_REAL,
                                       'device': (lambda v: v in SHAPES, 'cpu or cuda')})
     if cfg.device == 'cuda' and not torch.cuda.is_available():
         raise D.UserError("bench.py: --device=cuda but torch sees no GPU here: use --device=cpu")

@@ -180,6 +180,15 @@ class SAE(nn.Module):
     matmul_dtype = torch.float32  # train.py sets torch.bfloat16 where it measured bf16 the faster
     loss_compiled = False          # compile_loss() sets it
 
+    def flops_per_activation(self):
+        """Training FLOP per activation, the dense minimum: the encoder's and the decoder's
+        products forward (2 x 2 x d_in x d_sae) and the three backward products that give the
+        weights' and the features' gradients (3 x 2 x d_in x d_sae): 10 x d_in x d_sae, for every
+        architecture, so that rates compare as work done. TopK's sparse decode on the CPU does
+        less; gated's auxiliary decode does 4 x d_in x d_sae more (forward, and backward to the
+        gate), not counted."""
+        return 10 * self.cfg['d_in'] * self.cfg['d_sae']
+
     def compile_loss(self, **options):
         """Compile _loss, the tensor work of a training loss, with torch.compile(**options): its
         forward and backward are traced once per architecture (TopK's: once per k, a shape), and

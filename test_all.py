@@ -1212,6 +1212,14 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     lr = TR.lr_at(19, TR.build_config(args), clock=19 / 30)
     assert lr < 0.7 * TR.build_config(args).lr and f'iter 20/5000 | ' in out
     assert re.search(r'iter 20/5000 \| loss [0-9.]+ \| lr ' + re.escape(f'{lr:.2e}'), out)
+    # model FLOP/s over the steps after the first: a second a step of 32 games x 59 tokens at
+    # 6 x (parameters, the tied head once, positions not counted) + 12 x 2 layers x 32 wide x 59
+    weights = {t.data_ptr(): t.numel() for name, t in ckpt['model'].items() if name != 'wpe.weight'}
+    flop_per_step = 32 * 59 * (6 * sum(weights.values()) + 12 * 2 * 32 * 59)
+    assert re.search(r'iter 20/5000 \|.* tok/s \| ' + re.escape(f'{flop_per_step / 1e12:.3g} TFLOP/s |'), out)
+    # the sweep's: 19 steps of 256 activations in 57 s, through 3 SAEs of 10 x 32 x 256 FLOP an activation
+    assert f'sae step 20/129 | {19 * 256 / 57 / 1e3:.1f}k act/s through all 3 SAEs' in out
+    assert f'SAE-act/s = {19 * 256 / 57 * 3 * 10 * 32 * 256 / 1e12:.3g} TFLOP/s) |' in out
     # the sweep: 3 SAEs, 3 s a step; the first step, compiling, takes 63 s. The 19 steps after it
     # are timed (57 s, 10% added to spare: 3.3 s a step), and the budget counts from the sweep's
     # start, compiling included: 120 s gone, so 20 + int((480 - 120) / 3.3) = 129 steps fit; the
@@ -1222,7 +1230,7 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
         sae = S.load(f'{tmp_path}/out/othello/{sub}/p_anneal_coef0.6.pt')  # the middle setting (1.2) at width 32
         assert sae.meta['steps'] == 129 and sae.cfg['total_steps'] == 129
         assert sae.meta['history'][-1]['step'] == 129
-        assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 148 steps
+        assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 129 steps
 
 
 @pytest.mark.parametrize('args, message', [
@@ -2672,6 +2680,10 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     n = sum(len(s) for s in TR.SWEEP.values())
     assert re.search(rf'the whole sweep, compiled: [0-9,]+ act/s through all {n} SAEs', out)
     assert len(compiled) == 1 + n  # the LM, and every SAE's loss once
+    # --only=machine (.ci/gpu's ceiling beside the gpu preset's run): the ceilings, no benchmark
+    bench.main(['--seconds=0.01', '--only=machine'])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith('ceilings: fp32 matmul ') and 'bf16 matmul' in lines[-1] and len(lines) == 3
 
 
 def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatch):

@@ -390,6 +390,9 @@ def train_lm(cfg, log=print, precision=''):
             'batch_rng': gen.get_state(), 'rng': torch.get_rng_state(), **extra})
 
     model.train()
+    # model FLOP per step (the whole batch, every process's rows): the log's TFLOP/s, which over
+    # the machine's matmul ceiling (python bench.py --only=machine) is the model-FLOPs utilisation
+    flop_per_step = cfg.batch_size * model.config.block_size * model.flops_per_token()
     t0 = now()
     tokens_seen = 0
     loss = None
@@ -440,8 +443,10 @@ def train_lm(cfg, log=print, precision=''):
             if budget > 0:
                 eta = min(eta, max(0.0, budget - elapsed))
             loss_all = agree(loss.item(), dist.ReduceOp.SUM) / world  # the whole batch's mean loss
+            # FLOP/s over the steps after the first (which compiles, under --compile)
+            flops = f"{(done - 1) * flop_per_step / max(now() - t_first, 1e-9) / 1e12:.3g} TFLOP/s | " if done > 1 else ''
             log(f"iter {it + 1}/{cfg.max_iters} | loss {loss_all:.4f} | lr {lr:.2e} | "
-                f"{tokens_seen.item() / elapsed / 1e3:.1f}k tok/s | ETA {fmt_time(eta)}")
+                f"{tokens_seen.item() / elapsed / 1e3:.1f}k tok/s | {flops}ETA {fmt_time(eta)}")
         if out_of_time:
             if it + 1 < cfg.max_iters:
                 log(f"--lm_minutes={cfg.lm_minutes:g} used up: stopping at iter {it + 1} of {cfg.max_iters}")
@@ -656,8 +661,10 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             # compiles, under --sae_compile, and is logged on its own)
             timed, elapsed = (step - start, now() - t_timing) if step > start else (1, now() - t0)
             rate = timed * cfg.sae_batch / elapsed
+            flops = rate * sum(sae.flops_per_activation() for sae in saes.values())  # the dense count
             log(f"sae step {step + 1}/{n_steps} | {rate / 1e3:.1f}k act/s through all {len(saes)} SAEs "
-                f"({rate * len(saes) / 1e3:.0f}k SAE-act/s) | ETA {fmt_time(elapsed / timed * (n_steps - step - 1))}")
+                f"({rate * len(saes) / 1e3:.0f}k SAE-act/s = {flops / 1e12:.3g} TFLOP/s) | "
+                f"ETA {fmt_time(elapsed / timed * (n_steps - step - 1))}")
             for name, sae in saes.items():
                 mse = sum(float(v) for v in window[name]) / len(window[name])
                 ev = metrics.sae_scores(sae, held_out)
