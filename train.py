@@ -443,7 +443,8 @@ def train_lm(cfg, log=print, precision=''):
             if budget > 0:
                 eta = min(eta, max(0.0, budget - elapsed))
             loss_all = agree(loss.item(), dist.ReduceOp.SUM) / world  # the whole batch's mean loss
-            # FLOP/s over the steps after the first (which compiles, under --compile)
+            # FLOP/s over the steps after the first (which compiles, under --compile), the evals and
+            # checkpoints between them included
             flops = f"{(done - 1) * flop_per_step / max(now() - t_first, 1e-9) / 1e12:.3g} TFLOP/s | " if done > 1 else ''
             log(f"iter {it + 1}/{cfg.max_iters} | loss {loss_all:.4f} | lr {lr:.2e} | "
                 f"{tokens_seen.item() / elapsed / 1e3:.1f}k tok/s | {flops}ETA {fmt_time(eta)}")
