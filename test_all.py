@@ -1166,9 +1166,11 @@ def test_sweep_coefficients_scale_with_the_width_by_the_penalty_s_rule():
     for arch, settings in TR.SWEEP.items():
         factor = {'standard': 2, 'gated': 2, 'p_anneal': 2, 'gated_anneal': 2, 'jumprelu': 4}.get(arch)
         if factor is None:
-            assert TR.sweep_settings(arch, 512) == TR.sweep_settings(arch, 192) == settings, arch
+            assert TR.sweep_settings(arch, 512) == TR.sweep_settings(arch, 192) == TR.sweep_settings(arch, 512, 0.5) == settings, arch
             continue
         assert [s['coef'] for s in TR.sweep_settings(arch, 512)] == [pytest.approx(factor * s['coef']) for s in settings]
+        # --sae_coef_scale multiplies on top of the width's factor
+        assert [s['coef'] for s in TR.sweep_settings(arch, 512, 2 / 3)] == [pytest.approx(factor * s['coef'] * 2 / 3, rel=5e-3) for s in settings]
         at_192 = [s['coef'] for s in TR.sweep_settings(arch, 192)]
         assert at_192 == [pytest.approx(s['coef'] * 1.5 ** (0.5 if factor == 2 else 1), rel=5e-3) for s in settings]
         assert all(len(f'{c:.6e}'.split('e')[0].rstrip('0').replace('.', '')) <= 3 for c in at_192), at_192

@@ -85,6 +85,8 @@ class TrainConfig:
     sae_archs: str = 'all'      # all (every architecture in SWEEP) or a comma-separated list of them
     sae_expansion: int = 8      # d_sae = sae_expansion * n_embd
     sae_steps: int = 4000
+    sae_coef_scale: float = 1.0  # every sparsity coefficient of SWEEP times this (TopK's k unchanged): the
+                                # whole grid shifted, for a model whose L0 sits elsewhere (README, Presets)
     sae_minutes: float = 0.0    # > 0: fewer steps if sae_steps would take longer than this, the first
                                 # step (which compiles under --sae_compile) included: the steps are timed
                                 # on the 19 after it; the random-init control gets the same steps
@@ -125,8 +127,10 @@ PRESETS = {
     # leaves: about 2 minutes if it takes 50 s), then the control, about a third of the sweep's
     # steps' time; a slower GPU trains fewer steps. LM and SAE losses are compiled (torch.compile).
     # Chess: the 256 characters the evaluation scores (the first 20 '.'), exact soft targets
-    # (computed on the CPU, about 12 ms of CPU a game, then kept with the data), and a shorter
-    # sweep for the time its data and evaluation take
+    # (computed on the CPU, about 12 ms of CPU a game, then kept with the data), a shorter sweep
+    # for the time its data and evaluation take, and the sweep's coefficients x0.67: on the cpu
+    # chess model a 1000-step sweep's lowest settings give L0 100-130 with them, 80-90 without,
+    # its highest 5-10 with them, 5 without (README, Presets)
     'gpu': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'batch_size': 512, 'lr': 1e-3, 'min_lr': 1e-4,
              'warmup_iters': 300, 'max_iters': 100_000, 'lm_minutes': 3.3, 'compile': True, 'eval_interval': 2000,
              'log_interval': 250,
@@ -134,7 +138,7 @@ PRESETS = {
              'sae_minutes': 2.8, 'sae_lr': 1e-3, 'sae_warmup': 100, 'sae_log_interval': 400, 'sae_compile': True},
             {'othello': {'block_size': 59, 'n_games': 2_000_000, 'soft_targets': True},
              'chess': {'block_size': 255, 'batch_size': 128, 'n_games': 80_000, 'lm_minutes': 3.0,
-                       'soft_targets': True, 'sae_minutes': 2.0}}),
+                       'soft_targets': True, 'sae_minutes': 2.0, 'sae_coef_scale': 0.67}}),
     'paper': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'lr': 6e-4, 'min_lr': 6e-5, 'warmup_iters': 1000,
                'max_iters': 60000, 'compile': True, 'eval_interval': 2000, 'sae_batch': 8192, 'sae_steps': 30000,
                'sae_lr': 3e-4, 'sae_warmup': 1000, 'sae_buffer': 1 << 20, 'sae_log_interval': 2000, 'sae_compile': True},
@@ -185,6 +189,7 @@ def build_config(argv):
         'log_interval': positive, 'eval_interval': positive, 'eval_iters': positive, 'legal_games': positive,
         'layer': (lambda v: v >= -1, '-1 (the default depth) or a block index >= 0'),
         'sae_expansion': positive, 'sae_steps': positive, 'sae_minutes': D.NON_NEGATIVE_REAL,
+        'sae_coef_scale': D.POSITIVE_REAL,
         'sae_batch': positive, 'sae_lr': D.POSITIVE_REAL, 'sae_warmup': positive, 'anneal_start': D.FRACTION,
         'sae_buffer': (lambda v: v >= cfg.sae_batch, f'at least --sae_batch={cfg.sae_batch}'),
         'sae_log_interval': positive, 'sae_ckpt_minutes': D.NON_NEGATIVE_REAL})
@@ -476,10 +481,11 @@ def train_lm(cfg, log=print, precision=''):
 # The SAE stage
 
 # Sparsity settings per architecture, chosen on the cpu presets' models (d_in = SWEEP_WIDTH =
-# 128): each L1-penalty architecture's settings span L0 of about 10 (Othello; chess about 20) to
-# 150 on both (measured: README, Presets).
+# 128): each L1-penalty architecture's settings span L0 of about 10 (Othello; chess about 20 in
+# its cpu preset's 400-step sweep) to 150 on both (measured: README, Presets).
 # Normalised activations, E||x||^2 = d_in; MSE summed over d_in. For another width the
-# coefficients are scaled by the penalty's rule (sweep_settings, sae.SAE.COEF_POWER). Edit to taste.
+# coefficients are scaled by the penalty's rule (sweep_settings, sae.SAE.COEF_POWER), and
+# --sae_coef_scale shifts the whole grid (the chess gpu preset: x0.67). Edit to taste.
 SWEEP_WIDTH = 128
 SWEEP = {
     'standard': [{'coef': c} for c in (0.5, 1.6, 4.0)],
@@ -495,12 +501,13 @@ SWEEP = {
 SAE_OPTIONS = ('anneal_start',)  # TrainConfig fields passed to every architecture that takes them
 
 
-def sweep_settings(arch, d_in):
+def sweep_settings(arch, d_in, scale=1.0):
     """SWEEP[arch] for SAEs on a residual stream of width d_in: each coefficient times
     (d_in / SWEEP_WIDTH) ** COEF_POWER of the architecture (sae.SAE.COEF_POWER: the coefficient
     that keeps L0 where it was grows as sqrt(d_in) for an L1 penalty, as d_in for JumpReLU's L0
-    penalty), to 3 significant digits. The gpu presets' width, 512: L1 coefficients x2, JumpReLU's x4."""
-    factor = (d_in / SWEEP_WIDTH) ** ARCHS[arch].COEF_POWER
+    penalty) and times `scale` (--sae_coef_scale), to 3 significant digits. The gpu presets'
+    width, 512: L1 coefficients x2, JumpReLU's x4."""
+    factor = (d_in / SWEEP_WIDTH) ** ARCHS[arch].COEF_POWER * scale
     return [dict(s, coef=float(f"{s['coef'] * factor:.3g}")) if 'coef' in s else dict(s) for s in SWEEP[arch]]
 
 
@@ -758,7 +765,7 @@ def train_saes(cfg, log=print):
     T = model.config.block_size + 1
     tokens, val_tokens = train['tokens'][:, :T], val['tokens'][:, :T]
     archs = sae_archs(cfg)
-    settings = {a: sweep_settings(a, model.config.n_embd) for a in archs}
+    settings = {a: sweep_settings(a, model.config.n_embd, cfg.sae_coef_scale) for a in archs}
     sweep = [(a, s) for a in archs for s in settings[a]]
     if saved['part'] == 'saes':
         done = train_sae_sweep(cfg, model, model_id, tokens, val_tokens, train['pad_id'], sweep,
