@@ -228,6 +228,17 @@ def load_saes(ev):
     return found
 
 
+def row_line(row):
+    """A row's scores in one log line, as each is done, so that a run cut short still reports
+    them: model, name, then each score the row has."""
+    names = {'l0': 'L0', 'explained_variance': 'expl. var.', 'ce_loss_score': 'CE score'}
+    scores = [f"{names[k]} {row[k]:6.1f}" if k == 'l0' else f"{names[k]} {row[k]:.3f}"
+              for k in names if row.get(k) is not None]
+    scores += [f"{k.replace('reconstruction', 'rec').replace('coverage', 'cov')} {v:.3f}"
+               for k, v in row.items() if k.startswith(('coverage', 'reconstruction')) and v is not None]
+    return f"{row['model']:7s} {row['name']:24s} " + ' | '.join(scores)
+
+
 def evaluate(cfg, log=print):
     """Score every SAE and the baselines. Returns the rows of the results table. The log times
     each part: loading, each SAE's row, the baselines."""
@@ -238,6 +249,13 @@ def evaluate(cfg, log=print):
     log(f"eval: data, models and {len(saes)} SAEs loaded in {time.time() - t_load:.1f}s")
     rows = []
     t0 = time.time()
+
+    def add(row, tag, t):
+        """Keep a row and log it with its time since t; returns the time now, the next row's start."""
+        rows.append(row)
+        log(f"[{tag}] {row_line(row)} ({time.time() - t:.1f}s)")
+        return time.time()
+
     # where the SAE rows' time goes, summed over them (each part ends with a read on the host,
     # so on a GPU its own kernels are in it)
     spent = dict.fromkeys(('model passes', 'L0 / variance / loss recovered', 'coverage / reconstruction'), 0.0)
@@ -263,20 +281,16 @@ def evaluate(cfg, log=print):
         spent['L0 / variance / loss recovered'] += t_features - t_scores
         row.update(score_features(encode_all(sae, x_train), encode_all(sae, x_test), ev))
         spent['coverage / reconstruction'] += time.time() - t_features
-        rows.append(row)
-        log(f"[{i + 1}/{len(saes)}] {kind:7s} {row['name']:24s} L0 {row['l0']:6.1f} | expl. var. {row['explained_variance']:.3f} | "
-            + ' | '.join(f"{k.replace('reconstruction', 'rec').replace('coverage', 'cov')} {v:.3f}"
-                         for k, v in row.items() if k.startswith(('coverage', 'reconstruction')))
-            + f" ({time.time() - t:.1f}s)")
+        add(row, f'{i + 1}/{len(saes)}', t)
     if saes:
         log(f"eval: the {len(saes)} SAE rows' time in: " + ', '.join(f'{k} {v:.1f}s' for k, v in spent.items()))
     # baselines: the layer's MLP neurons as a dictionary, and a linear probe on the residual stream
-    t_base = time.time()
+    t_base = t = time.time()
     m_train, m_test, m_unsup = ev.activations('trained', layer, 'mlp')
-    rows.append({'name': 'mlp_neurons', 'arch': 'mlp', 'model': 'trained', 'layer': layer, 'd_sae': m_train.shape[1],
-                 'l0': metrics.l0(m_unsup > 0), 'explained_variance': None, 'ce_loss_score': None,
-                 'dead_fraction': metrics.dead_fraction(m_unsup.clamp_min(0)),
-                 **score_features(m_train, m_test, ev)})
+    t = add({'name': 'mlp_neurons', 'arch': 'mlp', 'model': 'trained', 'layer': layer, 'd_sae': m_train.shape[1],
+             'l0': metrics.l0(m_unsup > 0), 'explained_variance': None, 'ce_loss_score': None,
+             'dead_fraction': metrics.dead_fraction(m_unsup.clamp_min(0)),
+             **score_features(m_train, m_test, ev)}, 'baseline', t)
     for kind in ev.models:
         x_train, x_test = (x.to(cfg.device) for x in ev.activations(kind, layer)[:2])
         # one logistic-regression probe per element, for all sets at once (the columns are independent)
@@ -291,12 +305,13 @@ def evaluate(cfg, log=print):
         f1, accuracy = (mean_per_set([s[k] for s in scores], ev) for k in ('f1_micro', 'accuracy'))
         for name in f1:
             row.update({f'coverage_{name}': None, f'reconstruction_{name}': f1[name], f'probe_accuracy_{name}': accuracy[name]})
-        rows.append(row)
+        t = add(row, 'baseline', t)
         # the same probes as a dictionary, one feature per element (its probability), scored like an
         # SAE: what coverage and the reconstruction rule give with linear one-element features
-        rows.append({'name': 'probe_dictionary' + suffix, 'arch': 'probe_dict', 'model': kind, 'layer': layer,
-                     'd_sae': lab_train.shape[1], 'l0': None, 'explained_variance': None, 'ce_loss_score': None,
-                     'dead_fraction': None, **score_features(torch.sigmoid(logits_train), torch.sigmoid(logits_test), ev)})
+        t = add({'name': 'probe_dictionary' + suffix, 'arch': 'probe_dict', 'model': kind, 'layer': layer,
+                 'd_sae': lab_train.shape[1], 'l0': None, 'explained_variance': None, 'ce_loss_score': None,
+                 'dead_fraction': None, **score_features(torch.sigmoid(logits_train), torch.sigmoid(logits_test), ev)},
+                'baseline', t)
     log(f"eval: {len(rows)} rows in {time.time() - t0:.1f}s (the baselines' {len(rows) - len(saes)} in "
         f"{time.time() - t_base:.1f}s)")
     return rows

@@ -2627,6 +2627,13 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     total, baselines = map(float, re.search(r"rows in ([0-9.]+)s \(the baselines' 5 in ([0-9.]+)s\)", out).groups())
     assert parts and float(parts.group(3)) > 0, out  # 28 SAEs scored: never under 0.05 s
     assert sum(map(float, parts.groups())) <= total - baselines + 0.3, out  # each figure is rounded to 0.1 s
+    # every row is logged as it is done (a run cut short still reports it), with the scores it has
+    assert re.search(r'^\[1/\d+\] trained .* \| CE score -?[0-9.]+ \| cov_mine_theirs [0-9.]+ \| rec_mine_theirs', out, re.M), out
+    logged = re.findall(r'^\[baseline\] (\w+) +(\w+) +(.*) \([0-9.]+s\)$', out, re.M)
+    assert [(m, n) for m, n, _ in logged] == [('trained', 'mlp_neurons'), ('trained', 'linear_probe'),
+                                              ('trained', 'probe_dictionary'), ('random', 'linear_probe_random'),
+                                              ('random', 'probe_dictionary_random')], out
+    assert logged[1][2].startswith('rec_mine_theirs ') and 'cov_' not in logged[1][2]  # a probe has no coverage
     results = json.load(open(f'{tmp_path}/out/othello/results.json'))
     rows = {r['name'] + '/' + r['model']: r for r in results['rows']}
     assert len(rows) == len(saes) + len(S.ARCHS) + 5  # + MLP neurons, probe and probe dictionary on both models
