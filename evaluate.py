@@ -256,35 +256,8 @@ def evaluate(cfg, log=print):
         log(f"[{tag}] {row_line(row)} ({time.time() - t:.1f}s)")
         return time.time()
 
-    # where the SAE rows' time goes, summed over them (each part ends with a read on the host,
-    # so on a GPU its own kernels are in it)
-    spent = dict.fromkeys(('model passes', 'L0 / variance / loss recovered', 'coverage / reconstruction'), 0.0)
-    for i, (kind, sae) in enumerate(saes):
-        t = time.time()
-        layer_i = sae.meta['layer']
-        x_train, x_test, x_unsup = ev.activations(kind, layer_i)  # the model's passes: the first SAE of each model
-        resid = ev.unsup_resid(kind, layer_i)  # (n, T, d)
-        clean_and_zero = ev.clean_and_zero(kind, layer_i)
-        t_scores = time.time()
-        spent['model passes'] += t_scores - t
-        unsup, x_hat = metrics.sae_scores(sae, x_unsup, reconstruction=True)  # x_hat (N, d) at the non-pad tokens
-        # the stream with the SAE's reconstruction in place: pad tokens keep theirs (they come after
-        # the game, so no counted target sees them)
-        replaced = resid.clone()
-        replaced[ev.unsup_real] = x_hat
-        row = {'name': sae.meta['name'], 'arch': sae.cfg['arch'], 'model': kind, 'layer': layer_i,
-               'd_sae': sae.cfg['d_sae'], 'l0': unsup['l0'], 'explained_variance': unsup['explained_variance'],
-               'ce_loss_score': metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), layer_i, replaced,
-                                                       cfg.batch_size, clean_and_zero, resid),
-               'dead_fraction': unsup['dead_fraction']}
-        t_features = time.time()
-        spent['L0 / variance / loss recovered'] += t_features - t_scores
-        row.update(score_features(encode_all(sae, x_train), encode_all(sae, x_test), ev))
-        spent['coverage / reconstruction'] += time.time() - t_features
-        add(row, f'{i + 1}/{len(saes)}', t)
-    if saes:
-        log(f"eval: the {len(saes)} SAE rows' time in: " + ', '.join(f'{k} {v:.1f}s' for k, v in spent.items()))
-    # baselines: the layer's MLP neurons as a dictionary, and a linear probe on the residual stream
+    # baselines first, the references a run cut short most needs: the layer's MLP neurons as a
+    # dictionary, and a linear probe on the residual stream
     t_base = t = time.time()
     m_train, m_test, m_unsup = ev.activations('trained', layer, 'mlp')
     t = add({'name': 'mlp_neurons', 'arch': 'mlp', 'model': 'trained', 'layer': layer, 'd_sae': m_train.shape[1],
@@ -312,8 +285,37 @@ def evaluate(cfg, log=print):
                  'd_sae': lab_train.shape[1], 'l0': None, 'explained_variance': None, 'ce_loss_score': None,
                  'dead_fraction': None, **score_features(torch.sigmoid(logits_train), torch.sigmoid(logits_test), ev)},
                 'baseline', t)
+    # where the SAE rows' time goes, summed over them (each part ends with a read on the host,
+    # so on a GPU its own kernels are in it)
+    spent = dict.fromkeys(('model passes', 'L0 / variance / loss recovered', 'coverage / reconstruction'), 0.0)
+    t_saes = time.time()
+    for i, (kind, sae) in enumerate(saes):
+        t = time.time()
+        layer_i = sae.meta['layer']
+        x_train, x_test, x_unsup = ev.activations(kind, layer_i)  # the model's passes: the first SAE of each model
+        resid = ev.unsup_resid(kind, layer_i)  # (n, T, d)
+        clean_and_zero = ev.clean_and_zero(kind, layer_i)
+        t_scores = time.time()
+        spent['model passes'] += t_scores - t
+        unsup, x_hat = metrics.sae_scores(sae, x_unsup, reconstruction=True)  # x_hat (N, d) at the non-pad tokens
+        # the stream with the SAE's reconstruction in place: pad tokens keep theirs (they come after
+        # the game, so no counted target sees them)
+        replaced = resid.clone()
+        replaced[ev.unsup_real] = x_hat
+        row = {'name': sae.meta['name'], 'arch': sae.cfg['arch'], 'model': kind, 'layer': layer_i,
+               'd_sae': sae.cfg['d_sae'], 'l0': unsup['l0'], 'explained_variance': unsup['explained_variance'],
+               'ce_loss_score': metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), layer_i, replaced,
+                                                       cfg.batch_size, clean_and_zero, resid),
+               'dead_fraction': unsup['dead_fraction']}
+        t_features = time.time()
+        spent['L0 / variance / loss recovered'] += t_features - t_scores
+        row.update(score_features(encode_all(sae, x_train), encode_all(sae, x_test), ev))
+        spent['coverage / reconstruction'] += time.time() - t_features
+        add(row, f'{i + 1}/{len(saes)}', t)
+    if saes:
+        log(f"eval: the {len(saes)} SAE rows' time in: " + ', '.join(f'{k} {v:.1f}s' for k, v in spent.items()))
     log(f"eval: {len(rows)} rows in {time.time() - t0:.1f}s (the baselines' {len(rows) - len(saes)} in "
-        f"{time.time() - t_base:.1f}s)")
+        f"{t_saes - t_base:.1f}s)")
     return rows
 
 
