@@ -1216,7 +1216,7 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     assert re.search(r'iter 20/5000 \| loss [0-9.]+ \| lr ' + re.escape(f'{lr:.2e}'), out)
     # model FLOP/s over the steps after the first: a second a step of 32 games x 59 tokens at
     # 6 x (parameters, the tied head once, positions not counted) + 12 x 2 layers x 32 wide x 59
-    weights = {t.data_ptr(): t.numel() for name, t in ckpt['model'].items() if name != 'wpe.weight'}
+    weights = {w.data_ptr(): w.numel() for name, w in ckpt['model'].items() if name != 'wpe.weight'}
     flop_per_step = 32 * 59 * (6 * sum(weights.values()) + 12 * 2 * 32 * 59)
     assert re.search(r'iter 20/5000 \|.* tok/s \| ' + re.escape(f'{flop_per_step / 1e12:.3g} TFLOP/s |'), out)
     # the sweep's: 19 steps of 256 activations in 57 s, through 3 SAEs of 10 x 32 x 256 FLOP an activation
