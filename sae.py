@@ -180,6 +180,15 @@ class SAE(nn.Module):
     matmul_dtype = torch.float32  # train.py sets torch.bfloat16 where it measured bf16 the faster
     loss_compiled = False          # compile_loss() sets it
 
+    def _scalar(self, name, value):
+        # `value` in the 0-dim tensor kept as attribute `name` on the SAE's device, filled in place:
+        # a fill is a kernel launch, where torch.tensor(value, device=...) would copy from the host
+        # and wait for the GPU
+        t = self.__dict__.get(name)
+        if t is None or t.device != self.W_enc.device:
+            t = self.__dict__[name] = torch.empty((), device=self.W_enc.device)
+        return t.fill_(value)
+
     def flops_per_activation(self):
         """Training FLOP per activation, the dense minimum: the encoder's and the decoder's
         products forward (2 x 2 x d_in x d_sae) and the three backward products that give the
@@ -257,7 +266,13 @@ class SAE(nn.Module):
     def _penalty(self, acts):
         # acts >= 0 (B, d_sae). L1 = sum_i |f_i| averaged over the batch; decoder rows are unit
         # norm, so no norm weighting. One sum over everything: its gradient is a broadcast scalar
-        return self.coef * acts.sum() / acts.shape[0]
+        return self._coef_now() * acts.sum() / acts.shape[0]
+
+    def _coef_now(self):
+        # the coefficient as _loss uses it: under compile_loss the 0-dim tensor loss() fills at
+        # every step (one trace then serves every setting; a float would be baked into the trace,
+        # a trace per value), eagerly the float itself
+        return self._coef_tensor if self.loss_compiled else self.coef
 
     # --- the loss ---
 
@@ -265,6 +280,8 @@ class SAE(nn.Module):
         """x RAW activations (B, d_in) -> (loss, stats). All maths in fp32, normalised space.
         Subclasses that keep training state on the host (p-annealing's history, TopK's dead
         latents) wrap it here; the tensor work is _loss, the part compile_loss compiles."""
+        if self.loss_compiled:  # the coefficient as _loss takes it (_coef_now)
+            self._scalar('_coef_tensor', self.coef)
         loss, stats = self._loss(x)
         return loss, dict(stats, p=float(self.p), coef=float(self.coef))
 
@@ -418,20 +435,11 @@ class PAnnealing:
 
     _history_p = None  # set by loss(): the next update's p, while this batch's L_p_next is kept
 
-    def _scalar(self, name, value):
-        # `value` in the 0-dim tensor kept as attribute `name` on the SAE's device, filled in place:
-        # a fill is a kernel launch, where torch.tensor(value, device=...) would copy from the host
-        # and wait for the GPU
-        t = self.__dict__.get(name)
-        if t is None or t.device != self.W_enc.device:
-            t = self.__dict__[name] = torch.empty((), device=self.W_enc.device)
-        return t.fill_(value)
-
     def loss(self, x, step):
-        # a compiled _loss takes p and coef as 0-dim tensors: one trace then serves every value
-        # (a float would be baked into it); eager keeps floats, so p = 1 skips the power (lp_sum)
+        # a compiled _loss takes p as a 0-dim tensor, as every SAE its coefficient (SAE.loss): one
+        # trace then serves every value; eager keeps floats, so p = 1 skips the power (lp_sum)
         as_arg = self._scalar if self.loss_compiled else (lambda name, v: float(v))
-        self._p_arg, self._coef_arg = as_arg('_p_tensor', self.p), as_arg('_coef_tensor', self.coef)
+        self._p_arg = as_arg('_p_tensor', self.p)
         # keep history only in the window just before the next update: eager computes L_p_next
         # only there (saves a pow per step); a compiled loss computes it every step, so that
         # it is one trace (fused, the power costs little there) and keeps it only there
@@ -453,7 +461,7 @@ class PAnnealing:
         if self._history_p is not None:
             with torch.no_grad():  # (mean L_p, mean L_p_next): read by after_optimizer_step's rescale
                 self._lp_pair = (lp.detach(), lp_sum(acts.detach(), self._history_p).mean())
-        return self._coef_arg * lp
+        return self._coef_now() * lp
 
     @torch.no_grad()
     def after_optimizer_step(self, step):
@@ -721,7 +729,7 @@ class JumpReLUSAE(SAE):
         f = _JumpReLUFn.apply(z, theta, self.cfg['bandwidth'])
         x_hat = self._decode_n(f)
         l0 = _StepFn.apply(z, theta, self.cfg['bandwidth']).sum(-1).mean()
-        return active_per_row(f), x_hat, self.coef * l0, x.new_zeros(())
+        return active_per_row(f), x_hat, self._coef_now() * l0, x.new_zeros(())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1187,14 +1187,14 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     monkeypatch.setattr(TR, 'now', lambda: t[0])
 
     def slow_to_compile(sae, **options):
-        loss = sae._loss
+        loss, first = sae._loss, [True]
 
         def first_call_compiles(*args):
-            if not sae.loss_compiled:
+            if first[0]:
                 t[0] += 20.0
-                sae.loss_compiled = True
+                first[0] = False
             return loss(*args)
-        sae._loss, sae.loss_compiled = first_call_compiles, False
+        sae._loss, sae.loss_compiled = first_call_compiles, True
         return sae
     monkeypatch.setattr(S.SAE, 'compile_loss', slow_to_compile)
     args = ['--game=othello', '--preset=tiny', '--max_iters=5000', '--lm_minutes=0.5', '--sae_steps=400',
@@ -1487,9 +1487,9 @@ def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch,
                 m.setattr(torch, 'tensor', from_the_host)
             runs[sae] += [S.train_step(sae, opt, batches[s], s, 1e-2) for s in range(1, 30)]
     assert counter.frame_count == 1
-    # a new SAE of the same architecture and setting, as the random-init control makes (its steps
-    # are not on the sweep's clock), runs on the same trace
-    again = S.make_sae(arch, D_IN, D_SAE, **kw)
+    # a new SAE of the same architecture, as the random-init control makes (its steps are not on
+    # the sweep's clock), runs on the same trace, and so does another coefficient (a 0-dim tensor)
+    again = S.make_sae(arch, D_IN, D_SAE, **kw, **({} if 'topk' in arch else {'coef': 2.5}))
     again.set_act_scale(raw_batch())
     again.train().compile_loss(backend=counter, fullgraph=True)
     S.train_step(again, again.make_optimizer(1e-2), batches[0], 0, 1e-2)
