@@ -42,7 +42,7 @@ import torch
 import data as D
 import metrics
 from model import GPT, GPTConfig, choose_precision, wait_for
-from sae import ARCHS, make_sae, train_step
+from sae import ARCHS, SAE, make_sae, train_step
 
 
 @dataclass
@@ -219,7 +219,7 @@ def bench_sae(cfg, ceilings):
     torch.manual_seed(0)
     d_in, d_sae, B = SHAPES['cpu']['sae']
     x = torch.randn(B, d_in, device=cfg.device) * 3 + 1
-    flop_per_act = make_sae('standard', d_in, d_sae).flops_per_activation()
+    flop_per_act = SAE.flops_per_activation(d_in, d_sae)
     print(f"SAE training at d_in {d_in}, d_sae {d_sae}, batch {B} (one train_step a batch; "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation, dense):")
     # bf16 matmuls (sae.matmul_dtype, what train.py uses where the LM runs bf16) where not known slower
@@ -256,7 +256,7 @@ def bench_sweep(cfg, ceilings):
     # bf16 matmuls where the LM trains in bf16, else fp32 (fp16 GPUs keep fp32 SAEs), as train.py
     name = 'bfloat16' if choose_precision('auto', cfg.device, d_in)[0] == 'bfloat16' else 'float32'
     dtype, ceiling = getattr(torch, name), ceilings[name]
-    flop_per_act = make_sae('standard', d_in, d_sae).flops_per_activation()
+    flop_per_act = SAE.flops_per_activation(d_in, d_sae)
     print(f"SAE sweep at d_in {d_in}, d_sae {d_sae}, batch {B}: train.py's SWEEP, {name} matmuls, "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation per SAE (dense):")
     seconds = {True: 0.0, False: 0.0}  # per batch through every SAE of the sweep: compiled, eager

@@ -189,14 +189,15 @@ class SAE(nn.Module):
             t = self.__dict__[name] = torch.empty((), device=self.W_enc.device)
         return t.fill_(value)
 
-    def flops_per_activation(self):
-        """Training FLOP per activation, the dense minimum: the encoder's and the decoder's
-        products forward (2 x 2 x d_in x d_sae) and the three backward products that give the
-        weights' and the features' gradients (3 x 2 x d_in x d_sae): 10 x d_in x d_sae, for every
-        architecture, so that rates compare as work done. TopK's sparse decode on the CPU does
+    @staticmethod
+    def flops_per_activation(d_in, d_sae):
+        """Training FLOP per activation of an SAE d_in -> d_sae, the dense minimum: the encoder's
+        and the decoder's products forward (2 x 2 x d_in x d_sae) and the three backward products
+        that give the weights' and the features' gradients (3 x 2 x d_in x d_sae): 10 x d_in x
+        d_sae, for every architecture, so that rates compare as work done. TopK's sparse decode on the CPU does
         less; gated's auxiliary decode does 4 x d_in x d_sae more (forward, and backward to the
         gate), not counted."""
-        return 10 * self.cfg['d_in'] * self.cfg['d_sae']
+        return 10 * d_in * d_sae
 
     def compile_loss(self, **options):
         """Compile _loss, the tensor work of a training loss, with torch.compile(**options): its

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as D
 import metrics
 from model import GPT, GPTConfig, choose_device, choose_precision, load_checkpoint, save_checkpoint, wait_for
-from sae import ARCHS, from_dict as sae_from_dict, make_sae, save as save_sae, to_dict as sae_to_dict, train_step
+from sae import ARCHS, SAE, from_dict as sae_from_dict, make_sae, save as save_sae, to_dict as sae_to_dict, train_step
 
 
 @dataclass
@@ -669,7 +669,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             # compiles, under --sae_compile, and is logged on its own)
             timed, elapsed = (step - start, now() - t_timing) if step > start else (1, now() - t0)
             rate = timed * cfg.sae_batch / elapsed
-            flops = rate * sum(sae.flops_per_activation() for sae in saes.values())  # the dense count
+            flops = rate * len(saes) * SAE.flops_per_activation(d_in, d_sae)  # the dense count
             log(f"sae step {step + 1}/{n_steps} | {rate / 1e3:.1f}k act/s through all {len(saes)} SAEs "
                 f"({rate * len(saes) / 1e3:.0f}k SAE-act/s = {flops / 1e12:.3g} TFLOP/s) | "
                 f"ETA {fmt_time(elapsed / timed * (n_steps - step - 1))}")
