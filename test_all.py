@@ -1128,11 +1128,16 @@ def test_choose_precision_on_cuda_reads_the_bf16_units(bf16_units, auto, forced_
     asked = []
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: asked.append(
         including_emulation) or bf16_units)
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-    assert choose_precision('auto', 'cuda', 128)[0] == auto and asked == [False]
-    dtype, reason = choose_precision('bfloat16', 'cuda', 128)
-    assert dtype == 'bfloat16' and ('warning' in reason) == forced_bf16_warns
-    assert choose_precision('float16', 'cuda', 128)[0] == 'float16'
+    # choose_precision turns TF32 on; restored by hand, as monkeypatch (pytest 9.2) cannot undo
+    # a setting that torch's cuBLAS module keeps outside its __dict__
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        assert choose_precision('auto', 'cuda', 128)[0] == auto and asked == [False]
+        dtype, reason = choose_precision('bfloat16', 'cuda', 128)
+        assert dtype == 'bfloat16' and ('warning' in reason) == forced_bf16_warns
+        assert choose_precision('float16', 'cuda', 128)[0] == 'float16'
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @pytest.mark.parametrize('speedup, want', [(0.05, 'float32'), (2.0, 'bfloat16')])
@@ -1630,7 +1635,7 @@ def test_topk_auxk_exact_on_a_hand_case():
     # one row short of dead_tokens: nothing is dead, no aux loss
     assert aux_loss(2, [0, 3, 1, 1])[1] == 0.0
     # divided by the residual's variance: scaling the inputs changes nothing
-    assert aux_loss(1, [0, 3, 5, 2], scale=10.0)[1] == pytest.approx(loss, rel=1e-5)
+    assert aux_loss(1, [0, 3, 5, 2], scale=10.0)[1] == pytest.approx(float(loss), rel=1e-5)
 
 
 def test_topk_reads_its_dead_counts_again_after_load_state_dict():
@@ -1714,7 +1719,7 @@ def test_jumprelu_threshold_learns_through_ste():
     assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
     f = sae.encode(x)
     assert (f[f != 0] > torch.exp(sae.log_threshold).expand_as(f)[f != 0]).all()
-    assert stats['sparsity_loss'] == pytest.approx(stats['coef'] * stats['l0'], rel=1e-5)
+    assert stats['sparsity_loss'] == pytest.approx(float(stats['coef'] * stats['l0']), rel=1e-5)
 
 
 def test_jumprelu_thresholds_get_their_own_learning_rate():
@@ -1881,7 +1886,7 @@ def test_penalty_value_continuous_at_each_rescale(arch):
         sae.after_optimizer_step(update_step)
         _, after = sae.loss(x, update_step + 1)
         assert after['p'] == pytest.approx(new_p)
-        assert after['sparsity_loss'] == pytest.approx(before['sparsity_loss'], rel=1e-4)
+        assert after['sparsity_loss'] == pytest.approx(float(before['sparsity_loss']), rel=1e-4)
         if new_p != before['p']:
             assert after['coef'] != before['coef']
     assert sae.p == pytest.approx(0.2)
