@@ -621,7 +621,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     # CUDA) to be the faster; everything else in them stays fp32 (sae.py). fp16 has no scaler here.
     for sae in saes.values():
         sae.matmul_dtype = torch.bfloat16 if cfg.dtype == 'bfloat16' else torch.float32
-        if cfg.sae_compile:  # traced at its first step, once per architecture (the control reuses the traces)
+        if cfg.sae_compile:  # traced at its first step, once per architecture, TopK's k aside (the control reuses the traces)
             sae.compile_loss()
     log(f"sae: {len(saes)} SAEs" + (f" (this process's share of {len(sweep)})" if world > 1 else "") +
         f", d_in {d_in} -> d_sae {d_sae}, layer {layer}, {n_steps} steps x {cfg.sae_batch} activations, "
