@@ -152,8 +152,11 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         if targets.is_floating_point():
-            per_position = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # (B, T)
-            return logits, per_position[targets.sum(-1) > 0].mean()
+            per_position = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # (B, T), 0 where ignored
+            # the mean over the rows with a target, as a sum over all of them over their count: a
+            # boolean-mask index would have a shape that depends on the data, which on a GPU waits
+            # for it at every step (and breaks a compiled model's graph in two)
+            return logits, per_position.sum() / (targets.sum(-1) > 0).sum().clamp_min(1)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=self.config.pad_id)
         return logits, loss

@@ -972,6 +972,42 @@ def test_soft_target_loss_matches_hard_and_its_expectation():
     assert torch.allclose(model(x, soft)[1], expected, atol=1e-6)
 
 
+def shapes_from_the_data(counter):
+    """The nodes of the graphs a CompileCounterWithBackend traced whose shape depends on the
+    values of the data (a boolean-mask index, nonzero): on a GPU the host waits for each, at every
+    step. fullgraph=True does not catch them: torch traces them with a symbol for the size."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    return [node.format_node() for gm in counter.graphs for node in gm.graph.nodes
+            if isinstance(node.meta.get('example_value'), torch.Tensor) and free_unbacked_symbols(node.meta['example_value'])]
+
+
+@pytest.mark.parametrize('soft', [False, True])
+def test_lm_training_step_compiles_as_one_graph(soft):
+    # fullgraph=True fails at any graph break, which is where a step would read a value on the
+    # host; shapes_from_the_data finds the waits it lets through. The loss and the gradients are
+    # the eager ones
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend('aot_eager')
+    model = tiny_model(seed=3)
+    x = torch.randint(0, 60, (2, 16))
+    y = torch.randint(0, 60, (2, 16))
+    y[1, 9:] = 60  # pad
+    if soft:
+        y = torch.nn.functional.one_hot(y, 61).float() * 0.5 + torch.nn.functional.one_hot((y + 1) % 60, 61) * 0.5
+        y[1, 9:] = 0  # ignored rows
+    losses, grads = [], []
+    for fwd in (model, torch.compile(model, backend=counter, fullgraph=True)):
+        model.zero_grad()
+        loss = fwd(x, y)[1]
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.wte.weight.grad.clone())
+    assert counter.frame_count == 1 and shapes_from_the_data(counter) == [] and torch.isfinite(losses[0])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
 def test_tiny_lm_overfits_one_batch():
     model = tiny_model(seed=1)
     x = torch.randint(0, 60, (4, 16))
@@ -1464,7 +1500,8 @@ def test_decoder_rows_unit_norm_and_gradient_projection(arch):
 @pytest.mark.parametrize('arch, dense', [(a, False) for a in ARCHS] + [('topk', True), ('batch_topk', True)])
 def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch, dense, monkeypatch):
     # compile_loss with fullgraph=True fails on any graph break, and a graph break is where the
-    # traced loss would read a value on the host (a GPU sync) or change shape with the data. The
+    # traced loss would read a value on the host (a GPU sync); shapes_from_the_data finds the
+    # shapes taken from the data, which fullgraph lets through (a wait too). The
     # run crosses every p-annealing update (coef rescales from the L_p history kept in the 2
     # steps before each, and only there) and, for TopK, dead latents (k = 1 of 64 over 32 rows;
     # dead after 64 rows): still one trace, and the same training as eager up to float rounding
@@ -1513,6 +1550,7 @@ def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch,
             assert counter.frame_count == traces, k
             # the same training as eager, at this k (L0 at most k: ReLU can zero a kept value)
             assert twins[1] == pytest.approx(twins[0], rel=1e-4) and k / 2 <= twins[0][1] <= k
+    assert shapes_from_the_data(counter) == []
     assert compiled.n_anneal_done == eager.n_anneal_done and compiled.p == eager.p
     assert compiled.coef == pytest.approx(eager.coef, rel=1e-4)
     if arch in ('p_anneal', 'gated_anneal'):
