@@ -1008,6 +1008,32 @@ def test_lm_training_step_compiles_as_one_graph(soft):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('sae_batch', [256, 4096])
+def test_activation_stream_holds_the_residuals_of_real_positions_only(sae_batch):
+    # sae_batch 4096: 256 games a model pass (the gpu presets' rule), 256: 64. Every buffered
+    # row is the residual stream at a non-pad position of some game, none at a pad, and a stream
+    # restarted from its state gives the same batches
+    import train as TR
+    model = tiny_model(seed=4).eval()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 60, (300, 17), generator=g)
+    for i, length in enumerate(torch.randint(2, 17, (300,), generator=g).tolist()):
+        tokens[i, length:] = 60  # the pad after each game
+    with torch.no_grad():
+        resid = model.residual(tokens[:, :-1], 1)  # (300, 16, d)
+    real = tokens[:, :-1] != 60
+    cfg = TR.TrainConfig(sae_batch=sae_batch, sae_buffer=2 * sae_batch, device='cpu', dtype='float32')
+    stream = TR.ActivationStream(model, tokens, 1, 60, cfg, seed=0)
+    batches = [next(stream) for _ in range(3)]  # the third refills the buffer
+    assert all(b.shape == (sae_batch, 32) for b in batches) and len(stream.buffer) >= 2 * sae_batch
+    exact = dict(compute_mode='donot_use_mm_for_euclid_dist')  # cdist's matmul form rounds to 1e-4
+    for rows in (batches[0], stream.buffer):
+        assert torch.cdist(rows, resid[real], **exact).min(1).values.max() < 1e-5
+        assert torch.cdist(rows, resid[~real], **exact).min(1).values.min() > 1e-2
+    again = TR.ActivationStream(model, tokens, 1, 60, cfg, seed=0, state=stream.state())
+    assert torch.equal(next(again), next(stream))
+
+
 def test_tiny_lm_overfits_one_batch():
     model = tiny_model(seed=1)
     x = torch.randint(0, 60, (4, 16))

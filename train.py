@@ -538,12 +538,17 @@ class ActivationStream:
     def _fill(self):
         cfg, autocast = self.cfg, autocast_for(self.cfg)
         self.filled_from = self.gen.get_state()
+        # games per model pass: sae_batch / 16, at least 64. The gpu presets' 512 (30k Othello
+        # positions) make a refill of their 1M-activation buffer about 35 passes, each long
+        # enough for a GPU; passes of 64 games, about 280 a refill, would each be a string of
+        # small kernels and a wait for the data's pad mask. The cpu presets keep 64
+        games = max(64, cfg.sae_batch // 16)
         chunks, n = [], 0
         while n < cfg.sae_buffer:
-            idx = torch.randint(len(self.tokens), (64,), generator=self.gen)
-            x = self.tokens[idx, :-1].long().to(cfg.device)  # (64, T)
+            idx = torch.randint(len(self.tokens), (games,), generator=self.gen)
+            x = self.tokens[idx, :-1].long().to(cfg.device)  # (games, T)
             with torch.no_grad(), autocast():
-                resid = self.model.residual(x, self.layer)  # (64, T, d)
+                resid = self.model.residual(x, self.layer)  # (games, T, d)
             chunks.append(resid[x != self.pad_id].float())  # (n_valid, d)
             n += len(chunks[-1])
         self.buffer = torch.cat(chunks)  # (n, d), n >= sae_buffer
