@@ -200,7 +200,7 @@ def bench_lm(cfg, ceilings):
         if dtype == 'bfloat16' and bf16_slower:
             print(f"  {name:16s} not timed: {bf16_slower}")
             continue
-        fwd = torch.compile(model) if compiled else model
+        fwd = model.compile_blocks() if compiled else model  # as train.py --compile
 
         def step():
             with torch.autocast(cfg.device, dtype=getattr(torch, dtype), enabled=dtype != 'float32'):

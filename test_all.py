@@ -1004,8 +1004,20 @@ def test_lm_training_step_compiles_as_one_graph(soft):
         losses.append(loss.detach())
         grads.append(model.wte.weight.grad.clone())
     assert counter.frame_count == 1 and shapes_from_the_data(counter) == [] and torch.isfinite(losses[0])
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    # train.py --compile: the blocks compiled one by one, one trace for all three; the same
+    # loss and gradients, the same weights saved
+    blocks = CompileCounterWithBackend('aot_eager')
+    keys = list(model.state_dict())
+    fwd = model.compile_blocks(backend=blocks, fullgraph=True)
+    model.zero_grad()
+    loss = fwd(x, y)[1]
+    loss.backward()
+    losses.append(loss.detach())
+    grads.append(model.wte.weight.grad.clone())
+    assert blocks.frame_count == 1 and len(model.blocks) == 3 and list(model.state_dict()) == keys
+    for i in (1, 2):
+        torch.testing.assert_close(losses[i], losses[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[i], grads[0], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize('sae_batch', [256, 4096])
@@ -2771,7 +2783,7 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
         assert re.search(rf'{arch} +x{len(settings)} \| eager .*% \| compiled .*% \(compiling', out), arch
     n = sum(len(s) for s in TR.SWEEP.values())
     assert re.search(rf'the whole sweep, compiled: [0-9,]+ act/s through all {n} SAEs', out)
-    assert len(compiled) == 1 + n  # the LM, and every SAE's loss once
+    assert len(compiled) == 2 + n  # the LM's 2 blocks, and every SAE's loss once
     # --only=machine (.ci/gpu's ceiling beside the gpu preset's run): the ceilings, no benchmark
     bench.main(['--seconds=0.01', '--only=machine'])
     lines = capsys.readouterr().out.splitlines()

@@ -74,7 +74,7 @@ class TrainConfig:
     dtype: str = 'auto'         # auto | float32 | bfloat16 | float16 (CUDA; autocast). auto: on a CPU bf16
                                 # only where a timed matmul says it is faster here; on CUDA bf16, or fp16
                                 # with a gradient scaler on GPUs without bf16 units (model.choose_precision)
-    compile: bool = False       # torch.compile the model (GPU)
+    compile: bool = False       # torch.compile the model's blocks (GPU; model.GPT.compile_blocks)
     # reporting
     log_interval: int = 50
     eval_interval: int = 500
@@ -343,7 +343,7 @@ def train_lm(cfg, log=print, precision=''):
     if cfg.resume:
         optimizer.load_state_dict(ckpt['optimizer'])
     log(f"model: {model.n_params() / 1e6:.2f}M parameters, {model.config}")
-    raw_fwd = torch.compile(model) if cfg.compile else model
+    raw_fwd = model.compile_blocks() if cfg.compile else model
     # under torchrun, DDP averages the gradients of the processes in backward; each process takes
     # its rows of every batch (batch_size // world or one more), so the batch is the same for any world
     rank, world = rank_and_world()
