@@ -30,7 +30,9 @@ bf16 ceiling (where the GPU has bf16 units): the LM in bf16 autocast, eager and 
 the whole SAE sweep of train.py (SWEEP: 21 SAEs), bf16 matmuls, each architecture's 3 SAEs eager
 and with compiled losses (sae.SAE.compile_loss), then the sweep as one figure (the sum of the
 architectures' times per batch). The first compiled step's time (tracing and compiling) is shown
-beside it and left out of the rate.
+beside it and left out of the rate. Last, the host floor: the whole sweep at a tiny shape, where
+the device's work is negligible, is the time a step spends in Python and kernel launches, and
+caps the sweep's rate at the real shape.
 """
 import platform
 import time
@@ -289,6 +291,29 @@ def bench_sweep(cfg, ceilings):
         print(f"  the whole sweep, {'compiled' if compiled else 'eager'}: {rate:,.0f} act/s through all {n} SAEs "
               f"({rate * n / 1e6:.2f}M SAE-act/s) = {rate * n * flop_per_act / 1e9:.1f} GFLOP/s, "
               f"{rate * n * flop_per_act / 1e9 / ceiling:.0%} of the {SHORT[name]} matmul ceiling")
+    # the host's share of a step: the whole sweep, eager, at a shape so small that the device's
+    # work is negligible, is the time a step spends in Python and in launching kernels (compiled
+    # losses cost the host about as much: README). No step at the real shape can be faster
+    tiny_in, tiny_sae, tiny_B = 8, 256, 16  # d_sae above TopK's largest k
+    x_tiny = torch.randn(tiny_B, tiny_in, device=cfg.device)
+    saes = []
+    for arch in SWEEP:
+        for setting in sweep_settings(arch, tiny_in):
+            sae = make_sae(arch, tiny_in, tiny_sae, total_steps=10**6, **setting).to(cfg.device)
+            sae.matmul_dtype = dtype
+            sae.set_act_scale(x_tiny)
+            saes.append((sae, sae.make_optimizer(3e-4)))
+    step_no = [0]
+
+    def tiny_step():
+        for sae, opt in saes:
+            train_step(sae, opt, x_tiny, step_no[0], 3e-4)
+        step_no[0] += 1
+    floor = timed(tiny_step, cfg.seconds / 2, device=cfg.device)
+    cap = n * B * flop_per_act / floor / 1e9
+    print(f"  host floor: {floor * 1e3:.1f} ms a step of the whole sweep, eager, at d_in {tiny_in}, d_sae "
+          f"{tiny_sae}, batch {tiny_B}: at d_in {d_in}, d_sae {d_sae}, batch {B} at most {B / floor:,.0f} act/s "
+          f"= {cap:.1f} GFLOP/s, {cap / ceiling:.0%} of the {SHORT[name]} matmul ceiling, however fast the device")
 
 
 def bench_metrics(cfg, ceilings):

@@ -2783,6 +2783,8 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
         assert re.search(rf'{arch} +x{len(settings)} \| eager .*% \| compiled .*% \(compiling', out), arch
     n = sum(len(s) for s in TR.SWEEP.values())
     assert re.search(rf'the whole sweep, compiled: [0-9,]+ act/s through all {n} SAEs', out)
+    floor = re.search(r'host floor: ([0-9.]+) ms a step .* batch 32 at most ([0-9,]+) act/s', out)
+    assert floor and float(floor[1]) > 0 and int(floor[2].replace(',', '')) == pytest.approx(32e3 / float(floor[1]), rel=0.02)
     assert len(compiled) == 2 + n  # the LM's 2 blocks, and every SAE's loss once
     # --only=machine (.ci/gpu's ceiling beside the gpu preset's run): the ceilings, no benchmark
     bench.main(['--seconds=0.01', '--only=machine'])
