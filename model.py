@@ -153,9 +153,9 @@ class GPT(nn.Module):
             return logits, None
         if targets.is_floating_point():
             per_position = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # (B, T), 0 where ignored
-            # the mean over the rows with a target, as a sum over all of them over their count: a
-            # boolean-mask index would have a shape that depends on the data, which on a GPU waits
-            # for it at every step (and breaks a compiled model's graph in two)
+            # the mean over the positions with a target: the sum over all positions (the others
+            # add 0) over their count. A boolean-mask index would take its size from the data,
+            # which on a GPU waits for the data at every step
             return logits, per_position.sum() / (targets.sum(-1) > 0).sum().clamp_min(1)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=self.config.pad_id)
