@@ -261,27 +261,34 @@ def bench_sweep(cfg, ceilings):
     flop_per_act = SAE.flops_per_activation(d_in, d_sae)
     print(f"SAE sweep at d_in {d_in}, d_sae {d_sae}, batch {B}: train.py's SWEEP, {name} matmuls, "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation per SAE (dense):")
+
+    def sweep_step(archs, batch, width, compiled):
+        """One train_step of each SAE of SWEEP's settings for `archs` (d_sae = width) on batch
+        (B, d_in), as a function: (step, the number of SAEs)."""
+        saes = []
+        for arch in archs:
+            for setting in sweep_settings(arch, batch.shape[1]):
+                sae = make_sae(arch, batch.shape[1], width, total_steps=10**6, **setting).to(cfg.device)
+                sae.matmul_dtype = dtype
+                sae.set_act_scale(batch)
+                saes.append((sae.compile_loss() if compiled else sae, sae.make_optimizer(3e-4)))
+        step_no = [0]
+
+        def step():
+            for sae, opt in saes:
+                train_step(sae, opt, batch, step_no[0], 3e-4)
+            step_no[0] += 1
+        return step, len(saes)
+
     seconds = {True: 0.0, False: 0.0}  # per batch through every SAE of the sweep: compiled, eager
     for arch in SWEEP:
-        settings = sweep_settings(arch, d_in)
-        line = f"  {arch:14s} x{len(settings)}"
+        line = f"  {arch:14s} x{len(SWEEP[arch])}"
         for compiled in (False, True):
-            saes = []
-            for setting in settings:
-                sae = make_sae(arch, d_in, d_sae, total_steps=10**6, **setting).to(cfg.device)
-                sae.matmul_dtype = dtype
-                sae.set_act_scale(x)
-                saes.append((sae.compile_loss() if compiled else sae, sae.make_optimizer(3e-4)))
-            step_no = [0]
-
-            def step():
-                for sae, opt in saes:
-                    train_step(sae, opt, x, step_no[0], 3e-4)
-                step_no[0] += 1
+            step, n_saes = sweep_step([arch], x, d_sae, compiled)
             first = first_call(step, cfg.device)  # compiles, where compiled
             per_batch = timed(step, cfg.seconds / 2, device=cfg.device, warm_up=False)
             seconds[compiled] += per_batch
-            rate = len(saes) * B * flop_per_act / per_batch / 1e9
+            rate = n_saes * B * flop_per_act / per_batch / 1e9
             line += (f" | {'compiled' if compiled else 'eager'} {rate:8.1f} GFLOP/s, {rate / ceiling:4.0%}"
                      + (f" (compiling {first:.0f}s)" if compiled else ''))
         print(line)
@@ -295,21 +302,8 @@ def bench_sweep(cfg, ceilings):
     # work is negligible, is the time a step spends in Python and in launching kernels (compiled
     # losses cost the host about as much: README). No step at the real shape can be faster
     tiny_in, tiny_sae, tiny_B = 8, 256, 16  # d_sae above TopK's largest k
-    x_tiny = torch.randn(tiny_B, tiny_in, device=cfg.device)
-    saes = []
-    for arch in SWEEP:
-        for setting in sweep_settings(arch, tiny_in):
-            sae = make_sae(arch, tiny_in, tiny_sae, total_steps=10**6, **setting).to(cfg.device)
-            sae.matmul_dtype = dtype
-            sae.set_act_scale(x_tiny)
-            saes.append((sae, sae.make_optimizer(3e-4)))
-    step_no = [0]
-
-    def tiny_step():
-        for sae, opt in saes:
-            train_step(sae, opt, x_tiny, step_no[0], 3e-4)
-        step_no[0] += 1
-    floor = timed(tiny_step, cfg.seconds / 2, device=cfg.device)
+    floor = timed(sweep_step(SWEEP, torch.randn(tiny_B, tiny_in, device=cfg.device), tiny_sae, False)[0],
+                  cfg.seconds / 2, device=cfg.device)
     cap = n * B * flop_per_act / floor / 1e9
     print(f"  host floor: {floor * 1e3:.1f} ms a step of the whole sweep, eager, at d_in {tiny_in}, d_sae "
           f"{tiny_sae}, batch {tiny_B}: at d_in {d_in}, d_sae {d_sae}, batch {B} at most {B / floor:,.0f} act/s "
