@@ -258,7 +258,7 @@ def evaluate(cfg, log=print):
 
     # baselines first, the references a run cut short most needs: the layer's MLP neurons as a
     # dictionary, and a linear probe on the residual stream
-    t_base = t = time.time()
+    t = t0
     m_train, m_test, m_unsup = ev.activations('trained', layer, 'mlp')
     t = add({'name': 'mlp_neurons', 'arch': 'mlp', 'model': 'trained', 'layer': layer, 'd_sae': m_train.shape[1],
              'l0': metrics.l0(m_unsup > 0), 'explained_variance': None, 'ce_loss_score': None,
@@ -315,7 +315,7 @@ def evaluate(cfg, log=print):
     if saes:
         log(f"eval: the {len(saes)} SAE rows' time in: " + ', '.join(f'{k} {v:.1f}s' for k, v in spent.items()))
     log(f"eval: {len(rows)} rows in {time.time() - t0:.1f}s (the baselines' {len(rows) - len(saes)} in "
-        f"{t_saes - t_base:.1f}s)")
+        f"{t_saes - t0:.1f}s)")
     return rows
 
 

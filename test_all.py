@@ -994,24 +994,21 @@ def test_lm_training_step_compiles_as_one_graph():
     y = torch.randint(0, 60, (2, 16))
     y = torch.nn.functional.one_hot(y, 61).float() * 0.5 + torch.nn.functional.one_hot((y + 1) % 60, 61) * 0.5
     y[1, 9:] = 0  # ignored rows (after the game)
+    # eager, the whole model compiled, and train.py --compile's blocks compiled one by one (last:
+    # it changes what the model's forward runs)
+    blocks = CompileCounterWithBackend('aot_eager')
+    keys = list(model.state_dict())
     losses, grads = [], []
-    for fwd in (model, torch.compile(model, backend=counter, fullgraph=True)):
+    for make in (lambda: model, lambda: torch.compile(model, backend=counter, fullgraph=True),
+                 lambda: model.compile_blocks(backend=blocks, fullgraph=True)):
+        fwd = make()
         model.zero_grad()
         loss = fwd(x, y)[1]
         loss.backward()
         losses.append(loss.detach())
         grads.append(model.wte.weight.grad.clone())
     assert counter.frame_count == 1 and shapes_from_the_data(counter) == [] and torch.isfinite(losses[0])
-    # train.py --compile: the blocks compiled one by one, one trace for all three; the same
-    # loss and gradients, the same weights saved
-    blocks = CompileCounterWithBackend('aot_eager')
-    keys = list(model.state_dict())
-    fwd = model.compile_blocks(backend=blocks, fullgraph=True)
-    model.zero_grad()
-    loss = fwd(x, y)[1]
-    loss.backward()
-    losses.append(loss.detach())
-    grads.append(model.wte.weight.grad.clone())
+    # one trace for all three blocks, and the same weights saved
     assert blocks.frame_count == 1 and len(model.blocks) == 3 and list(model.state_dict()) == keys
     for i in (1, 2):
         torch.testing.assert_close(losses[i], losses[0], rtol=1e-5, atol=1e-6)
