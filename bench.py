@@ -27,10 +27,12 @@ work, as a fraction of the fp32 ceiling (or bf16's, for bf16 autocast):
   metrics  coverage + board reconstruction, 4096 features x 20,000 positions x 768 elements
 On a GPU (--device=cuda) the LM and the SAEs are timed as the gpu preset trains them, against the
 bf16 ceiling (where the GPU has bf16 units): the LM in bf16 autocast, eager and torch.compile'd;
-the whole SAE sweep of train.py (SWEEP: 21 SAEs), bf16 matmuls, each architecture's 3 SAEs eager
-and with compiled losses (sae.SAE.compile_loss), then the sweep as one figure (the sum of the
-architectures' times per batch). The first compiled step's time (tracing and compiling) is shown
-beside it and left out of the rate. Last, the host floor: the whole sweep at a tiny shape, where
+the whole SAE sweep of train.py (SWEEP: 21 SAEs), bf16 matmuls, each architecture's 3 SAEs eager,
+with compiled losses (sae.SAE.compile_loss), and with compiled losses run as CUDA graphs (train.py
+--sae_cuda_graphs), then the sweep as one figure in each way (the sum of the architectures' times
+per batch), and how many compiled losses CUDA graphs could not take. The first compiled step's
+time (tracing and compiling; with graphs, the second's too, which records them) is shown beside it
+and left out of the rate. Last, the host floor: the whole sweep at a tiny shape, where
 the device's work is negligible, is the time a step spends in Python and kernel launches, and
 caps the sweep's rate at the real shape.
 """
@@ -262,47 +264,59 @@ def bench_sweep(cfg, ceilings):
     print(f"SAE sweep at d_in {d_in}, d_sae {d_sae}, batch {B}: train.py's SWEEP, {name} matmuls, "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation per SAE (dense):")
 
-    def sweep_step(archs, batch, width, compiled):
+    def sweep_step(archs, batch, width, mode):
         """One train_step of each SAE of SWEEP's settings for `archs` (d_sae = width) on batch
-        (B, d_in), as a function: (step, the number of SAEs)."""
+        (B, d_in), as a function: (step, the number of SAEs). mode: eager, compiled (compiled
+        losses) or graphs (compiled losses run as CUDA graphs, as train.py --sae_cuda_graphs)."""
         saes = []
         for arch in archs:
             for setting in sweep_settings(arch, batch.shape[1]):
                 sae = make_sae(arch, batch.shape[1], width, total_steps=10**6, **setting).to(cfg.device)
                 sae.matmul_dtype = dtype
                 sae.set_act_scale(batch)
-                saes.append((sae.compile_loss() if compiled else sae, sae.make_optimizer(3e-4)))
+                if mode != 'eager':
+                    sae.compile_loss(cuda_graphs=mode == 'graphs')
+                saes.append((sae, sae.make_optimizer(3e-4)))
         step_no = [0]
 
         def step():
+            if mode == 'graphs':  # one sequence of graphs a step, as train.py's sweep
+                torch.compiler.cudagraph_mark_step_begin()
             for sae, opt in saes:
                 train_step(sae, opt, batch, step_no[0], 3e-4)
             step_no[0] += 1
         return step, len(saes)
 
-    seconds = {True: 0.0, False: 0.0}  # per batch through every SAE of the sweep: compiled, eager
+    modes = ('eager', 'compiled', 'graphs')
+    seconds = dict.fromkeys(modes, 0.0)  # per batch through every SAE of the sweep, in each mode
     for arch in SWEEP:
         line = f"  {arch:14s} x{len(SWEEP[arch])}"
-        for compiled in (False, True):
-            step, n_saes = sweep_step([arch], x, d_sae, compiled)
+        for mode in modes:
+            step, n_saes = sweep_step([arch], x, d_sae, mode)
             first = first_call(step, cfg.device)  # compiles, where compiled
+            if mode == 'graphs':  # its second step records the graphs: not timed either
+                first += first_call(step, cfg.device)
             per_batch = timed(step, cfg.seconds / 2, device=cfg.device, warm_up=False)
-            seconds[compiled] += per_batch
+            seconds[mode] += per_batch
             rate = n_saes * B * flop_per_act / per_batch / 1e9
-            line += (f" | {'compiled' if compiled else 'eager'} {rate:8.1f} GFLOP/s, {rate / ceiling:4.0%}"
-                     + (f" (compiling {first:.0f}s)" if compiled else ''))
+            line += (f" | {mode} {rate:8.1f} GFLOP/s, {rate / ceiling:4.0%}"
+                     + (f" (compiling {first:.0f}s)" if mode != 'eager' else ''))
         print(line)
     n = sum(len(s) for s in SWEEP.values())
-    for compiled in (True, False):
-        rate = B / seconds[compiled]
-        print(f"  the whole sweep, {'compiled' if compiled else 'eager'}: {rate:,.0f} act/s through all {n} SAEs "
+    for mode in ('graphs', 'compiled', 'eager'):
+        rate = B / seconds[mode]
+        print(f"  the whole sweep, {mode}: {rate:,.0f} act/s through all {n} SAEs "
               f"({rate * n / 1e6:.2f}M SAE-act/s) = {rate * n * flop_per_act / 1e9:.1f} GFLOP/s, "
               f"{rate * n * flop_per_act / 1e9 / ceiling:.0%} of the {SHORT[name]} matmul ceiling")
+    # a compiled loss that CUDA graphs could not take runs without them, and says so only in
+    # torch's log: the count makes it visible here
+    skips = torch._dynamo.utils.counters['inductor']['cudagraph_skips']
+    print(f"  CUDA graphs skipped (torch's count): {skips}")
     # the host's share of a step: the whole sweep, eager, at a shape so small that the device's
     # work is negligible, is the time a step spends in Python and in launching kernels (compiled
     # losses cost the host about as much: README). No step at the real shape can be faster
     tiny_in, tiny_sae, tiny_B = 8, 256, 16  # d_sae above TopK's largest k
-    floor = timed(sweep_step(SWEEP, torch.randn(tiny_B, tiny_in, device=cfg.device), tiny_sae, False)[0],
+    floor = timed(sweep_step(SWEEP, torch.randn(tiny_B, tiny_in, device=cfg.device), tiny_sae, 'eager')[0],
                   cfg.seconds / 2, device=cfg.device)
     cap = n * B * flop_per_act / floor / 1e9
     print(f"  host floor: {floor * 1e3:.1f} ms a step of the whole sweep, eager, at d_in {tiny_in}, d_sae "

@@ -179,6 +179,7 @@ class SAE(nn.Module):
 
     matmul_dtype = torch.float32  # train.py sets torch.bfloat16 where it measured bf16 the faster
     loss_compiled = False          # compile_loss() sets it
+    loss_graphed = False           # compile_loss(cuda_graphs=True) sets it
 
     def _scalar(self, name, value):
         # `value` in the 0-dim tensor kept as attribute `name` on the SAE's device, filled in place:
@@ -199,12 +200,21 @@ class SAE(nn.Module):
         gate), not counted."""
         return 10 * d_in * d_sae
 
-    def compile_loss(self, **options):
+    def compile_loss(self, cuda_graphs=False, **options):
         """Compile _loss, the tensor work of a training loss, with torch.compile(**options): its
         forward and backward are traced once per architecture (TopK's k: below), and on a GPU
         the elementwise work around the matmuls fuses into a few kernels. loss(), train_step
         and saving are unchanged. Returns self. (train.py --sae_compile; the gpu presets turn
-        it on.)"""
+        it on.)
+        cuda_graphs=True (a GPU; train.py --sae_cuda_graphs): the compiled forward and backward
+        also run as CUDA graphs (torch.compile's mode='reduce-overhead'): the host launches one
+        graph where it launched every kernel, so a step's host time no longer caps the GPU.
+        Two rules come with it. A graph writes its outputs to the same memory every time it runs,
+        so loss() returns its stats copied out of it. And whoever trains several SAEs calls
+        torch.compiler.cudagraph_mark_step_begin() once before each step of them all (train.py's
+        sweep, bench.py): SAEs of one architecture share one compiled loss, and the mark makes
+        the step one sequence of graphs, each SAE's forward and backward recorded at its place in
+        it, rather than the shared graph re-recorded for each SAE's parameters."""
         # every architecture traces the base class's _loss: one cached trace per class, more
         # than torch's default limit of traces for one function allows
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -212,8 +222,10 @@ class SAE(nn.Module):
         # this, the second k's trace takes k as a symbol and every later k reuses it (the sweep:
         # 9 traces, not 11, and 10-15% less time compiling them on a 2-core CPU)
         torch._dynamo.config.allow_unspec_int_on_nn_module = True
+        if cuda_graphs:
+            options['mode'] = 'reduce-overhead'
         self._loss = torch.compile(self._loss, **options)
-        self.loss_compiled = True
+        self.loss_compiled, self.loss_graphed = True, cuda_graphs
         return self
 
     def _matmul(self, bias, a, W):
@@ -288,6 +300,8 @@ class SAE(nn.Module):
         if self.loss_compiled:  # the coefficient as _loss takes it (_coef_now)
             self._scalar('_coef_tensor', self.coef)
         loss, stats = self._loss(x)
+        if self.loss_graphed:  # out of the graph's memory, which its next run overwrites: one copy
+            stats = dict(zip(stats, torch.stack(list(stats.values())).unbind()))
         return loss, dict(stats, p=float(self.p), coef=float(self.coef))
 
     def _loss(self, x):
@@ -457,8 +471,9 @@ class PAnnealing:
         elif self.loss_compiled:
             self._history_p = as_arg('_history_p_tensor', self.p)
         loss, stats = super().loss(x, step)
-        if keep:  # host-side state, appended outside the tensor work
-            self.lp_history.append(self._lp_pair)
+        if keep:  # host-side state, appended outside the tensor work; a copy (one small kernel),
+            # as a CUDA graph's outputs are overwritten at its next run (SAE.compile_loss)
+            self.lp_history.append(tuple(torch.stack(self._lp_pair).unbind()))
         return loss, stats
 
     def _penalty(self, acts):

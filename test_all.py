@@ -2756,12 +2756,16 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
 
 def compile_with_dynamo_eager(monkeypatch):
     """torch.compile with dynamo's plain 'eager' backend whatever the caller asks (traced as for
-    the GPU's compiler, run op by op: no compiler needed). Returns the list of functions compiled."""
+    the GPU's compiler, run op by op: no compiler needed). Returns the list of the functions
+    compiled, each with the options asked for: [(fn, {option: value})]."""
     compiled, compile_ = [], torch.compile
-    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn) or compile_(fn, backend='eager'))
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append((fn, kw)) or compile_(fn, backend='eager'))
     return compiled
 
 
+# the CUDA-graph variant's step marks (torch.compiler.cudagraph_mark_step_begin) import torch's
+# inductor, whose import warns of torch.jit's deprecation: torch's own warning, not this project's
+@pytest.mark.filterwarnings('ignore:`torch.jit.script_method` is deprecated:DeprecationWarning')
 def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     # bench.py --device=cuda's branches (the compiled LM, the whole compiled sweep), run here on
     # the CPU at small shapes with dynamo's plain 'eager' backend standing in for the GPU's
@@ -2775,12 +2779,16 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert re.search(r'float32 compiled +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling \(first step, compiling', out)
     for arch, settings in TR.SWEEP.items():
-        assert re.search(rf'{arch} +x{len(settings)} \| eager .*% \| compiled .*% \(compiling', out), arch
+        assert re.search(rf'{arch} +x{len(settings)} \| eager .*% \| compiled .*% \(compiling .*\| graphs .*% \(compiling', out), arch
     n = sum(len(s) for s in TR.SWEEP.values())
-    assert re.search(rf'the whole sweep, compiled: [0-9,]+ act/s through all {n} SAEs', out)
+    for mode in ('graphs', 'compiled', 'eager'):
+        assert re.search(rf'the whole sweep, {mode}: [0-9,]+ act/s through all {n} SAEs', out), mode
+    assert re.search(r'CUDA graphs skipped \(torch.s count\): 0', out)
     floor = re.search(r'host floor: ([0-9.]+) ms a step .* batch 32 at most ([0-9,]+) act/s', out)
     assert floor and float(floor[1]) > 0 and int(floor[2].replace(',', '')) == pytest.approx(32e3 / float(floor[1]), rel=0.02)
-    assert len(compiled) == 2 + n  # the LM's 2 blocks, and every SAE's loss once
+    # the LM's 2 blocks, then each architecture's SAEs' losses compiled, and again with CUDA graphs
+    want = [None] * 2 + sum(([None] * len(s) + ['reduce-overhead'] * len(s) for s in TR.SWEEP.values()), [])
+    assert [kw.get('mode') for fn, kw in compiled] == want
     # --only=machine (.ci/gpu's ceiling beside the gpu preset's run): the ceilings, no benchmark
     bench.main(['--seconds=0.01', '--only=machine'])
     lines = capsys.readouterr().out.splitlines()
@@ -2803,11 +2811,18 @@ def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatc
     sae = S.load(f'{tmp_path}/out/othello/saes/standard_coef0.8.pt', 'othello')
     assert sae.matmul_dtype == torch.float32 and all(p.dtype == torch.float32 for p in sae.parameters())
     # --sae_compile compiles each SAE's loss (here with dynamo's plain 'eager' backend: traced as
-    # for the GPU's compiler, run op by op; test_compiled_loss_... checks the traces) and trains on it
+    # for the GPU's compiler, run op by op; test_compiled_loss_... checks the traces) and trains on
+    # it. With --sae_cuda_graphs (a GPU only: refused here, so set after the checks) the losses are
+    # compiled for CUDA graphs, and each step of the sweep is marked once, before its SAEs
     compiled = compile_with_dynamo_eager(monkeypatch)
-    TR.main(['--game=othello', '--preset=tiny', '--stage=sae', '--sae_archs=topk', '--sae_steps=3',
-             '--control=none', '--sae_compile', *dirs])
-    assert [type(fn.__self__).__name__ for fn in compiled] == ['TopKSAE'] * 3
+    events = []
+    monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: events.append('mark'))
+    monkeypatch.setattr(TR, 'train_step', lambda sae, *a: events.append('step') or S.train_step(sae, *a))
+    cfg = TR.build_config(['--game=othello', '--preset=tiny', '--sae_archs=topk', '--sae_steps=3', '--control=none',
+                           '--dtype=float32', '--sae_compile', *dirs])
+    TR.train_saes(dataclasses.replace(cfg, sae_cuda_graphs=True), log=lambda _: None)
+    assert [(type(fn.__self__).__name__, kw) for fn, kw in compiled] == [('TopKSAE', {'mode': 'reduce-overhead'})] * 3
+    assert events == (['mark'] + ['step'] * 3) * 3
     sae = S.load(f'{tmp_path}/out/othello/saes/topk_k40.pt', 'othello')
     assert sae.meta['train_config']['sae_compile'] and math.isfinite(sae.meta['final']['explained_variance'])
 
@@ -2968,6 +2983,7 @@ def assert_one_line(err, *needles):
     (TR.main, ['--device=cuda:99'], '--device=cuda:99'),  # no machine has 100 GPUs
     (TR.main, ['--device=tpu'], '--device=tpu'),
     (TR.main, ['--dtype=float16'], '--dtype=float16'),
+    (TR.main, ['--sae_cuda_graphs', '--sae_compile'], '--sae_cuda_graphs needs a CUDA GPU'),  # a CPU here
     (bench.main, ['--device=tpu'], '--device=tpu'),
     (D.main, ['--n_games=-5'], '--n_games=-5'),
     (D.main, ['--n_val=-3'], '--n_val=-3'),

@@ -100,6 +100,9 @@ class TrainConfig:
     sae_compile: bool = False   # torch.compile each SAE's loss (sae.SAE.compile_loss; on in the gpu presets:
                                 # on a GPU it fuses the elementwise work of a step; on a CPU it is slower
                                 # for TopK, and costs seconds of compiling per architecture)
+    sae_cuda_graphs: bool = False  # with --sae_compile on CUDA: the compiled losses also run as CUDA graphs
+                                # (sae.SAE.compile_loss), one launch per graph where the host launched
+                                # every kernel; off by default until a GPU measures it (bench.py --device=cuda)
     control: str = 'one'        # random-init control: one (per arch, middle setting) | sweep | none
 
 
@@ -176,6 +179,9 @@ def build_config(argv):
         raise D.UserError(f"unknown --optimizer {cfg.optimizer!r}: use adamw or muon")
     if cfg.control not in ('one', 'sweep', 'none'):
         raise D.UserError(f"unknown --control {cfg.control!r}: use one, sweep or none")
+    if cfg.sae_cuda_graphs and not (cfg.sae_compile and device.startswith('cuda')):
+        raise D.UserError(f"--sae_cuda_graphs needs a CUDA GPU and --sae_compile (here --device={device}, "
+                          f"--sae_compile={cfg.sae_compile}): drop --sae_cuda_graphs")
     sae_archs(cfg)
     positive, non_negative = D.POSITIVE, D.NON_NEGATIVE
     D.check_options(cfg, 'train.py', {
@@ -627,7 +633,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     for sae in saes.values():
         sae.matmul_dtype = torch.bfloat16 if cfg.dtype == 'bfloat16' else torch.float32
         if cfg.sae_compile:  # traced at its first step, once per architecture, TopK's k aside (the control reuses the traces)
-            sae.compile_loss()
+            sae.compile_loss(cuda_graphs=cfg.sae_cuda_graphs)
     log(f"sae: {len(saes)} SAEs" + (f" (this process's share of {len(sweep)})" if world > 1 else "") +
         f", d_in {d_in} -> d_sae {d_sae}, layer {layer}, {n_steps} steps x {cfg.sae_batch} activations, "
         f"into {out_dir}/" + (f" (at most {cfg.sae_minutes:g} min)" if fit_to_budget else ""))
@@ -638,6 +644,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         x = first if step == 0 else next(stream)
         # linear warm-up, constant, then linear decay over the last 20% of steps
         lr = cfg.sae_lr * min(1.0, (step + 1) / cfg.sae_warmup, 5 * (1 - step / n_steps))
+        if cfg.sae_cuda_graphs:  # the step of every SAE is one sequence of graphs (sae.SAE.compile_loss)
+            torch.compiler.cudagraph_mark_step_begin()
         for name, sae in saes.items():
             t = time.perf_counter()
             window[name].append(train_step(sae, optimizers[name], x, step, lr)['mse'])  # a tensor: read when logged
@@ -735,7 +743,7 @@ def sweep_checkpoint(cfg):
 def sweep_options(cfg):
     """The options a resumed sweep must share with the one it continues."""
     return {k: v for k, v in dataclasses.asdict(cfg).items()
-            if (k.startswith('sae_') and k not in ('sae_ckpt_minutes', 'sae_compile')) or k in ('game', 'seed', 'layer', 'anneal_start', 'control')}
+            if (k.startswith('sae_') and k not in ('sae_ckpt_minutes', 'sae_compile', 'sae_cuda_graphs')) or k in ('game', 'seed', 'layer', 'anneal_start', 'control')}
 
 
 def train_saes(cfg, log=print):
