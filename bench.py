@@ -46,7 +46,7 @@ import torch
 import data as D
 import metrics
 from model import GPT, GPTConfig, choose_precision, wait_for
-from sae import ARCHS, SAE, make_sae, train_step
+from sae import ARCHS, SAE, make_optimizer, make_sae, train_step
 
 
 @dataclass
@@ -238,7 +238,7 @@ def bench_sae(cfg, ceilings):
             sae = make_sae(arch, d_in, d_sae, total_steps=10**6, **kw).to(cfg.device)
             sae.matmul_dtype = getattr(torch, dtype)
             sae.set_act_scale(x)
-            opt = sae.make_optimizer(3e-4)  # as train.py (JumpReLU: its own threshold lr)
+            opt = make_optimizer(sae, 3e-4)  # as train.py (JumpReLU: its own threshold lr)
             step_no = [0]
 
             def step():
@@ -276,14 +276,14 @@ def bench_sweep(cfg, ceilings):
                 sae.set_act_scale(batch)
                 if mode != 'eager':
                     sae.compile_loss(cuda_graphs=mode == 'graphs')
-                saes.append((sae, sae.make_optimizer(3e-4)))
+                saes.append(sae)
+        opt = make_optimizer(saes, 3e-4)  # one for all, as train.py's sweep
         step_no = [0]
 
         def step():
             if mode == 'graphs':  # one sequence of graphs a step, as train.py's sweep
                 torch.compiler.cudagraph_mark_step_begin()
-            for sae, opt in saes:
-                train_step(sae, opt, batch, step_no[0], 3e-4)
+            train_step(saes, opt, batch, step_no[0], 3e-4)
             step_no[0] += 1
         return step, len(saes)
 

@@ -199,9 +199,10 @@ def file_digest(path):
     return h.hexdigest()[:16]
 
 
-def load_file(path, kind, hint):
+def load_file(path, kind, hint, version=FORMAT_VERSION):
     """torch.load a plain-data file (weights_only: no pickled code runs) and check its format tag.
-    `kind` is the expected 'format' field; `hint` the command that (re)makes the file."""
+    `kind` is the expected 'format' field, `version` the 'version' field; `hint` the command that
+    (re)makes the file."""
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `{hint}`")
     try:
@@ -210,8 +211,8 @@ def load_file(path, kind, hint):
         raise UserError(f"{path} is corrupt or not a boardgame-saes file: delete it and run `{hint}`") from None
     if not isinstance(obj, dict) or obj.get('format') != kind:
         raise UserError(f"{path} is not a {kind} file: run `{hint}`")
-    if obj.get('version') != FORMAT_VERSION:
-        raise UserError(f"{path} has format version {obj.get('version')}, this code reads {FORMAT_VERSION}: run `{hint}`")
+    if obj.get('version') != version:
+        raise UserError(f"{path} has format version {obj.get('version')}, this code reads {version}: run `{hint}`")
     return obj
 
 

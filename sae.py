@@ -44,7 +44,8 @@ Conventions shared by every architecture:
   fp32 at once; parameters, optimiser state, every other operation and the loss stay fp32
   (TopK's sparse decode is a gather, not a matmul: fp32 too). Loaded SAEs compute in fp32.
 - Training step: loss.backward(); sae.before_optimizer_step(); opt.step();
-  sae.after_optimizer_step(step): `train_step` below, the one place it is written.
+  sae.after_optimizer_step(step): `train_step` below, the one place it is written. It also
+  steps several SAEs on one batch with one optimiser over them all (make_optimizer): the sweep.
 """
 
 import math
@@ -129,13 +130,6 @@ class SAE(nn.Module):
     def lr_scales(self):
         """[(parameters, lr scale)]: every parameter at the base rate (JumpReLU's thresholds differ)."""
         return [(list(self.parameters()), 1.0)]
-
-    def make_optimizer(self, lr):
-        """Adam over this SAE's parameters, a group per entry of lr_scales(). Each group carries
-        'lr_scale': a schedule sets a group's lr to lr * lr_scale."""
-        # on a GPU one fused kernel updates every parameter (make the optimizer after .to(device))
-        return torch.optim.Adam([{'params': params, 'lr': lr * scale, 'lr_scale': scale}
-                                 for params, scale in self.lr_scales()], lr=lr, fused=self.W_enc.is_cuda)
 
     # --- normalisation ---
 
@@ -823,20 +817,44 @@ def load(path, game=None):
 # ----------------------------------------------------------------------------------------------
 # training: the one SAE training step (train.py's sweep, bench.py and the tests all call it)
 
-def train_step(sae, optimizer, x, step, lr):
-    """One optimiser step of `sae` on RAW activations x (B, d_in) at learning rate `lr` (each
-    parameter group gets lr * its 'lr_scale', see make_optimizer). Returns the stats dict.
-    The order matters: the decoder-norm gradient projection before the optimiser step, the
-    renormalisation and any p-annealing update after it."""
+def make_optimizer(saes, lr):
+    """One Adam over the parameters of `saes` (an SAE, or a list of SAEs that train_step trains
+    together), a group per lr scale of their lr_scales() (JumpReLU's thresholds have their own).
+    Each group carries 'lr_scale': train_step sets its lr to lr * lr_scale. Adam updates every
+    parameter on its own, so SAEs sharing one optimizer train exactly as with one each (a test
+    holds them bit for bit to that); shared, the sweep's optimiser step is one call, not one
+    per SAE, which saves the host most of the optimiser's time a step (README)."""
+    saes = [saes] if isinstance(saes, SAE) else list(saes)
+    groups = {}  # lr scale -> the parameters at it, in the SAEs' order
+    for sae in saes:
+        for params, scale in sae.lr_scales():
+            groups.setdefault(scale, []).extend(params)
+    # on a GPU one fused kernel updates every parameter (make the optimizer after .to(device))
+    return torch.optim.Adam([{'params': params, 'lr': lr * scale, 'lr_scale': scale}
+                             for scale, params in groups.items()], lr=lr, fused=saes[0].W_enc.is_cuda)
+
+
+def train_step(saes, optimizer, x, step, lr):
+    """One optimiser step of each SAE of `saes` (an SAE, or a list sharing `optimizer`, from
+    make_optimizer) on the same RAW activations x (B, d_in) at learning rate `lr` (each
+    parameter group at lr * its 'lr_scale'). Returns the SAE's stats dict (a list: theirs).
+    The order matters: an SAE's decoder-norm gradient projection after its backward and before
+    the optimiser step, the renormalisation and any p-annealing update after it."""
+    one = isinstance(saes, SAE)
+    saes = [saes] if one else saes
     for group in optimizer.param_groups:
         group['lr'] = lr * group['lr_scale']
-    loss, stats = sae.loss(x, step)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    sae.before_optimizer_step()
+    stats = []
+    for sae in saes:  # one SAE's forward and backward at a time: one SAE's activations in memory
+        loss, sae_stats = sae.loss(x, step)
+        loss.backward()
+        sae.before_optimizer_step()
+        stats.append(sae_stats)
     optimizer.step()
-    sae.after_optimizer_step(step)
-    return stats
+    for sae in saes:
+        sae.after_optimizer_step(step)
+    return stats[0] if one else stats
 
 
 def train_sae(sae, batches, lr=3e-4, warmup_steps=1000, total_steps=None):
@@ -844,7 +862,7 @@ def train_sae(sae, batches, lr=3e-4, warmup_steps=1000, total_steps=None):
     total_steps steps (default sae.cfg['total_steps'], else until batches run out).
     Returns the list of per-step stats dicts."""
     total_steps = total_steps if total_steps is not None else sae.cfg['total_steps']
-    optimizer = sae.make_optimizer(lr)
+    optimizer = make_optimizer(sae, lr)
     warmup = max(1, warmup_steps)
     sae.train()
     history = []

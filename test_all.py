@@ -1255,8 +1255,9 @@ def test_sweep_coefficients_scale_with_the_width_by_the_penalty_s_rule():
 
 def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, capsys):
     import train as TR
-    # a fake clock: one second passes with every optimiser step (the LM's and each SAE's), none
-    # otherwise, whatever the machine; and each SAE's loss "compiles" for 20 s at its first call
+    # a fake clock: one second passes with every optimiser step of the LM and every SAE's loss
+    # (the sweep's SAEs share one optimiser step), none otherwise, whatever the machine; and each
+    # SAE's loss "compiles" for 20 s at its first call
     t = [1000.0]
     monkeypatch.setattr(TR, 'now', lambda: t[0])
 
@@ -1264,9 +1265,8 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
         loss, first = sae._loss, [True]
 
         def first_call_compiles(*args):
-            if first[0]:
-                t[0] += 20.0
-                first[0] = False
+            t[0] += 20.0 * first[0] + 1.0
+            first[0] = False
             return loss(*args)
         sae._loss, sae.loss_compiled = first_call_compiles, True
         return sae
@@ -1275,7 +1275,7 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
             '--sae_minutes=8', '--sae_archs=p_anneal', '--sae_compile', '--workers=1',
             f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    handle = register_optimizer_step_post_hook(lambda *_: t.__setitem__(0, t[0] + 1.0))
+    handle = register_optimizer_step_post_hook(lambda opt, *_: type(opt) is torch.optim.AdamW and t.__setitem__(0, t[0] + 1.0))
     try:
         TR.main(args)
     finally:
@@ -1555,7 +1555,7 @@ def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch,
     def from_the_host(*args, **kwargs):
         raise AssertionError('torch.tensor in a compiled step: on a GPU, a copy that waits for it')
     for sae in (eager, compiled):
-        opt = sae.make_optimizer(1e-2)
+        opt = S.make_optimizer(sae, 1e-2)
         runs[sae] = [S.train_step(sae, opt, batches[0], 0, 1e-2)]
         with monkeypatch.context() as m:
             if sae is compiled:  # after the first step nothing makes a tensor from host values
@@ -1567,7 +1567,7 @@ def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch,
     again = S.make_sae(arch, D_IN, D_SAE, **kw, **({} if 'topk' in arch else {'coef': 2.5}))
     again.set_act_scale(raw_batch())
     again.train().compile_loss(backend=counter, fullgraph=True)
-    S.train_step(again, again.make_optimizer(1e-2), batches[0], 0, 1e-2)
+    S.train_step(again, S.make_optimizer(again, 1e-2), batches[0], 0, 1e-2)
     assert counter.frame_count == 1
     if 'topk' in arch:  # a second k is traced with k as a symbol, which every later k reuses
         for k, traces in ((2, 2), (5, 2), (3, 2)):
@@ -1577,7 +1577,7 @@ def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch,
                 sae = S.make_sae(arch, D_IN, D_SAE, **dict(kw, k=k)).train()
                 sae.set_act_scale(raw_batch())
                 sae = sae.compile_loss(backend=counter, fullgraph=True) if compile_it else sae
-                opt = sae.make_optimizer(1e-2)
+                opt = S.make_optimizer(sae, 1e-2)
                 steps = [S.train_step(sae, opt, b, s, 1e-2) for s, b in enumerate(batches[:3])]
                 twins.append([float(st[key]) for st in steps for key in ('loss', 'l0')])
             assert counter.frame_count == traces, k
@@ -1809,12 +1809,42 @@ def test_jumprelu_threshold_learns_through_ste():
 
 def test_jumprelu_thresholds_get_their_own_learning_rate():
     sae = small_sae('jumprelu', threshold_lr_scale=10.0)
-    opt = sae.make_optimizer(1e-3)
+    opt = S.make_optimizer(sae, 1e-3)
     lrs = {id(p): g['lr'] for g in opt.param_groups for p in g['params']}
     assert lrs[id(sae.log_threshold)] == pytest.approx(1e-2) and lrs[id(sae.W_enc)] == pytest.approx(1e-3)
     assert sum(len(g['params']) for g in opt.param_groups) == len(list(sae.parameters()))
-    std = small_sae('standard').make_optimizer(1e-3)
+    std = S.make_optimizer(small_sae('standard'), 1e-3)
     assert [g['lr_scale'] for g in std.param_groups] == [1.0]
+
+
+def test_saes_sharing_one_optimizer_train_as_with_one_each():
+    # train.py's sweep steps all its SAEs with one Adam (one call a step, not one per SAE): Adam
+    # updates each parameter on its own, so each SAE must end bit for bit where it ends alone, with
+    # JumpReLU's second lr group, p-annealing's updates and rescales, and TopK's dead latents
+    archs = ('standard', 'jumprelu', 'p_anneal', 'topk', 'gated')
+
+    def made():
+        torch.manual_seed(0)
+        saes = [small_sae(arch, total_steps=12, anneal_start=2, n_anneal_steps=4) if arch == 'p_anneal'
+                else small_sae(arch, **({'dead_tokens': 32} if arch == 'topk' else {})) for arch in archs]
+        for sae in saes:
+            sae.set_act_scale(raw_batch())
+        return saes
+    alone, shared = made(), made()
+    optimizers = [S.make_optimizer(sae, 1e-2) for sae in alone]
+    optimizer = S.make_optimizer(shared, 1e-2)
+    assert [g['lr_scale'] for g in optimizer.param_groups] == [1.0, 10.0]  # JumpReLU's thresholds apart
+    for step in range(12):
+        x, lr = raw_batch(seed=step), 1e-2 * min(1.0, (step + 1) / 3)
+        want = [S.train_step(sae, opt, x, step, lr) for sae, opt in zip(alone, optimizers)]
+        got = S.train_step(shared, optimizer, x, step, lr)
+        assert [float(w['loss']) for w in want] == [float(g['loss']) for g in got]
+    for a, b in zip(alone, shared):
+        assert a.p == b.p and a.coef == b.coef
+        for k, v in a.state_dict().items():
+            assert torch.equal(b.state_dict()[k], v), (a.arch, k)
+    assert shared[2].n_anneal_done == 4 and shared[2].p < 1  # the schedule ran
+    assert int(shared[3].tokens_since_fired.max()) >= 32  # some TopK latent went dead: its aux loss trained
 
 
 def test_batch_topk_threshold_is_the_ema_of_the_smallest_kept_value():
@@ -2813,16 +2843,16 @@ def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatc
     # --sae_compile compiles each SAE's loss (here with dynamo's plain 'eager' backend: traced as
     # for the GPU's compiler, run op by op; test_compiled_loss_... checks the traces) and trains on
     # it. With --sae_cuda_graphs (a GPU only: refused here, so set after the checks) the losses are
-    # compiled for CUDA graphs, and each step of the sweep is marked once, before its SAEs
+    # compiled for CUDA graphs, and each step of the sweep is marked once, before its SAEs' step
     compiled = compile_with_dynamo_eager(monkeypatch)
     events = []
     monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: events.append('mark'))
-    monkeypatch.setattr(TR, 'train_step', lambda sae, *a: events.append('step') or S.train_step(sae, *a))
+    monkeypatch.setattr(TR, 'train_step', lambda saes, *a: events.append(len(saes)) or S.train_step(saes, *a))
     cfg = TR.build_config(['--game=othello', '--preset=tiny', '--sae_archs=topk', '--sae_steps=3', '--control=none',
                            '--dtype=float32', '--sae_compile', *dirs])
     TR.train_saes(dataclasses.replace(cfg, sae_cuda_graphs=True), log=lambda _: None)
     assert [(type(fn.__self__).__name__, kw) for fn, kw in compiled] == [('TopKSAE', {'mode': 'reduce-overhead'})] * 3
-    assert events == (['mark'] + ['step'] * 3) * 3
+    assert events == ['mark', 3] * 3  # 3 steps, each of the 3 SAEs together
     sae = S.load(f'{tmp_path}/out/othello/saes/topk_k40.pt', 'othello')
     assert sae.meta['train_config']['sae_compile'] and math.isfinite(sae.meta['final']['explained_variance'])
 
@@ -3042,7 +3072,7 @@ def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
     dirs = [f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
     out = tiny_out / 'out' / 'othello'
     cfg = TR.build_config(['--preset=tiny', '--stage=sae', *dirs])
-    saved = {'format': TR.SWEEP_FORMAT, 'version': D.FORMAT_VERSION, 'part': 'saes', 'done': None, 'state': {},
+    saved = {'format': TR.SWEEP_FORMAT, 'version': TR.SWEEP_VERSION, 'part': 'saes', 'done': None, 'state': {},
              'model_sha256': D.file_digest(str(out / 'model.pt')), 'options': TR.sweep_options(cfg)}
     D.atomic_save(saved, str(out / 'sae_sweep.pt'))
     before = files_under(tiny_out)
@@ -3056,6 +3086,11 @@ def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
         code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
         assert code == 2
         assert_one_line(err, 'a sweep on another', 'model.pt')
+        # a checkpoint of the code before one optimiser served the whole sweep (an optimizer per SAE)
+        D.atomic_save({**saved, 'version': 1}, str(out / 'sae_sweep.pt'))
+        code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
+        assert code == 2
+        assert_one_line(err, 'sae_sweep.pt has format version 1, this code reads 2', 'python train.py --game othello --stage sae')
         os.rename(out / 'sae_sweep.pt', out / 'sae_sweep.0of2.pt')  # the checkpoint of rank 0 of 2
         code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
         assert code == 2

@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as D
 import metrics
 from model import GPT, GPTConfig, choose_device, choose_precision, load_checkpoint, save_checkpoint, wait_for
-from sae import ARCHS, SAE, from_dict as sae_from_dict, make_sae, save as save_sae, to_dict as sae_to_dict, train_step
+from sae import (ARCHS, SAE, from_dict as sae_from_dict, make_optimizer, make_sae, save as save_sae,
+                 to_dict as sae_to_dict, train_step)
 
 
 @dataclass
@@ -596,7 +597,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     model.eval()
     held_out = next(ActivationStream(model, val_tokens, layer, pad_id,
                                      dataclasses.replace(cfg, sae_batch=8192, sae_buffer=8192), cfg.seed + 1))
-    saes, optimizers = {}, {}
+    saes = {}
     mine = list(enumerate(sweep))[rank::world]
     if resume is None:
         stream = ActivationStream(model, tokens, layer, pad_id, cfg, cfg.seed)
@@ -614,8 +615,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             sae.set_act_scale(first)
             sae.init_b_dec(first)
             saes[sae_name(arch, setting)] = sae.train()
-            optimizers[sae_name(arch, setting)] = sae.make_optimizer(cfg.sae_lr)
-        seconds = dict.fromkeys(saes, 0.0)
+        optimizer = make_optimizer(saes.values(), cfg.sae_lr) if saes else None  # one for all (sae.make_optimizer)
+        seconds = 0.0  # the steps' time (on a GPU only the launches: replaced below)
         window = {name: [] for name in saes}
         history = {name: [] for name in saes}
         step = 0
@@ -624,8 +625,9 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         fit_to_budget, n_steps, step = resume['fit_to_budget'], resume['n_steps'], resume['step']
         for name, saved in resume['saes'].items():
             saes[name] = sae_from_dict(saved, cfg.device).train()
-            optimizers[name] = saes[name].make_optimizer(cfg.sae_lr)
-            optimizers[name].load_state_dict(resume['optimizers'][name])
+        optimizer = make_optimizer(saes.values(), cfg.sae_lr) if saes else None  # the SAEs in their saved order
+        if optimizer:
+            optimizer.load_state_dict(resume['optimizer'])
         seconds, window, history = resume['seconds'], resume['window'], resume['history']
         log(f"sae: resuming {len(saes)} SAEs at step {step} of {n_steps}")
     # the SAEs' encoder and decoder products in bf16 where the LM's bf16 was measured (or known,
@@ -646,10 +648,10 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         lr = cfg.sae_lr * min(1.0, (step + 1) / cfg.sae_warmup, 5 * (1 - step / n_steps))
         if cfg.sae_cuda_graphs:  # the step of every SAE is one sequence of graphs (sae.SAE.compile_loss)
             torch.compiler.cudagraph_mark_step_begin()
-        for name, sae in saes.items():
-            t = time.perf_counter()
-            window[name].append(train_step(sae, optimizers[name], x, step, lr)['mse'])  # a tensor: read when logged
-            seconds[name] += time.perf_counter() - t  # on a GPU only the launches: replaced below
+        t = time.perf_counter()
+        for name, stats in zip(saes, train_step(list(saes.values()), optimizer, x, step, lr) if saes else []):
+            window[name].append(stats['mse'])  # a tensor: read when logged
+        seconds += time.perf_counter() - t
         if step == start:
             wait_for(cfg.device)
             t_timing = now()
@@ -697,20 +699,20 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         if checkpoint and step < n_steps and now() - saved_at >= cfg.sae_ckpt_minutes * 60:
             checkpoint({'step': step, 'n_steps': n_steps, 'fit_to_budget': fit_to_budget, 'stream': stream.state(),
                         'saes': {name: sae_to_dict(sae) for name, sae in saes.items()},
-                        'optimizers': {name: opt.state_dict() for name, opt in optimizers.items()},
+                        'optimizer': optimizer.state_dict() if optimizer else None,
                         'seconds': seconds, 'window': {name: [float(v) for v in w] for name, w in window.items()},
                         'history': history})
             saved_at = now()
     if cfg.device.startswith('cuda') and n_steps - start > 1:
-        # the GPU ran the steps queued, unseen by the clock around each SAE: each SAE gets an equal
-        # share of the steps' time after the first (which compiles, under --sae_compile)
+        # the GPU ran the steps queued, unseen by the clock around them: the steps' time after the
+        # first (which compiles, under --sae_compile)
         wait_for(cfg.device)
-        per_step = (now() - t_timing) / (n_steps - start - 1)
-        seconds = dict.fromkeys(saes, per_step * n_steps / max(1, len(saes)))
+        seconds = (now() - t_timing) / (n_steps - start - 1) * n_steps
+    # the SAEs train in one step, sharing its optimiser: each gets an equal share of its time
+    acts_per_s = n_steps * cfg.sae_batch * len(saes) / max(seconds, 1e-9)
     results = []
     for name, sae in saes.items():
         final = metrics.sae_scores(sae, held_out)
-        acts_per_s = n_steps * cfg.sae_batch / seconds[name]
         save_sae(sae.cpu(), os.path.join(out_dir, f'{name}.pt'), {
             'name': name, 'game': cfg.game, 'layer': layer, 'model': model_id,
             'train_config': dataclasses.asdict(cfg), 'final': final, 'history': history[name],
@@ -718,11 +720,10 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         results.append({'name': name, **final, 'acts_per_s': acts_per_s, 'steps': n_steps})
     if not results:  # more processes than SAEs: this one had none
         return results, n_steps
-    log(f"sae: wrote {len(saes)} SAEs to {out_dir}/ in {fmt_time(now() - t0)}; "
-        f"per SAE {min(r['acts_per_s'] for r in results) / 1e3:.1f}k-{max(r['acts_per_s'] for r in results) / 1e3:.1f}k act/s")
+    log(f"sae: wrote {len(saes)} SAEs to {out_dir}/ in {fmt_time(now() - t0)}; {acts_per_s / len(saes) / 1e3:.1f}k "
+        f"act/s through all {len(saes)}, {acts_per_s / 1e3:.1f}k act/s an SAE")
     for r in results:
-        log(f"  {r['name']:24s} expl. var. {r['explained_variance']:.3f} | L0 {r['l0']:6.1f} | dead {r['dead_fraction']:.3f} | "
-            f"{r['acts_per_s'] / 1e3:.1f}k act/s")
+        log(f"  {r['name']:24s} expl. var. {r['explained_variance']:.3f} | L0 {r['l0']:6.1f} | dead {r['dead_fraction']:.3f}")
     others = sorted({os.path.basename(p)[:-3] for p in glob.glob(os.path.join(out_dir, '*.pt'))} - {sae_name(*s) for s in sweep})
     if others:  # kept, never deleted: they may be a user's own runs
         log(f"note: {out_dir}/ also holds {len(others)} SAEs this run did not write ({', '.join(others)}); "
@@ -731,6 +732,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
 
 
 SWEEP_FORMAT = 'boardgame-saes/sae-sweep'
+SWEEP_VERSION = 2  # 2: one optimiser for the SAEs of a sweep (sae.make_optimizer), where 1 kept one each
 
 
 def sweep_checkpoint(cfg):
@@ -760,7 +762,7 @@ def train_saes(cfg, log=print):
     if not cfg.resume and os.path.exists(sweep_path):  # a killed sweep's: this one starts over
         os.remove(sweep_path)
     if cfg.resume and os.path.exists(sweep_path):
-        saved = D.load_file(sweep_path, SWEEP_FORMAT, f'python train.py --game {cfg.game} --stage sae')
+        saved = D.load_file(sweep_path, SWEEP_FORMAT, f'python train.py --game {cfg.game} --stage sae', SWEEP_VERSION)
         if saved['model_sha256'] != model_id['sha256']:
             raise D.UserError(f"{sweep_path} is a sweep on another {ckpt_path}: run without --resume to start the sweep over")
         for key, value in saved['options'].items():
@@ -770,7 +772,7 @@ def train_saes(cfg, log=print):
         log(f"sae: resuming {sweep_path} ({saved['part']})")
 
     def checkpointer(part, done=None):
-        return lambda state: D.atomic_save({'format': SWEEP_FORMAT, 'version': D.FORMAT_VERSION, 'part': part,
+        return lambda state: D.atomic_save({'format': SWEEP_FORMAT, 'version': SWEEP_VERSION, 'part': part,
                                             'done': done, 'state': state, 'model_sha256': model_id['sha256'],
                                             'options': sweep_options(cfg)}, sweep_path)
 
