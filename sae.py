@@ -43,9 +43,11 @@ Conventions shared by every architecture:
   faster, as for the LM): the encoder and decoder products take bf16 inputs and come back as
   fp32 at once; parameters, optimiser state, every other operation and the loss stay fp32
   (TopK's sparse decode is a gather, not a matmul: fp32 too). Loaded SAEs compute in fp32.
-- Training step: loss.backward(); sae.before_optimizer_step(); opt.step();
-  sae.after_optimizer_step(step): `train_step` below, the one place it is written. It also
-  steps several SAEs on one batch with one optimiser over them all (make_optimizer): the sweep.
+- Decoder rows stay at unit norm: the backward removes each row's own direction from W_dec's
+  gradient (_DecoderGrad), and after_optimizer_step renormalises the rows.
+- Training step: loss.backward(); opt.step(); sae.after_optimizer_step(step): `train_step`
+  below, the one place it is written. It also steps several SAEs on one batch with one
+  optimiser over them all (make_optimizer): the sweep.
 """
 
 import math
@@ -84,6 +86,27 @@ def lp_sum(acts, p):
         return acts.sum(-1)
     active = acts > 0
     return torch.where(active, acts.clamp_min(1e-12).pow(p), torch.zeros_like(acts)).sum(-1)
+
+
+class _DecoderGrad(torch.autograd.Function):
+    """W_dec (d_sae, d_in) unchanged forward; backward removes from its gradient the component
+    along each row, g - (g . r) r with r = W_dec[i] / ||W_dec[i]||: a step along a row would only
+    change the row's norm, which the renormalisation after each step undoes. Written in the
+    backward rather than applied to W_dec.grad after it, so that a compiled loss (compile_loss)
+    fuses it into its backward: no kernel launches of its own. Every decoder use of W_dec goes
+    through it (SAE._W_dec); the projection is linear, so two uses (TopK's aux decode) sum to the
+    projection of their sum."""
+
+    @staticmethod
+    def forward(ctx, W_dec):
+        ctx.save_for_backward(W_dec)
+        return W_dec.view_as(W_dec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        W_dec, = ctx.saved_tensors
+        rows = W_dec / W_dec.norm(dim=1, keepdim=True)                  # (d_sae, d_in)
+        return grad - (grad * rows).sum(dim=1, keepdim=True) * rows    # (d_sae, d_in)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +259,7 @@ class SAE(nn.Module):
 
     def _decode_n(self, f):
         # f (B, d_sae) -> normalised reconstruction (B, d_in)
-        return self._matmul(self.b_dec, f, self.W_dec)
+        return self._matmul(self.b_dec, f, self._W_dec())
 
     # how _decode_sparse_n decodes: None picks by device (a CPU the gather, a GPU the matmul);
     # True or False forces one (the tests run the GPU's way on the CPU)
@@ -264,7 +287,7 @@ class SAE(nn.Module):
             counts = torch.zeros(n_rows, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
             offsets = torch.cumsum(counts, 0) - counts                    # (B,)
             values, indices = values[order], indices[order]
-        return F.embedding_bag(indices, self.W_dec, offsets, mode='sum', per_sample_weights=values) + self.b_dec
+        return F.embedding_bag(indices, self._W_dec(), offsets, mode='sum', per_sample_weights=values) + self.b_dec
 
     def _encode_n(self, x):
         raise NotImplementedError
@@ -313,16 +336,13 @@ class SAE(nn.Module):
             values = torch.stack([loss, mse, sparsity_loss, aux_loss, l0, fve]).detach()  # (6,)
         return loss, dict(zip(STATS_KEYS[:6], values.unbind()))
 
-    # --- keeping decoder rows at unit norm ---
+    # --- keeping decoder rows at unit norm: the gradient leaves the norms alone (_DecoderGrad,
+    # in the backward), and the rows are renormalised after each optimiser step ---
 
-    @torch.no_grad()
-    def before_optimizer_step(self):
-        """Remove the gradient component along each decoder row (it would only change the norm)."""
-        if self.W_dec.grad is None:
-            return
-        rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)          # (d_sae, d_in)
-        parallel = (self.W_dec.grad * rows).sum(dim=1, keepdim=True)      # (d_sae, 1)
-        self.W_dec.grad -= parallel * rows
+    def _W_dec(self):
+        # W_dec (d_sae, d_in) as the decoders use it: itself, but with its gradient along each row
+        # removed in the backward (_DecoderGrad)
+        return _DecoderGrad.apply(self.W_dec)
 
     @torch.no_grad()
     def after_optimizer_step(self, step):
@@ -838,8 +858,8 @@ def train_step(saes, optimizer, x, step, lr):
     """One optimiser step of each SAE of `saes` (an SAE, or a list sharing `optimizer`, from
     make_optimizer) on the same RAW activations x (B, d_in) at learning rate `lr` (each
     parameter group at lr * its 'lr_scale'). Returns the SAE's stats dict (a list: theirs).
-    The order matters: an SAE's decoder-norm gradient projection after its backward and before
-    the optimiser step, the renormalisation and any p-annealing update after it."""
+    The order matters: the renormalisation and any p-annealing update after the optimiser step
+    (W_dec's gradient comes out of the backward without its components along the rows)."""
     one = isinstance(saes, SAE)
     saes = [saes] if one else saes
     for group in optimizer.param_groups:
@@ -849,7 +869,6 @@ def train_step(saes, optimizer, x, step, lr):
     for sae in saes:  # one SAE's forward and backward at a time: one SAE's activations in memory
         loss, sae_stats = sae.loss(x, step)
         loss.backward()
-        sae.before_optimizer_step()
         stats.append(sae_stats)
     optimizer.step()
     for sae in saes:
