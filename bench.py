@@ -32,9 +32,9 @@ with compiled losses (sae.SAE.compile_loss), and with compiled losses run as CUD
 --sae_cuda_graphs), then the sweep as one figure in each way (the sum of the architectures' times
 per batch), and how many compiled losses CUDA graphs could not take. The first compiled step's
 time (tracing and compiling; with graphs, the second's too, which records them) is shown beside it
-and left out of the rate. Last, the host floor: the whole sweep at a tiny shape, where
-the device's work is negligible, is the time a step spends in Python and kernel launches, and
-caps the sweep's rate at the real shape.
+and left out of the rate. Before them, the host floor: the whole sweep at a tiny shape, where
+the device's work is negligible, is the time an eager step spends in Python and kernel launches,
+and caps the eager sweep's rate at the real shape.
 """
 import platform
 import time
@@ -287,6 +287,19 @@ def bench_sweep(cfg, ceilings):
             step_no[0] += 1
         return step, len(saes)
 
+    # the host's share of a step: the whole sweep, eager, at a shape so small that the device's
+    # work is negligible, is the time a step spends in Python and in launching kernels (compiled
+    # losses cost the host about as much: README). No eager step at the real shape can be faster.
+    # First, as it takes seconds where the rest takes minutes of compiling: a cut run still has it
+    n = sum(len(s) for s in SWEEP.values())
+    tiny_in, tiny_sae, tiny_B = 8, 256, 16  # d_sae above TopK's largest k
+    floor = timed(sweep_step(SWEEP, torch.randn(tiny_B, tiny_in, device=cfg.device), tiny_sae, 'eager')[0],
+                  cfg.seconds / 2, device=cfg.device)
+    cap = n * B * flop_per_act / floor / 1e9
+    print(f"  host floor: {floor * 1e3:.1f} ms a step of the whole sweep, eager, at d_in {tiny_in}, d_sae "
+          f"{tiny_sae}, batch {tiny_B}: at d_in {d_in}, d_sae {d_sae}, batch {B} at most {B / floor:,.0f} act/s "
+          f"= {cap:.1f} GFLOP/s, {cap / ceiling:.0%} of the {SHORT[name]} matmul ceiling, however fast the device")
+
     modes = ('eager', 'compiled', 'graphs')
     seconds = dict.fromkeys(modes, 0.0)  # per batch through every SAE of the sweep, in each mode
     for arch in SWEEP:
@@ -302,7 +315,6 @@ def bench_sweep(cfg, ceilings):
             line += (f" | {mode} {rate:8.1f} GFLOP/s, {rate / ceiling:4.0%}"
                      + (f" (compiling {first:.0f}s)" if mode != 'eager' else ''))
         print(line)
-    n = sum(len(s) for s in SWEEP.values())
     for mode in ('graphs', 'compiled', 'eager'):
         rate = B / seconds[mode]
         print(f"  the whole sweep, {mode}: {rate:,.0f} act/s through all {n} SAEs "
@@ -312,16 +324,6 @@ def bench_sweep(cfg, ceilings):
     # torch's log: the count makes it visible here
     skips = torch._dynamo.utils.counters['inductor']['cudagraph_skips']
     print(f"  CUDA graphs skipped (torch's count): {skips}")
-    # the host's share of a step: the whole sweep, eager, at a shape so small that the device's
-    # work is negligible, is the time a step spends in Python and in launching kernels (compiled
-    # losses cost the host about as much: README). No step at the real shape can be faster
-    tiny_in, tiny_sae, tiny_B = 8, 256, 16  # d_sae above TopK's largest k
-    floor = timed(sweep_step(SWEEP, torch.randn(tiny_B, tiny_in, device=cfg.device), tiny_sae, 'eager')[0],
-                  cfg.seconds / 2, device=cfg.device)
-    cap = n * B * flop_per_act / floor / 1e9
-    print(f"  host floor: {floor * 1e3:.1f} ms a step of the whole sweep, eager, at d_in {tiny_in}, d_sae "
-          f"{tiny_sae}, batch {tiny_B}: at d_in {d_in}, d_sae {d_sae}, batch {B} at most {B / floor:,.0f} act/s "
-          f"= {cap:.1f} GFLOP/s, {cap / ceiling:.0%} of the {SHORT[name]} matmul ceiling, however fast the device")
 
 
 def bench_metrics(cfg, ceilings):
