@@ -300,22 +300,30 @@ def bench_sweep(cfg, ceilings):
           f"{tiny_sae}, batch {tiny_B}: at d_in {d_in}, d_sae {d_sae}, batch {B} at most {B / floor:,.0f} act/s "
           f"= {cap:.1f} GFLOP/s, {cap / ceiling:.0%} of the {SHORT[name]} matmul ceiling, however fast the device")
 
-    modes = ('eager', 'compiled', 'graphs')
+    modes = ['eager', 'compiled', 'graphs']
     seconds = dict.fromkeys(modes, 0.0)  # per batch through every SAE of the sweep, in each mode
     for arch in SWEEP:
         line = f"  {arch:14s} x{len(SWEEP[arch])}"
-        for mode in modes:
+        for mode in list(modes):
             step, n_saes = sweep_step([arch], x, d_sae, mode)
-            first = first_call(step, cfg.device)  # compiles, where compiled
-            if mode == 'graphs':  # its second step records the graphs: not timed either
-                first += first_call(step, cfg.device)
-            per_batch = timed(step, cfg.seconds / 2, device=cfg.device, warm_up=False)
+            try:
+                first = first_call(step, cfg.device)  # compiles, where compiled
+                if mode == 'graphs':  # its second step records the graphs: not timed either
+                    first += first_call(step, cfg.device)
+                per_batch = timed(step, cfg.seconds / 2, device=cfg.device, warm_up=False)
+            except Exception as e:  # graphs have not run on a GPU before: their failure must not cost the rest
+                if mode != 'graphs':
+                    raise
+                print(f"  {arch}: CUDA graphs failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                      f"the rest without them")
+                modes.remove('graphs')
+                continue
             seconds[mode] += per_batch
             rate = n_saes * B * flop_per_act / per_batch / 1e9
             line += (f" | {mode} {rate:8.1f} GFLOP/s, {rate / ceiling:4.0%}"
                      + (f" (compiling {first:.0f}s)" if mode != 'eager' else ''))
         print(line)
-    for mode in ('graphs', 'compiled', 'eager'):
+    for mode in reversed(modes):
         rate = B / seconds[mode]
         print(f"  the whole sweep, {mode}: {rate:,.0f} act/s through all {n} SAEs "
               f"({rate * n / 1e6:.2f}M SAE-act/s) = {rate * n * flop_per_act / 1e9:.1f} GFLOP/s, "

@@ -2821,6 +2821,17 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     # the LM's 2 blocks, then each architecture's SAEs' losses compiled, and again with CUDA graphs
     want = [None] * 2 + sum(([None] * len(s) + ['reduce-overhead'] * len(s) for s in TR.SWEEP.values()), [])
     assert [kw.get('mode') for fn, kw in compiled] == want
+    # CUDA graphs that fail (they have not yet run on a GPU) cost the bench their own figures only
+    def fails():
+        raise RuntimeError('no graphs here\nsecond line')
+    monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', fails)
+    bench.main(['--seconds=0.01', '--only=sae'])
+    out = capsys.readouterr().out
+    first = next(iter(TR.SWEEP))
+    assert out.count('CUDA graphs failed') == 1 and f'  {first}: CUDA graphs failed (RuntimeError: no graphs here); the rest' in out
+    assert 'the whole sweep, graphs' not in out and 'the whole sweep, compiled' in out and 'the whole sweep, eager' in out
+    for arch in TR.SWEEP:
+        assert re.search(rf'{arch} +x\d \| eager .*% \| compiled .*% \(compiling [0-9]+s\)$', out, re.M), arch
     # --only=machine (.ci/gpu's ceiling beside the gpu preset's run): the ceilings, no benchmark
     bench.main(['--seconds=0.01', '--only=machine'])
     lines = capsys.readouterr().out.splitlines()
