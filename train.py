@@ -616,7 +616,9 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             sae.init_b_dec(first)
             saes[sae_name(arch, setting)] = sae.train()
         optimizer = make_optimizer(saes.values(), cfg.sae_lr) if saes else None  # one for all (sae.make_optimizer)
-        seconds = 0.0  # the steps' time (on a GPU only the launches: replaced below)
+        # the steps' time and number, each run's first step left out (it compiles under --sae_compile)
+        # unless it is the only one; on a GPU the clock sees only the launches: replaced below
+        seconds, timed_steps = 0.0, 0
         window = {name: [] for name in saes}
         history = {name: [] for name in saes}
         step = 0
@@ -628,7 +630,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         optimizer = make_optimizer(saes.values(), cfg.sae_lr) if saes else None  # the SAEs in their saved order
         if optimizer:
             optimizer.load_state_dict(resume['optimizer'])
-        seconds, window, history = resume['seconds'], resume['window'], resume['history']
+        seconds, timed_steps, window, history = resume['seconds'], resume['timed_steps'], resume['window'], resume['history']
         log(f"sae: resuming {len(saes)} SAEs at step {step} of {n_steps}")
     # the SAEs' encoder and decoder products in bf16 where the LM's bf16 was measured (or known,
     # CUDA) to be the faster; everything else in them stays fp32 (sae.py). fp16 has no scaler here.
@@ -651,7 +653,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         t = time.perf_counter()
         for name, stats in zip(saes, train_step(list(saes.values()), optimizer, x, step, lr) if saes else []):
             window[name].append(stats['mse'])  # a tensor: read when logged
-        seconds += time.perf_counter() - t
+        if step > start or n_steps - start == 1:
+            seconds, timed_steps = seconds + time.perf_counter() - t, timed_steps + 1
         if step == start:
             wait_for(cfg.device)
             t_timing = now()
@@ -700,16 +703,16 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             checkpoint({'step': step, 'n_steps': n_steps, 'fit_to_budget': fit_to_budget, 'stream': stream.state(),
                         'saes': {name: sae_to_dict(sae) for name, sae in saes.items()},
                         'optimizer': optimizer.state_dict() if optimizer else None,
-                        'seconds': seconds, 'window': {name: [float(v) for v in w] for name, w in window.items()},
-                        'history': history})
+                        'seconds': seconds, 'timed_steps': timed_steps,
+                        'window': {name: [float(v) for v in w] for name, w in window.items()}, 'history': history})
             saved_at = now()
     if cfg.device.startswith('cuda') and n_steps - start > 1:
         # the GPU ran the steps queued, unseen by the clock around them: the steps' time after the
         # first (which compiles, under --sae_compile)
         wait_for(cfg.device)
-        seconds = (now() - t_timing) / (n_steps - start - 1) * n_steps
+        seconds, timed_steps = now() - t_timing, n_steps - start - 1
     # the SAEs train in one step, sharing its optimiser: each gets an equal share of its time
-    acts_per_s = n_steps * cfg.sae_batch * len(saes) / max(seconds, 1e-9)
+    acts_per_s = timed_steps * cfg.sae_batch * len(saes) / max(seconds, 1e-9)
     results = []
     for name, sae in saes.items():
         final = metrics.sae_scores(sae, held_out)
