@@ -2838,6 +2838,31 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     assert lines[-1].startswith('ceilings: fp32 matmul ') and 'bf16 matmul' in lines[-1] and len(lines) == 3
 
 
+def test_the_precompile_process_compiles_the_sweeps_own_saes(tmp_path, monkeypatch, capsys):
+    # --sae_precompile: a second process compiles the sweep's losses while the LM trains; it only
+    # helps if it compiles the very SAEs the sweep will (classes, settings, shapes, order, options)
+    import train as TR
+    compiled = compile_with_dynamo_eager(monkeypatch)
+    monkeypatch.setenv('TORCH_COMPILE_DISABLE', '1')  # the second process here: eager, so quick
+    args = ['--game=othello', '--preset=tiny', '--sae_archs=topk,p_anneal,jumprelu', '--control=none', '--dtype=float32',
+            '--sae_compile', '--sae_precompile', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    TR.main(args)
+    out = capsys.readouterr().out
+    assert out.index("a second process compiles the sweep's losses") < out.index('LM stage done')
+    assert re.search(r"LM stage done in .*\nsae: the second process compiled the sweep's losses in [0-9.]+s", out), out
+    sweep = [(fn.__self__.cfg, fn.__self__.matmul_dtype, kw) for fn, kw in compiled]
+    compiled.clear()
+    TR.warm_sae_compile(json.dumps(dataclasses.asdict(TR.build_config(args + ['--dtype=float32']))))
+    assert [(fn.__self__.cfg, fn.__self__.matmul_dtype, kw) for fn, kw in compiled] == sweep and len(sweep) == 9
+    # a second process that fails, or runs too long, costs the sweep nothing but its compiling
+    for code, timeout, want in (('print("boom"); raise SystemExit(3)', 60, 'exit code 3: boom'),
+                                ('import time; time.sleep(60)', 0.5, 'stopped after 0.5s more')):
+        logged, output = [], tempfile.TemporaryFile()
+        TR.join_sae_precompile((subprocess.Popen([sys.executable, '-c', code], stdout=output), output), logged.append,
+                               timeout=timeout)
+        assert logged == [f"sae: the second process did not finish ({want}); the sweep compiles its losses itself"]
+
+
 def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatch):
     import train as TR
     dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
@@ -2969,6 +2994,7 @@ def test_feature_heatmap_is_the_mean_activation_where_each_square_is_true():
 
 import errno
 import signal
+import tempfile
 import time
 
 import bench

@@ -15,8 +15,12 @@ and saved in the checkpoint.
 import dataclasses
 import glob
 import inspect
+import json
 import math
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -104,6 +108,10 @@ class TrainConfig:
     sae_cuda_graphs: bool = False  # with --sae_compile on CUDA: the compiled losses also run as CUDA graphs
                                 # (sae.SAE.compile_loss), one launch per graph where the host launched
                                 # every kernel; off by default until a GPU measures it (bench.py --device=cuda)
+    sae_precompile: bool = False  # with --sae_compile and --stage=all: a second process compiles the sweep's
+                                # losses into torch.compile's disk cache while the LM trains, so that the
+                                # sweep's first step loads them (warm_sae_compile; on in the gpu and paper
+                                # presets: a GPU machine has cores to spare, a 2-core CPU has not)
     control: str = 'one'        # random-init control: one (per arch, middle setting) | sweep | none
 
 
@@ -139,13 +147,15 @@ PRESETS = {
              'warmup_iters': 300, 'max_iters': 100_000, 'lm_minutes': 3.3, 'compile': True, 'eval_interval': 2000,
              'log_interval': 250,
              'workers': min(16, os.cpu_count() or 1), 'sae_batch': 8192, 'sae_buffer': 1 << 20, 'sae_steps': 30_000,
-             'sae_minutes': 2.8, 'sae_lr': 1e-3, 'sae_warmup': 100, 'sae_log_interval': 400, 'sae_compile': True},
+             'sae_minutes': 2.8, 'sae_lr': 1e-3, 'sae_warmup': 100, 'sae_log_interval': 400, 'sae_compile': True,
+             'sae_precompile': True},
             {'othello': {'block_size': 59, 'n_games': 2_000_000, 'soft_targets': True},
              'chess': {'block_size': 255, 'batch_size': 128, 'n_games': 80_000, 'lm_minutes': 3.0,
                        'soft_targets': True, 'sae_minutes': 2.0, 'sae_coef_scale': 0.67}}),
     'paper': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'lr': 6e-4, 'min_lr': 6e-5, 'warmup_iters': 1000,
                'max_iters': 60000, 'compile': True, 'eval_interval': 2000, 'sae_batch': 8192, 'sae_steps': 30000,
-               'sae_lr': 3e-4, 'sae_warmup': 1000, 'sae_buffer': 1 << 20, 'sae_log_interval': 2000, 'sae_compile': True},
+               'sae_lr': 3e-4, 'sae_warmup': 1000, 'sae_buffer': 1 << 20, 'sae_log_interval': 2000, 'sae_compile': True,
+               'sae_precompile': True},
               {'othello': {'block_size': 59, 'batch_size': 256, 'n_games': 2_000_000},
                'chess': {'block_size': 1023, 'batch_size': 64, 'n_games': 200_000, 'legal_games': 100}}),
 }
@@ -523,6 +533,12 @@ def default_layer(n_layer):
     return max(0, round(0.75 * n_layer) - 1)
 
 
+def sweep_grid(cfg, d_in):
+    """The sweep of --sae_archs at width d_in: ({arch: [setting]}, [(arch, setting)] in order)."""
+    settings = {a: sweep_settings(a, d_in, cfg.sae_coef_scale) for a in sae_archs(cfg)}
+    return settings, [(a, s) for a in settings for s in settings[a]]
+
+
 def sae_name(arch, setting):
     return arch + ''.join(f'_{k}{v:g}' for k, v in setting.items())
 
@@ -579,6 +595,93 @@ class ActivationStream:
 SAE_TIMING_STEPS = 20  # --sae_minutes: steps run (the first untimed) before the step count is fitted to the budget
 
 
+def new_sweep_saes(cfg, mine, d_sae, n_steps, first):
+    """{name: SAE} for `mine` [(index in the sweep, (arch, setting))], new, on cfg.device, in
+    train mode, normalised and centred on the first batch `first` (B, d_in). train_sae_sweep's,
+    and warm_sae_compile's, so that the second process compiles the very SAEs the sweep trains."""
+    saes = {}
+    for i, (arch, setting) in mine:
+        kwargs = dict(setting, total_steps=n_steps)
+        # the config's SAE options go to the architectures whose constructor takes them
+        # (p-annealing's anneal_start), read from the signature rather than from arch names
+        takes = inspect.signature(ARCHS[arch]).parameters
+        kwargs.update({key: getattr(cfg, key) for key in SAE_OPTIONS if key in takes})
+        torch.manual_seed(cfg.seed * 1000 + i)  # its own seed: the same init in any process
+        sae = make_sae(arch, first.shape[1], d_sae, **kwargs).to(cfg.device)
+        sae.set_act_scale(first)
+        sae.init_b_dec(first)
+        saes[sae_name(arch, setting)] = sae.train()
+    return saes
+
+
+def ready_to_train(sae, cfg):
+    """The sweep's precision and compiling for `sae`, new or resumed: its encoder and decoder
+    products in bf16 where the LM's bf16 was measured (or known, CUDA) to be the faster, all else
+    fp32 (sae.py; fp16 has no scaler here); under --sae_compile its loss compiled, traced at its
+    first step once per architecture, TopK's k aside (the control reuses the traces)."""
+    sae.matmul_dtype = torch.bfloat16 if cfg.dtype == 'bfloat16' else torch.float32
+    if cfg.sae_compile:
+        sae.compile_loss(cuda_graphs=cfg.sae_cuda_graphs)
+
+
+def warm_sae_compile(cfg_json):
+    """The second process of --sae_precompile, started as the LM starts training: the sweep's
+    SAEs, built as train_sae_sweep builds them (new_sweep_saes, ready_to_train) at its shapes,
+    take one compiled train_step on random activations. That leaves their compiled forward and
+    backward in torch.compile's caches on disk (inductor's graph cache and its autograd cache,
+    which the processes of one machine share), and the sweep's own first step loads them instead
+    of compiling: 14 s instead of 87 s for the 21 SAEs at d_in 64 on a 2-core CPU (README).
+    Prints its seconds. Its activations are random: nothing it computes is kept."""
+    t0 = time.time()
+    cfg = TrainConfig(**json.loads(cfg_json))
+    first = torch.randn(cfg.sae_batch, cfg.n_embd, device=cfg.device)  # (B, d_in), as a batch of the sweep
+    saes = new_sweep_saes(cfg, list(enumerate(sweep_grid(cfg, cfg.n_embd)[1])), cfg.sae_expansion * cfg.n_embd,
+                          cfg.sae_steps, first)
+    for sae in saes.values():
+        ready_to_train(sae, cfg)
+    train_step(list(saes.values()), make_optimizer(saes.values(), cfg.sae_lr), first, 0, cfg.sae_lr)
+    wait_for(cfg.device)
+    print(f"{time.time() - t0:.1f}")
+
+
+def start_sae_precompile(cfg, log):
+    """--sae_precompile: warm_sae_compile in a second process, with half this machine's cores for
+    compiling; (process, its output) to hand to join_sae_precompile, or None where there is
+    nothing to do (no --sae_compile, a stage of its own, several processes under torchrun)."""
+    if not (cfg.sae_precompile and cfg.sae_compile and cfg.stage == 'all') or rank_and_world()[1] > 1:
+        return None
+    output = tempfile.TemporaryFile()  # no name: nothing is left behind, whatever happens
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
+    code = f'import train; train.warm_sae_compile({json.dumps(json.dumps(dataclasses.asdict(cfg)))})'
+    process = subprocess.Popen([sys.executable, '-c', code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                               env=env, stdout=output, stderr=subprocess.STDOUT)
+    log("sae: a second process compiles the sweep's losses while the LM trains (--sae_precompile)")
+    return process, output
+
+
+def join_sae_precompile(job, log, timeout=600):
+    """Wait for start_sae_precompile's process (at most `timeout` s, then stop it) and say how
+    it went; whatever it did, the sweep then compiles what the cache does not hold."""
+    if job is None:
+        return
+    process, output = job
+    try:
+        process.wait(timeout=timeout)
+        why = f"exit code {process.returncode}"
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        why = f"stopped after {timeout:g}s more"
+    output.seek(0)
+    last = (output.read().decode(errors='replace').strip().splitlines() or [''])[-1][:200]
+    output.close()
+    if process.returncode == 0:
+        log(f"sae: the second process compiled the sweep's losses in {last}s, into torch.compile's cache")
+    else:
+        log(f"sae: the second process did not finish ({why}{': ' + last if last else ''}); "
+            f"the sweep compiles its losses itself")
+
+
 def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out_dir, log=print, n_steps=None,
                     resume=None, checkpoint=None):
     """Train every SAE of `sweep` [(arch, setting)] on the same activation batches (the model
@@ -604,17 +707,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         first = next(stream)  # normalisation and b_dec come from the first training batch
         fit_to_budget = n_steps is None and cfg.sae_minutes > 0 and cfg.sae_steps > 5 * SAE_TIMING_STEPS
         n_steps = n_steps or cfg.sae_steps
-        for i, (arch, setting) in mine:
-            kwargs = dict(setting, total_steps=n_steps)
-            # the config's SAE options go to the architectures whose constructor takes them
-            # (p-annealing's anneal_start), read from the signature rather than from arch names
-            takes = inspect.signature(ARCHS[arch]).parameters
-            kwargs.update({key: getattr(cfg, key) for key in SAE_OPTIONS if key in takes})
-            torch.manual_seed(cfg.seed * 1000 + i)  # its own seed: the same init in any process
-            sae = make_sae(arch, d_in, d_sae, **kwargs).to(cfg.device)
-            sae.set_act_scale(first)
-            sae.init_b_dec(first)
-            saes[sae_name(arch, setting)] = sae.train()
+        saes = new_sweep_saes(cfg, mine, d_sae, n_steps, first)
         optimizer = make_optimizer(saes.values(), cfg.sae_lr) if saes else None  # one for all (sae.make_optimizer)
         # the steps' time and number, each run's first step left out (it compiles under --sae_compile)
         # unless it is the only one; on a GPU the clock sees only the launches: replaced below
@@ -632,12 +725,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             optimizer.load_state_dict(resume['optimizer'])
         seconds, timed_steps, window, history = resume['seconds'], resume['timed_steps'], resume['window'], resume['history']
         log(f"sae: resuming {len(saes)} SAEs at step {step} of {n_steps}")
-    # the SAEs' encoder and decoder products in bf16 where the LM's bf16 was measured (or known,
-    # CUDA) to be the faster; everything else in them stays fp32 (sae.py). fp16 has no scaler here.
     for sae in saes.values():
-        sae.matmul_dtype = torch.bfloat16 if cfg.dtype == 'bfloat16' else torch.float32
-        if cfg.sae_compile:  # traced at its first step, once per architecture, TopK's k aside (the control reuses the traces)
-            sae.compile_loss(cuda_graphs=cfg.sae_cuda_graphs)
+        ready_to_train(sae, cfg)
     log(f"sae: {len(saes)} SAEs" + (f" (this process's share of {len(sweep)})" if world > 1 else "") +
         f", d_in {d_in} -> d_sae {d_sae}, layer {layer}, {n_steps} steps x {cfg.sae_batch} activations, "
         f"into {out_dir}/" + (f" (at most {cfg.sae_minutes:g} min)" if fit_to_budget else ""))
@@ -783,8 +872,7 @@ def train_saes(cfg, log=print):
     T = model.config.block_size + 1
     tokens, val_tokens = train['tokens'][:, :T], val['tokens'][:, :T]
     archs = sae_archs(cfg)
-    settings = {a: sweep_settings(a, model.config.n_embd, cfg.sae_coef_scale) for a in archs}
-    sweep = [(a, s) for a in archs for s in settings[a]]
+    settings, sweep = sweep_grid(cfg, model.config.n_embd)
     if saved['part'] == 'saes':
         done = train_sae_sweep(cfg, model, model_id, tokens, val_tokens, train['pad_id'], sweep,
                                os.path.join(cfg.out_dir, cfg.game, 'saes'), log,
@@ -851,9 +939,15 @@ def main(argv):
     with D.lock_dir(out, 'out_dir') if rank == 0 else nullcontext():
         barrier()  # the others start once rank 0 holds the lock (and has removed a killed run's temp files)
         if cfg.stage in ('lm', 'all') and not resume_sweep:
-            train_lm(cfg, log, precision=precision)
+            precompile = start_sae_precompile(cfg, log)
+            try:
+                train_lm(cfg, log, precision=precision)
+            except BaseException:
+                join_sae_precompile(precompile, log, timeout=0)
+                raise
             barrier()  # every process's SAE stage reads the model.pt rank 0 wrote
             log(f"LM stage done in {fmt_time(time.time() - t0)}")
+            join_sae_precompile(precompile, log)
         if cfg.stage in ('sae', 'all'):
             t1 = time.time()
             train_saes(cfg, log)
