@@ -942,8 +942,8 @@ def main(argv):
             precompile = start_sae_precompile(cfg, log)
             try:
                 train_lm(cfg, log, precision=precision)
-            except BaseException:
-                join_sae_precompile(precompile, log, timeout=0)
+            except BaseException:  # the second process goes too, without a word: the error is the news
+                join_sae_precompile(precompile, lambda _: None, timeout=0)
                 raise
             barrier()  # every process's SAE stage reads the model.pt rank 0 wrote
             log(f"LM stage done in {fmt_time(time.time() - t0)}")
