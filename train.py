@@ -645,14 +645,17 @@ def warm_sae_compile(cfg_json):
 
 
 def start_sae_precompile(cfg, log):
-    """--sae_precompile: warm_sae_compile in a second process, with half this machine's cores for
-    compiling; (process, its output) to hand to join_sae_precompile, or None where there is
+    """--sae_precompile: warm_sae_compile in a second process, at a lower priority, with half this
+    machine's cores for compiling; (process, its output) to hand to join_sae_precompile, or None where there is
     nothing to do (no --sae_compile, a stage of its own, several processes under torchrun)."""
     if not (cfg.sae_precompile and cfg.sae_compile and cfg.stage == 'all') or rank_and_world()[1] > 1:
         return None
     output = tempfile.TemporaryFile()  # no name: nothing is left behind, whatever happens
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
-    code = f'import train; train.warm_sae_compile({json.dumps(json.dumps(dataclasses.asdict(cfg)))})'
+    # at a lower priority (nice 10, where the system has it): the data, the soft targets' worker
+    # processes and the LM come first, and the compiling takes the cores they leave
+    code = (f'import os; getattr(os, "nice", lambda n: 0)(10); import train; '
+            f'train.warm_sae_compile({json.dumps(json.dumps(dataclasses.asdict(cfg)))})')
     process = subprocess.Popen([sys.executable, '-c', code], cwd=os.path.dirname(os.path.abspath(__file__)),
                                env=env, stdout=output, stderr=subprocess.STDOUT)
     log("sae: a second process compiles the sweep's losses while the LM trains (--sae_precompile)")
