@@ -711,7 +711,6 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         fit_to_budget = n_steps is None and cfg.sae_minutes > 0 and cfg.sae_steps > 5 * SAE_TIMING_STEPS
         n_steps = n_steps or cfg.sae_steps
         saes = new_sweep_saes(cfg, mine, d_sae, n_steps, first)
-        optimizer = make_optimizer(saes.values(), cfg.sae_lr) if saes else None  # one for all (sae.make_optimizer)
         # the steps' time and number, each run's first step left out (it compiles under --sae_compile)
         # unless it is the only one; on a GPU the clock sees only the launches: replaced below
         seconds, timed_steps = 0.0, 0
@@ -723,11 +722,12 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         fit_to_budget, n_steps, step = resume['fit_to_budget'], resume['n_steps'], resume['step']
         for name, saved in resume['saes'].items():
             saes[name] = sae_from_dict(saved, cfg.device).train()
-        optimizer = make_optimizer(saes.values(), cfg.sae_lr) if saes else None  # the SAEs in their saved order
-        if optimizer:
-            optimizer.load_state_dict(resume['optimizer'])
         seconds, timed_steps, window, history = resume['seconds'], resume['timed_steps'], resume['window'], resume['history']
         log(f"sae: resuming {len(saes)} SAEs at step {step} of {n_steps}")
+    # one optimiser for all (sae.make_optimizer), over the SAEs in their order (a resumed sweep's saved one)
+    optimizer = make_optimizer(saes.values(), cfg.sae_lr) if saes else None
+    if optimizer and resume is not None:
+        optimizer.load_state_dict(resume['optimizer'])
     for sae in saes.values():
         ready_to_train(sae, cfg)
     log(f"sae: {len(saes)} SAEs" + (f" (this process's share of {len(sweep)})" if world > 1 else "") +
@@ -874,7 +874,6 @@ def train_saes(cfg, log=print):
     train, val = ensure_data(cfg, log)
     T = model.config.block_size + 1
     tokens, val_tokens = train['tokens'][:, :T], val['tokens'][:, :T]
-    archs = sae_archs(cfg)
     settings, sweep = sweep_grid(cfg, model.config.n_embd)
     if saved['part'] == 'saes':
         done = train_sae_sweep(cfg, model, model_id, tokens, val_tokens, train['pad_id'], sweep,
@@ -894,7 +893,7 @@ def train_saes(cfg, log=print):
                                                                    'train_config': dataclasses.asdict(cfg)})
         barrier()  # written before any process reads its digest
         random_id = {'path': random_path, 'iter': 0, 'sha256': D.file_digest(random_path), 'random_init': True}
-        control = sweep if cfg.control == 'sweep' else [(a, settings[a][len(settings[a]) // 2]) for a in archs]
+        control = sweep if cfg.control == 'sweep' else [(a, ss[len(ss) // 2]) for a, ss in settings.items()]
         log(f"sae: control on a random-init model ({len(control)} SAEs)")
         # as many steps as the trained model's SAEs had (fewer than sae_steps under --sae_minutes)
         results = results + train_sae_sweep(cfg, random_model, random_id, tokens, val_tokens, train['pad_id'], control,
