@@ -253,13 +253,14 @@ def bench_sweep(cfg, ceilings):
     """A GPU: train.py's whole SAE sweep (SWEEP, 3 settings of each architecture) as the gpu
     preset trains it, bf16 matmuls (where the GPU has bf16 units) and compiled losses, one
     train_step of every SAE on each batch; eager beside it for the compiler's share."""
-    from train import SWEEP, sweep_settings
+    from train import SWEEP, TrainConfig, new_sweep_saes, ready_to_train, sweep_grid
     torch.manual_seed(0)
     d_in, d_sae, B = SHAPES['cuda']['sae']
     x = torch.randn(B, d_in, device=cfg.device) * 3 + 1
-    # bf16 matmuls where the LM trains in bf16, else fp32 (fp16 GPUs keep fp32 SAEs), as train.py
+    # bf16 matmuls where the LM trains in bf16, else fp32 (fp16 GPUs keep fp32 SAEs): train.py's
+    # ready_to_train sets them from this dtype
     name = 'bfloat16' if choose_precision('auto', cfg.device, d_in)[0] == 'bfloat16' else 'float32'
-    dtype, ceiling = getattr(torch, name), ceilings[name]
+    ceiling = ceilings[name]
     flop_per_act = SAE.flops_per_activation(d_in, d_sae)
     print(f"SAE sweep at d_in {d_in}, d_sae {d_sae}, batch {B}: train.py's SWEEP, {name} matmuls, "
           f"{flop_per_act / 1e6:.1f} MFLOP an activation per SAE (dense):")
@@ -267,16 +268,14 @@ def bench_sweep(cfg, ceilings):
     def sweep_step(archs, batch, width, mode):
         """One train_step of each SAE of SWEEP's settings for `archs` (d_sae = width) on batch
         (B, d_in), as a function: (step, the number of SAEs). mode: eager, compiled (compiled
-        losses) or graphs (compiled losses run as CUDA graphs, as train.py --sae_cuda_graphs)."""
-        saes = []
-        for arch in archs:
-            for setting in sweep_settings(arch, batch.shape[1]):
-                sae = make_sae(arch, batch.shape[1], width, total_steps=10**6, **setting).to(cfg.device)
-                sae.matmul_dtype = dtype
-                sae.set_act_scale(batch)
-                if mode != 'eager':
-                    sae.compile_loss(cuda_graphs=mode == 'graphs')
-                saes.append(sae)
+        losses) or graphs (compiled losses run as CUDA graphs, as train.py --sae_cuda_graphs).
+        The SAEs are made, put in precision and compiled by train.py's own functions."""
+        sweep_cfg = TrainConfig(device=cfg.device, dtype=name, sae_compile=mode != 'eager',
+                                sae_cuda_graphs=mode == 'graphs')
+        mine = [(i, s) for i, s in enumerate(sweep_grid(sweep_cfg, batch.shape[1])[1]) if s[0] in archs]
+        saes = list(new_sweep_saes(sweep_cfg, mine, width, 10**6, batch).values())
+        for sae in saes:
+            ready_to_train(sae, sweep_cfg)
         opt = make_optimizer(saes, 3e-4)  # one for all, as train.py's sweep
         step_no = [0]
 
