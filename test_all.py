@@ -18,6 +18,7 @@ import shutil
 import re
 import subprocess
 import sys
+import tempfile
 
 from types import SimpleNamespace
 
@@ -2852,7 +2853,7 @@ def test_the_precompile_process_compiles_the_sweeps_own_saes(tmp_path, monkeypat
     assert re.search(r"LM stage done in .*\nsae: the second process compiled the sweep's losses in [0-9.]+s", out), out
     sweep = [(fn.__self__.cfg, fn.__self__.matmul_dtype, kw) for fn, kw in compiled]
     compiled.clear()
-    TR.warm_sae_compile(json.dumps(dataclasses.asdict(TR.build_config(args + ['--dtype=float32']))))
+    TR.warm_sae_compile(json.dumps(dataclasses.asdict(TR.build_config(args))))
     assert [(fn.__self__.cfg, fn.__self__.matmul_dtype, kw) for fn, kw in compiled] == sweep and len(sweep) == 9
     # a second process that fails, or runs too long, costs the sweep nothing but its compiling
     for code, timeout, want in (('print("boom"); raise SystemExit(3)', 60, 'exit code 3: boom'),
@@ -2994,7 +2995,6 @@ def test_feature_heatmap_is_the_mean_activation_where_each_square_is_true():
 
 import errno
 import signal
-import tempfile
 import time
 
 import bench
