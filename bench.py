@@ -271,7 +271,7 @@ def bench_sweep(cfg, ceilings):
         losses) or graphs (compiled losses run as CUDA graphs, as train.py --sae_cuda_graphs).
         The SAEs are made, put in precision and compiled by train.py's own functions."""
         sweep_cfg = TrainConfig(device=cfg.device, dtype=name, sae_compile=mode != 'eager',
-                                sae_cuda_graphs=mode == 'graphs')
+                                sae_cuda_graphs=mode == 'graphs', sae_grid='gpu')
         mine = [(i, s) for i, s in enumerate(sweep_grid(sweep_cfg, batch.shape[1])[1]) if s[0] in archs]
         saes = list(new_sweep_saes(sweep_cfg, mine, width, 10**6, batch).values())
         for sae in saes:

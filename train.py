@@ -90,7 +90,9 @@ class TrainConfig:
     sae_archs: str = 'all'      # all (every architecture in SWEEP) or a comma-separated list of them
     sae_expansion: int = 8      # d_sae = sae_expansion * n_embd
     sae_steps: int = 4000
-    sae_coef_scale: float = 1.0  # every sparsity coefficient of SWEEP times this (TopK's k unchanged): the
+    sae_grid: str = 'cpu'       # the sweep's settings: cpu (SWEEP, chosen on the cpu presets' models) or
+                                # gpu (SWEEP_GPU, chosen on the Othello gpu preset's model); README, Presets
+    sae_coef_scale: float = 1.0  # every sparsity coefficient of the grid times this (TopK's k unchanged): the
                                 # whole grid shifted, for a model whose L0 sits elsewhere (README, Presets)
     sae_minutes: float = 0.0    # > 0: fewer steps if sae_steps would take longer than this, the first
                                 # step (which compiles under --sae_compile) included: the steps are timed
@@ -107,7 +109,8 @@ class TrainConfig:
                                 # for TopK, and costs seconds of compiling per architecture)
     sae_cuda_graphs: bool = False  # with --sae_compile on CUDA: the compiled losses also run as CUDA graphs
                                 # (sae.SAE.compile_loss), one launch per graph where the host launched
-                                # every kernel; off by default until a GPU measures it (bench.py --device=cuda)
+                                # every kernel (on in the gpu and paper presets, which turn it off on a
+                                # CPU: on an H200 the sweep ran 1.5x as fast as compiled alone, bench.py)
     sae_precompile: bool = False  # with --sae_compile and --stage=all: a second process compiles the sweep's
                                 # losses into torch.compile's disk cache while the LM trains, so that the
                                 # sweep's first step loads them (warm_sae_compile; on in the gpu and paper
@@ -135,9 +138,11 @@ PRESETS = {
                        'sae_minutes': 5}}),
     # gpu (the default on CUDA): the paper's model shape end to end (evaluate.py included) in
     # under 10 minutes on one GPU, so that it fits one 10-minute call, by the clock: 3.3 minutes of
-    # LM and 2.8 of SAE sweep, compiling included in both (the sweep's steps get what compiling
-    # leaves: about 2 minutes if it takes 50 s), then the control, about a third of the sweep's
-    # steps' time; a slower GPU trains fewer steps. LM and SAE losses are compiled (torch.compile).
+    # LM and 3.0 of SAE sweep, compiling included in both, then the control, about a third of the
+    # sweep's steps' time; a slower GPU trains fewer steps (one H200 run took 8m35s with 2.8
+    # minutes of sweep: README, Measured results). LM and SAE losses are compiled (torch.compile),
+    # the SAEs' compiled losses run as CUDA graphs (1.5x the compiled sweep's rate on an H200), and
+    # the sweep's settings are the gpu grid (SWEEP_GPU).
     # Chess: the 256 characters the evaluation scores (the first 20 '.'), exact soft targets
     # (computed on the CPU, about 12 ms of CPU a game, then kept with the data), a shorter sweep
     # for the time its data and evaluation take, and the sweep's coefficients x0.67: on the cpu
@@ -147,15 +152,15 @@ PRESETS = {
              'warmup_iters': 300, 'max_iters': 100_000, 'lm_minutes': 3.3, 'compile': True, 'eval_interval': 2000,
              'log_interval': 250,
              'workers': min(16, os.cpu_count() or 1), 'sae_batch': 8192, 'sae_buffer': 1 << 20, 'sae_steps': 30_000,
-             'sae_minutes': 2.8, 'sae_lr': 1e-3, 'sae_warmup': 100, 'sae_log_interval': 400, 'sae_compile': True,
-             'sae_precompile': True},
+             'sae_minutes': 3.0, 'sae_lr': 1e-3, 'sae_warmup': 100, 'sae_log_interval': 400, 'sae_compile': True,
+             'sae_cuda_graphs': True, 'sae_precompile': True, 'sae_grid': 'gpu'},
             {'othello': {'block_size': 59, 'n_games': 2_000_000, 'soft_targets': True},
              'chess': {'block_size': 255, 'batch_size': 128, 'n_games': 80_000, 'lm_minutes': 3.0,
                        'soft_targets': True, 'sae_minutes': 2.0, 'sae_coef_scale': 0.67}}),
     'paper': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'lr': 6e-4, 'min_lr': 6e-5, 'warmup_iters': 1000,
                'max_iters': 60000, 'compile': True, 'eval_interval': 2000, 'sae_batch': 8192, 'sae_steps': 30000,
                'sae_lr': 3e-4, 'sae_warmup': 1000, 'sae_buffer': 1 << 20, 'sae_log_interval': 2000, 'sae_compile': True,
-               'sae_precompile': True},
+               'sae_cuda_graphs': True, 'sae_precompile': True, 'sae_grid': 'gpu'},
               {'othello': {'block_size': 59, 'batch_size': 256, 'n_games': 2_000_000},
                'chess': {'block_size': 1023, 'batch_size': 64, 'n_games': 200_000, 'legal_games': 100}}),
 }
@@ -188,8 +193,13 @@ def build_config(argv):
         raise D.UserError("Othello games have 60 moves: --block_size must be at most 59")
     if cfg.optimizer not in ('adamw', 'muon'):
         raise D.UserError(f"unknown --optimizer {cfg.optimizer!r}: use adamw or muon")
+    if cfg.sae_grid not in SWEEPS:
+        raise D.UserError(f"unknown --sae_grid {cfg.sae_grid!r}: use {' or '.join(SWEEPS)}")
     if cfg.control not in ('one', 'sweep', 'none'):
         raise D.UserError(f"unknown --control {cfg.control!r}: use one, sweep or none")
+    if cfg.sae_cuda_graphs and not (cfg.sae_compile and device.startswith('cuda')) and \
+            not any(a.split('=')[0] == '--sae_cuda_graphs' for a in argv):
+        cfg.sae_cuda_graphs = False  # the preset's, where graphs cannot run: the sweep runs without them
     if cfg.sae_cuda_graphs and not (cfg.sae_compile and device.startswith('cuda')):
         raise D.UserError(f"--sae_cuda_graphs needs a CUDA GPU and --sae_compile (here --device={device}, "
                           f"--sae_compile={cfg.sae_compile}): drop --sae_cuda_graphs")
@@ -497,12 +507,14 @@ def train_lm(cfg, log=print, precision=''):
 # ----------------------------------------------------------------------------------------------
 # The SAE stage
 
-# Sparsity settings per architecture, chosen on the cpu presets' models (d_in = SWEEP_WIDTH =
-# 128): each L1-penalty architecture's settings span L0 of about 10 (Othello; chess about 20 in
-# its cpu preset's 400-step sweep) to 150 on both (measured: README, Presets).
-# Normalised activations, E||x||^2 = d_in; MSE summed over d_in. For another width the
+# Sparsity settings per architecture, in two grids, each chosen where its presets train; each
+# L1-penalty architecture's three settings aim at L0 of about 150, 40 and 10 (README, Presets).
+# Normalised activations, E||x||^2 = d_in; MSE summed over d_in. For another width a grid's
 # coefficients are scaled by the penalty's rule (sweep_settings, sae.SAE.COEF_POWER), and
 # --sae_coef_scale shifts the whole grid (the chess gpu preset: x0.67). Edit to taste.
+#
+# SWEEP (--sae_grid=cpu): chosen at width 128 on the cpu presets' models (Othello L0 about 10 to
+# 150; chess about 20 to 150 in its cpu preset's 400-step sweep).
 SWEEP_WIDTH = 128
 SWEEP = {
     'standard': [{'coef': c} for c in (0.5, 1.6, 4.0)],
@@ -513,19 +525,38 @@ SWEEP = {
     'batch_topk': [{'k': k} for k in (10, 40, 160)],
     'jumprelu': [{'coef': c} for c in (0.03, 0.3, 2.0)],
 }
+# SWEEP_GPU (--sae_grid=gpu: the gpu and paper presets): chosen at width 512 on the Othello gpu
+# preset's model. There SWEEP, width-scaled, gave final L0 from 270 to 0.2 (one H200 run, 2907
+# steps: standard 195 / 16 / 1.0 at 1 / 3.2 / 8): L0 falls faster with the coefficient on this
+# model than on the cpu ones. Each setting below is read off that run's L0 against its
+# coefficient (straight lines between its points on log-log axes) at L0 150, 40 and 10. An
+# architecture it does not name takes SWEEP's settings.
+SWEEP_GPU_WIDTH = 512
+SWEEP_GPU = {
+    'standard': [{'coef': c} for c in (1.1, 2.1, 3.7)],
+    'gated': [{'coef': c} for c in (1.7, 3.4, 6.5)],
+    'p_anneal': [{'coef': c} for c in (0.5, 1.1, 2.5)],
+    'gated_anneal': [{'coef': c} for c in (0.8, 1.8, 4.0)],
+    'jumprelu': [{'coef': c} for c in (0.25, 1.0, 8.0)],
+}
+SWEEPS = {'cpu': (SWEEP_WIDTH, SWEEP), 'gpu': (SWEEP_GPU_WIDTH, SWEEP_GPU)}
 
 
 SAE_OPTIONS = ('anneal_start',)  # TrainConfig fields passed to every architecture that takes them
 
 
-def sweep_settings(arch, d_in, scale=1.0):
-    """SWEEP[arch] for SAEs on a residual stream of width d_in: each coefficient times
-    (d_in / SWEEP_WIDTH) ** COEF_POWER of the architecture (sae.SAE.COEF_POWER: the coefficient
-    that keeps L0 where it was grows as sqrt(d_in) for an L1 penalty, as d_in for JumpReLU's L0
-    penalty) and times `scale` (--sae_coef_scale), to 3 significant digits. The gpu presets'
-    width, 512: L1 coefficients x2, JumpReLU's x4."""
-    factor = (d_in / SWEEP_WIDTH) ** ARCHS[arch].COEF_POWER * scale
-    return [dict(s, coef=float(f"{s['coef'] * factor:.3g}")) if 'coef' in s else dict(s) for s in SWEEP[arch]]
+def sweep_settings(arch, d_in, scale=1.0, grid='cpu'):
+    """The settings of `arch` in SWEEPS[grid] (SWEEP where that grid does not name the arch) for
+    SAEs on a residual stream of width d_in: each coefficient times (d_in / the grid's width) **
+    COEF_POWER of the architecture (sae.SAE.COEF_POWER: the coefficient that keeps L0 where it
+    was grows as sqrt(d_in) for an L1 penalty, as d_in for JumpReLU's L0 penalty) and times
+    `scale` (--sae_coef_scale), to 3 significant digits. SWEEP at width 512: L1 coefficients x2,
+    JumpReLU's x4."""
+    width, settings = SWEEPS[grid]
+    if arch not in settings:
+        width, settings = SWEEPS['cpu']
+    factor = (d_in / width) ** ARCHS[arch].COEF_POWER * scale
+    return [dict(s, coef=float(f"{s['coef'] * factor:.3g}")) if 'coef' in s else dict(s) for s in settings[arch]]
 
 
 def default_layer(n_layer):
@@ -535,7 +566,7 @@ def default_layer(n_layer):
 
 def sweep_grid(cfg, d_in):
     """The sweep of --sae_archs at width d_in: ({arch: [setting]}, [(arch, setting)] in order)."""
-    settings = {a: sweep_settings(a, d_in, cfg.sae_coef_scale) for a in sae_archs(cfg)}
+    settings = {a: sweep_settings(a, d_in, cfg.sae_coef_scale, cfg.sae_grid) for a in sae_archs(cfg)}
     return settings, [(a, s) for a in settings for s in settings[a]]
 
 
