@@ -54,6 +54,7 @@ class BenchConfig:
     only: str = ''      # run one benchmark: othello | lm | sae | metrics; machine: the ceilings alone
     seconds: float = 5.0  # rough time per measurement
     device: str = 'cpu'   # cpu | cuda: the LM and SAE benchmarks on a GPU, at the gpu preset's shapes
+    profile: bool = False  # with --device=cuda: then where a compiled sweep step's device time goes, by kernel
 
 
 # (LM: layers, heads, width, context, batch; SAE: d_in, d_sae, batch) per device type: the CPU's
@@ -331,6 +332,34 @@ def bench_sweep(cfg, ceilings):
     # torch's log: the count makes it visible here
     skips = torch._dynamo.utils.counters['inductor']['cudagraph_skips']
     print(f"  CUDA graphs skipped (torch's count): {skips}")
+    if cfg.profile:
+        profile_step(sweep_step(SWEEP, x, d_sae, 'compiled')[0], cfg.device, seconds)
+
+
+def profile_step(step, device, seconds, reps=3):
+    """Where one step's device time goes (a CPU: its CPU time), by kernel, over `reps` steps of
+    torch.profiler, after two unprofiled ones (compiling): the total a step, beside the wall time
+    a step took in each mode (`seconds`), and the kernels that take most of it. The compiled
+    step's kernels, not the graphs': a CUDA graph hides its kernels from the profiler, and runs
+    the same ones. Device time near the graphs' wall time: the device bounds the sweep; well
+    under it: the host still does."""
+    from torch.profiler import ProfilerActivity, profile
+    first_call(step, device)
+    first_call(step, device)
+    on_device = device.startswith('cuda')
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])) as prof:
+        for _ in range(reps):
+            step()
+        wait_for(device)
+    key = 'self_device_time_total' if on_device else 'self_cpu_time_total'  # microseconds
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) / reps / 1e3  # ms a step
+    walls = ', '.join(f"{mode} {t * 1e3:.1f}" for mode, t in seconds.items() if t)
+    print(f"  profile of a compiled step of the whole sweep: {total:.1f} ms of {'device' if on_device else 'CPU'} "
+          f"time a step (wall ms a step: {walls}); the most expensive:")
+    for e in events[:12]:
+        ms = getattr(e, key) / reps / 1e3
+        print(f"    {ms:7.2f} ms {ms / total:4.0%} {e.count // reps:4d}x a step  {e.key[:100]}")
 
 
 def bench_metrics(cfg, ceilings):
@@ -351,6 +380,8 @@ def main(argv):
     D.check_options(cfg, 'bench.py', {'only': (lambda v: v in ('', 'othello', 'lm', 'sae', 'metrics', 'machine'),
                                                'othello, lm, sae, metrics or machine'), 'seconds': D.POSITIVE_REAL,
                                       'device': (lambda v: v in SHAPES, 'cpu or cuda')})
+    if cfg.profile and not on_gpu(cfg):
+        raise D.UserError("bench.py: --profile profiles the GPU's sweep: add --device=cuda")
     if cfg.device == 'cuda' and not torch.cuda.is_available():
         raise D.UserError("bench.py: --device=cuda but torch sees no GPU here: use --device=cpu")
     print(f"bench.py config: {cfg}")

@@ -2828,8 +2828,14 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     monkeypatch.setattr(bench, 'on_gpu', lambda cfg: True)
     monkeypatch.setitem(bench.SHAPES, 'cuda', {'lm': (2, 2, 16, 8, 4), 'sae': (8, 256, 32)})  # TopK's k 160 < 256
     compiled = compile_with_dynamo_eager(monkeypatch)
-    bench.main(['--seconds=0.01'])
+    bench.main(['--seconds=0.01', '--profile'])
     out = capsys.readouterr().out
+    # --profile: a compiled step's time by kernel (here CPU time, by op), beside each mode's wall time
+    prof = re.search(r'profile of a compiled step of the whole sweep: ([0-9.]+) ms of CPU time a step \(wall ms a step: '
+                     r'eager [0-9.]+, compiled [0-9.]+, graphs [0-9.]+\); the most expensive:\n((?:    .*\n){12})', out)
+    assert prof and float(prof[1]) > 0, out
+    shares = [float(m) for m in re.findall(r'^ +[0-9.]+ ms +([0-9]+)% +[0-9]+x a step  \S', prof[2], re.M)]
+    assert len(shares) == 12 and shares == sorted(shares, reverse=True) and sum(shares) <= 100 + 6, prof[2]
     assert re.search(r'float32 compiled +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling \(first step, compiling', out)
     for arch, settings in TR.SWEEP.items():
         assert re.search(rf'{arch} +x{len(settings)} \| eager .*% \| compiled .*% \(compiling .*\| graphs .*% \(compiling', out), arch
@@ -2839,8 +2845,10 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     assert re.search(r'CUDA graphs skipped \(torch.s count\): 0', out)
     floor = re.search(r'host floor: ([0-9.]+) ms a step .* batch 32 at most ([0-9,]+) act/s', out)
     assert floor and float(floor[1]) > 0 and int(floor[2].replace(',', '')) == pytest.approx(32e3 / float(floor[1]), rel=0.02)
-    # the LM's 2 blocks, then each architecture's SAEs' losses compiled, and again with CUDA graphs
-    want = [None] * 2 + sum(([None] * len(s) + ['reduce-overhead'] * len(s) for s in TR.SWEEP.values()), [])
+    # the LM's 2 blocks, then each architecture's SAEs' losses compiled, and again with CUDA graphs,
+    # then the whole sweep's compiled, profiled
+    n = sum(len(s) for s in TR.SWEEP.values())
+    want = [None] * 2 + sum(([None] * len(s) + ['reduce-overhead'] * len(s) for s in TR.SWEEP.values()), []) + [None] * n
     assert [kw.get('mode') for fn, kw in compiled] == want
     # CUDA graphs that fail (they have not yet run on a GPU) cost the bench their own figures only
     def fails():
@@ -3085,6 +3093,7 @@ def assert_one_line(err, *needles):
     (EV.main, ['--device=cuda:99'], '--device=cuda:99'),
     (bench.main, ['--only=nosuch'], '--only=nosuch'),
     (bench.main, ['--seconds=0'], '--seconds=0'),
+    (bench.main, ['--profile'], '--profile'),  # the CPU's benchmarks have no sweep to profile
 ])
 def test_bad_values_are_refused_before_any_work(main, argv, flag, tmp_path, monkeypatch, capsys):
     dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
