@@ -27,14 +27,15 @@ work, as a fraction of the fp32 ceiling (or bf16's, for bf16 autocast):
   metrics  coverage + board reconstruction, 4096 features x 20,000 positions x 768 elements
 On a GPU (--device=cuda) the LM and the SAEs are timed as the gpu preset trains them, against the
 bf16 ceiling (where the GPU has bf16 units): the LM in bf16 autocast, eager and torch.compile'd;
-the whole SAE sweep of train.py (SWEEP: 21 SAEs), bf16 matmuls, each architecture's 3 SAEs eager,
-with compiled losses (sae.SAE.compile_loss), and with compiled losses run as CUDA graphs (train.py
---sae_cuda_graphs), then the sweep as one figure in each way (the sum of the architectures' times
-per batch), and how many compiled losses CUDA graphs could not take. The first compiled step's
-time (tracing and compiling; with graphs, the second's too, which records them) is shown beside it
-and left out of the rate. Before them, the host floor: the whole sweep at a tiny shape, where
-the device's work is negligible, is the time an eager step spends in Python and kernel launches,
-and caps the eager sweep's rate at the real shape.
+the whole SAE sweep of train.py (its gpu grid: 21 SAEs), bf16 matmuls, as train.py trains it:
+eager, with its SAEs' losses compiled as one function (sae.compile_losses), and with that function
+run as CUDA graphs (train.py --sae_cuda_graphs), and how many compiled functions CUDA graphs could
+not take; with --profile, where a compiled step's device time goes, by kernel; then each
+architecture's 3 SAEs alone, each way. The first compiled step's time (tracing and compiling;
+with graphs, the second's too, which records them) is shown beside it and left out of the rate.
+Before them, the host floor: the whole sweep at a tiny shape, where the device's work is
+negligible, is the time an eager step spends in Python and kernel launches, and caps the eager
+sweep's rate at the real shape.
 """
 import platform
 import time
@@ -275,15 +276,14 @@ def bench_sweep(cfg, ceilings):
                                 sae_cuda_graphs=mode == 'graphs', sae_grid='gpu')
         mine = [(i, s) for i, s in enumerate(sweep_grid(sweep_cfg, batch.shape[1])[1]) if s[0] in archs]
         saes = list(new_sweep_saes(sweep_cfg, mine, width, 10**6, batch).values())
-        for sae in saes:
-            ready_to_train(sae, sweep_cfg)
+        losses = ready_to_train(saes, sweep_cfg)  # None, eager
         opt = make_optimizer(saes, 3e-4)  # one for all, as train.py's sweep
         step_no = [0]
 
         def step():
-            if mode == 'graphs':  # one sequence of graphs a step, as train.py's sweep
+            if mode == 'graphs':  # a new sequence of graphs a step, as train.py's sweep
                 torch.compiler.cudagraph_mark_step_begin()
-            train_step(saes, opt, batch, step_no[0], 3e-4)
+            train_step(saes, opt, batch, step_no[0], 3e-4, losses)
             step_no[0] += 1
         return step, len(saes)
 
@@ -300,40 +300,51 @@ def bench_sweep(cfg, ceilings):
           f"{tiny_sae}, batch {tiny_B}: at d_in {d_in}, d_sae {d_sae}, batch {B} at most {B / floor:,.0f} act/s "
           f"= {cap:.1f} GFLOP/s, {cap / ceiling:.0%} of the {SHORT[name]} matmul ceiling, however fast the device")
 
+    def measure(archs, mode):
+        """(seconds a step of `archs`' SAEs in `mode` after its first step, which compiles, and
+        with graphs its second, which records them; those first steps' seconds; the step; the
+        number of SAEs)"""
+        step, n_saes = sweep_step(archs, x, d_sae, mode)
+        first = first_call(step, cfg.device)
+        if mode == 'graphs':
+            first += first_call(step, cfg.device)
+        return timed(step, cfg.seconds / 2, device=cfg.device, warm_up=False), first, step, n_saes
+
+    # the whole sweep first, as train.py trains it (all its SAEs' losses one compiled function):
+    # the figures a run cut short must have
     modes = ['eager', 'compiled', 'graphs']
-    seconds = dict.fromkeys(modes, 0.0)  # per batch through every SAE of the sweep, in each mode
-    for arch in SWEEP:
-        line = f"  {arch:14s} x{len(SWEEP[arch])}"
-        for mode in list(modes):
-            step, n_saes = sweep_step([arch], x, d_sae, mode)
-            try:
-                first = first_call(step, cfg.device)  # compiles, where compiled
-                if mode == 'graphs':  # its second step records the graphs: not timed either
-                    first += first_call(step, cfg.device)
-                per_batch = timed(step, cfg.seconds / 2, device=cfg.device, warm_up=False)
-            except Exception as e:  # graphs have not run on a GPU before: their failure must not cost the rest
-                if mode != 'graphs':
-                    raise
-                print(f"  {arch}: CUDA graphs failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
-                      f"the rest without them")
-                modes.remove('graphs')
-                continue
-            seconds[mode] += per_batch
-            rate = n_saes * B * flop_per_act / per_batch / 1e9
-            line += (f" | {mode} {rate:8.1f} GFLOP/s, {rate / ceiling:4.0%}"
-                     + (f" (compiling {first:.0f}s)" if mode != 'eager' else ''))
-        print(line)
-    for mode in reversed(modes):
+    seconds, steps = {}, {}  # per batch through every SAE of the sweep, and its step, in each mode
+    for mode in list(modes):
+        try:
+            seconds[mode], first, steps[mode], _ = measure(SWEEP, mode)
+        except Exception as e:  # graphs' failure must not cost the rest
+            if mode != 'graphs':
+                raise
+            print(f"  the whole sweep: CUDA graphs failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                  f"the rest without them")
+            modes.remove('graphs')
+            continue
         rate = B / seconds[mode]
         print(f"  the whole sweep, {mode}: {rate:,.0f} act/s through all {n} SAEs "
               f"({rate * n / 1e6:.2f}M SAE-act/s) = {rate * n * flop_per_act / 1e9:.1f} GFLOP/s, "
-              f"{rate * n * flop_per_act / 1e9 / ceiling:.0%} of the {SHORT[name]} matmul ceiling")
-    # a compiled loss that CUDA graphs could not take runs without them, and says so only in
+              f"{rate * n * flop_per_act / 1e9 / ceiling:.0%} of the {SHORT[name]} matmul ceiling"
+              + (f" (compiling {first:.0f}s)" if mode != 'eager' else ''))
+    # a compiled function that CUDA graphs could not take runs without them, and says so only in
     # torch's log: the count makes it visible here
     skips = torch._dynamo.utils.counters['inductor']['cudagraph_skips']
     print(f"  CUDA graphs skipped (torch's count): {skips}")
     if cfg.profile:
-        profile_step(sweep_step(SWEEP, x, d_sae, 'compiled')[0], cfg.device, seconds)
+        profile_step(steps['compiled'], cfg.device, seconds)
+    steps.clear()  # their SAEs' memory back
+    # then each architecture's share: its 3 SAEs alone, each way
+    for arch in SWEEP:
+        line = f"  {arch:14s} x{len(SWEEP[arch])}"
+        for mode in modes:
+            per_batch, first, _, n_saes = measure([arch], mode)
+            rate = n_saes * B * flop_per_act / per_batch / 1e9
+            line += (f" | {mode} {rate:8.1f} GFLOP/s, {rate / ceiling:4.0%}"
+                     + (f" (compiling {first:.0f}s)" if mode != 'eager' else ''))
+        print(line)
 
 
 def profile_step(step, device, seconds, reps=3):

@@ -221,8 +221,9 @@ class SAE(nn.Module):
         """Compile _loss, the tensor work of a training loss, with torch.compile(**options): its
         forward and backward are traced once per architecture (TopK's k: below), and on a GPU
         the elementwise work around the matmuls fuses into a few kernels. loss(), train_step
-        and saving are unchanged. Returns self. (train.py --sae_compile; the gpu presets turn
-        it on.)
+        and saving are unchanged. Returns self. For one SAE: train.py's sweep (--sae_compile)
+        compiles all its SAEs' losses as one function instead (compile_losses), whose options
+        and state are these.
         cuda_graphs=True (a GPU; train.py --sae_cuda_graphs): the compiled forward and backward
         also run as CUDA graphs (torch.compile's mode='reduce-overhead'): the host launches one
         graph where it launched every kernel, so a step's host time no longer caps the GPU.
@@ -312,14 +313,23 @@ class SAE(nn.Module):
 
     def loss(self, x, step):
         """x RAW activations (B, d_in) -> (loss, stats). All maths in fp32, normalised space.
-        Subclasses that keep training state on the host (p-annealing's history, TopK's dead
-        latents) wrap it here; the tensor work is _loss, the part compile_loss compiles."""
+        In three parts: _before_loss and _after_loss keep the training state that lives on the
+        host (p-annealing's schedule and history, TopK's dead latents: subclasses extend them),
+        and _loss is the tensor work, the part compile_loss (one SAE) or compile_losses (several
+        SAEs in one graph) compiles."""
+        self._before_loss(x, step)
+        loss, stats = self._loss(x)
+        return loss, self._after_loss(stats, step)
+
+    def _before_loss(self, x, step):
         if self.loss_compiled:  # the coefficient as _loss takes it (_coef_now)
             self._scalar('_coef_tensor', self.coef)
-        loss, stats = self._loss(x)
+
+    def _after_loss(self, stats, step):
+        # _loss's stats -> loss()'s
         if self.loss_graphed:  # out of the graph's memory, which its next run overwrites: one copy
             stats = dict(zip(stats, torch.stack(list(stats.values())).unbind()))
-        return loss, dict(stats, p=float(self.p), coef=float(self.coef))
+        return dict(stats, p=float(self.p), coef=float(self.coef))
 
     def _loss(self, x):
         # the tensors of loss(): the same kernels every step, whatever the step, so that a
@@ -467,8 +477,9 @@ class PAnnealing:
         return p
 
     _history_p = None  # set by loss(): the next update's p, while this batch's L_p_next is kept
+    _keep = False      # set by loss(): whether this batch's (L_p, L_p_next) joins the history
 
-    def loss(self, x, step):
+    def _before_loss(self, x, step):
         # a compiled _loss takes p as a 0-dim tensor, as every SAE its coefficient (SAE.loss): one
         # trace then serves every value; eager keeps floats, so p = 1 skips the power (lp_sum)
         as_arg = self._scalar if self.loss_compiled else (lambda name, v: float(v))
@@ -476,19 +487,21 @@ class PAnnealing:
         # keep history only in the window just before the next update: eager computes L_p_next
         # only there (saves a pow per step); a compiled loss computes it every step, so that
         # it is one trace (fused, the power costs little there) and keeps it only there
-        self._history_p, keep = None, False
+        self._history_p, self._keep = None, False
         if self.training and self.n_anneal_done < len(self._schedule):
             next_step, next_p = self._schedule[self.n_anneal_done]
-            keep = next_step - step < self.cfg['history_len']
-            if keep or self.loss_compiled:
+            self._keep = next_step - step < self.cfg['history_len']
+            if self._keep or self.loss_compiled:
                 self._history_p = as_arg('_history_p_tensor', next_p)
         elif self.loss_compiled:
             self._history_p = as_arg('_history_p_tensor', self.p)
-        loss, stats = super().loss(x, step)
-        if keep:  # host-side state, appended outside the tensor work; a copy (one small kernel),
-            # as a CUDA graph's outputs are overwritten at its next run (SAE.compile_loss)
+        super()._before_loss(x, step)
+
+    def _after_loss(self, stats, step):
+        if self._keep:  # host-side state, appended outside the tensor work; a copy (one small
+            # kernel), as a CUDA graph's outputs are overwritten at its next run (SAE.compile_loss)
             self.lp_history.append(tuple(torch.stack(self._lp_pair).unbind()))
-        return loss, stats
+        return super()._after_loss(stats, step)
 
     def _penalty(self, acts):
         lp = lp_sum(acts, self._p_arg).mean()
@@ -599,14 +612,14 @@ class TopKSAE(SAE):
         super()._load_from_state_dict(*args, **kwargs)
         self.rows_to_dead = None  # new counts: read them again at the next training step
 
-    def loss(self, x, step):
+    def _before_loss(self, x, step):
         if self.training:
             if self.rows_to_dead is None:
                 self.rows_to_dead = self.cfg['dead_tokens'] - int(self.tokens_since_fired.max())
             self.rows_to_dead -= x.shape[0]
         # a compiled loss always computes the aux loss (zero while no latent is dead): one trace
         self._aux_on = self.loss_compiled or self.rows_to_dead is None or self.rows_to_dead <= 0
-        return super().loss(x, step)
+        super()._before_loss(x, step)
 
     def _aux_loss(self, x, x_hat, pre):
         if not self._aux_on:  # no latent can be dead yet
@@ -854,10 +867,36 @@ def make_optimizer(saes, lr):
                              for scale, params in groups.items()], lr=lr, fused=saes[0].W_enc.is_cuda)
 
 
-def train_step(saes, optimizer, x, step, lr):
+def compile_losses(saes, cuda_graphs=False, **options):
+    """The training losses of several SAEs (a list) as ONE compiled function: x RAW (B, d_in) ->
+    (the sum of their losses, [each SAE's _loss stats]), for train_step(..., losses=it). One
+    forward and one backward a step for all of them, where compile_loss gives each SAE its own:
+    the host launches (or, with cuda_graphs, replays) two graphs a step instead of two per SAE,
+    and the device runs their kernels back to back. The sum's gradient is each SAE's own (their
+    parameters are apart), so each trains exactly as alone; all their forward activations are
+    held at once until the backward (on a GPU, a few hundred MB an SAE at the gpu presets' shapes).
+    Each SAE's loss() state (coefficients and p as 0-dim tensors, TopK's aux loss every step) is
+    that of compile_loss; cuda_graphs and the rules that come with it: compile_loss. The SAEs'
+    own _loss is traced, not a compiled one that compile_loss left on them."""
+    saes = list(saes)
+    for sae in saes:
+        sae.loss_compiled, sae.loss_graphed = True, cuda_graphs
+
+    def losses(x):
+        outs = [type(sae)._loss(sae, x) for sae in saes]
+        return sum(loss for loss, _ in outs), [stats for _, stats in outs]
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if cuda_graphs:
+        options['mode'] = 'reduce-overhead'
+    return torch.compile(losses, **options)
+
+
+def train_step(saes, optimizer, x, step, lr, losses=None):
     """One optimiser step of each SAE of `saes` (an SAE, or a list sharing `optimizer`, from
     make_optimizer) on the same RAW activations x (B, d_in) at learning rate `lr` (each
     parameter group at lr * its 'lr_scale'). Returns the SAE's stats dict (a list: theirs).
+    losses: compile_losses(saes), their losses in one compiled function; None: each SAE's
+    loss() in turn (compiled by compile_loss, or not).
     The order matters: the renormalisation and any p-annealing update after the optimiser step
     (W_dec's gradient comes out of the backward without its components along the rows)."""
     one = isinstance(saes, SAE)
@@ -865,11 +904,18 @@ def train_step(saes, optimizer, x, step, lr):
     for group in optimizer.param_groups:
         group['lr'] = lr * group['lr_scale']
     optimizer.zero_grad(set_to_none=True)
-    stats = []
-    for sae in saes:  # one SAE's forward and backward at a time: one SAE's activations in memory
-        loss, sae_stats = sae.loss(x, step)
-        loss.backward()
-        stats.append(sae_stats)
+    if losses is None:
+        stats = []
+        for sae in saes:  # one SAE's forward and backward at a time: one SAE's activations in memory
+            loss, sae_stats = sae.loss(x, step)
+            loss.backward()
+            stats.append(sae_stats)
+    else:  # loss() in its three parts, the tensor work of all in one call
+        for sae in saes:
+            sae._before_loss(x, step)
+        total, all_stats = losses(x)
+        total.backward()
+        stats = [sae._after_loss(sae_stats, step) for sae, sae_stats in zip(saes, all_stats)]
     optimizer.step()
     for sae in saes:
         sae.after_optimizer_step(step)

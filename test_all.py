@@ -1277,21 +1277,20 @@ def test_the_gpu_preset_on_a_cpu_runs_its_sweep_without_cuda_graphs():
 def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, capsys):
     import train as TR
     # a fake clock: one second passes with every optimiser step of the LM and every SAE's loss
-    # (the sweep's SAEs share one optimiser step), none otherwise, whatever the machine; and each
-    # SAE's loss "compiles" for 20 s at its first call
+    # (the sweep's SAEs share one optimiser step), none otherwise, whatever the machine; and the
+    # SAEs' losses "compile" for 20 s an SAE at their first call
     t = [1000.0]
     monkeypatch.setattr(TR, 'now', lambda: t[0])
 
-    def slow_to_compile(sae, **options):
-        loss, first = sae._loss, [True]
+    def slow_to_compile(saes, **options):
+        losses, first = S.compile_losses(saes, backend='eager'), [True]
 
-        def first_call_compiles(*args):
-            t[0] += 20.0 * first[0] + 1.0
+        def first_call_compiles(x):
+            t[0] += (20.0 * first[0] + 1.0) * len(saes)
             first[0] = False
-            return loss(*args)
-        sae._loss, sae.loss_compiled = first_call_compiles, True
-        return sae
-    monkeypatch.setattr(S.SAE, 'compile_loss', slow_to_compile)
+            return losses(x)
+        return first_call_compiles
+    monkeypatch.setattr(TR, 'compile_losses', slow_to_compile)
     args = ['--game=othello', '--preset=tiny', '--max_iters=5000', '--lm_minutes=0.5', '--sae_steps=400',
             '--sae_minutes=8', '--sae_archs=p_anneal', '--sae_compile', '--workers=1',
             f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
@@ -1321,7 +1320,7 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     # are timed (57 s, 10% added to spare: 3.3 s a step), and the budget counts from the sweep's
     # start, compiling included: 120 s gone, so 20 + int((480 - 120) / 3.3) = 129 steps fit; the
     # control on the random model trains as many
-    assert 'sae: the first step, which compiles each architecture\'s loss, took 63.0s' in out
+    assert 'sae: the first step, which compiles the SAEs\' losses, took 63.0s' in out
     assert '3.300s a step: 129 steps fit in --sae_minutes=8' in out
     for sub in ('saes', 'saes_random'):
         sae = S.load(f'{tmp_path}/out/othello/{sub}/p_anneal_coef0.6.pt')  # the middle setting (1.2) at width 32
@@ -1617,6 +1616,49 @@ def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch,
         torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-3, atol=1e-3, msg=name)
     for a, b in zip(runs[eager], runs[compiled]):
         assert float(b['loss']) == pytest.approx(float(a['loss']), rel=1e-3)
+
+
+def test_the_sweeps_losses_compiled_as_one_function_train_each_sae_as_alone(monkeypatch):
+    # compile_losses: two SAEs of every architecture in one compiled function, fullgraph (no
+    # host reads), one trace for a run that crosses every p-annealing update and TopK's dead
+    # latents; the sum of their losses, differentiated once, trains each SAE exactly as it trains
+    # alone with its own compiled loss (compile_loss). Dynamo's plain eager backend: the traced
+    # graph run op by op (aot_eager's trace of each architecture: the test above); TopK decoding
+    # as on a GPU, where the sweep compiles
+    from torch._dynamo.testing import CompileCounterWithBackend
+    monkeypatch.setattr(S.SAE, 'DENSE_DECODE', True)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend('eager')
+    batches = [raw_batch(seed=s) for s in range(12)]
+
+    def make():
+        saes = []
+        for i, arch in enumerate(ARCHS):
+            for j, setting in enumerate(({'k': 1}, {'k': 3}) if 'topk' in arch else ({'coef': 0.5}, {'coef': 2.0})):
+                kw = dict(setting, total_steps=12, **({'dead_tokens': 64} if 'topk' in arch else {}),
+                          **({'history_len': 2} if 'anneal' in arch else {}))
+                torch.manual_seed(10 * i + j)
+                sae = S.make_sae(arch, D_IN, D_SAE, **kw)
+                sae.set_act_scale(batches[0])
+                saes.append(sae.train())
+        return saes
+    alone, together = make(), make()
+    for sae in alone:
+        sae.compile_loss(backend='eager')
+    losses = S.compile_losses(together, backend=counter, fullgraph=True)
+    optimizers = S.make_optimizer(alone, 1e-2), S.make_optimizer(together, 1e-2)
+    for step, x in enumerate(batches):
+        want = S.train_step(alone, optimizers[0], x, step, 1e-2)
+        got = S.train_step(together, optimizers[1], x, step, 1e-2, losses)
+        assert [{k: float(v) for k, v in st.items()} for st in got] == [{k: float(v) for k, v in st.items()} for st in want]
+    assert counter.frame_count == 1 and shapes_from_the_data(counter) == []
+    for a, b in zip(alone, together):
+        assert (b.p, b.coef, getattr(b, 'n_anneal_done', 0)) == (a.p, a.coef, getattr(a, 'n_anneal_done', 0))
+        for name, value in a.state_dict().items():
+            assert torch.equal(b.state_dict()[name], value), (a.arch, name)
+    anneal = [sae for sae in together if 'anneal' in sae.arch]
+    assert all(sae.n_anneal_done == 10 and sae.coef != sae.cfg['coef'] for sae in anneal)  # the rescales happened
+    assert any(sae.tokens_since_fired.max() >= 64 for sae in together if 'topk' in sae.arch)  # dead latents
 
 
 @pytest.mark.parametrize('arch', ARCHS)
@@ -2827,6 +2869,8 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     import train as TR
     monkeypatch.setattr(bench, 'on_gpu', lambda cfg: True)
     monkeypatch.setitem(bench.SHAPES, 'cuda', {'lm': (2, 2, 16, 8, 4), 'sae': (8, 256, 32)})  # TopK's k 160 < 256
+    # three architectures of the sweep, to be quick: the host state of p-annealing and BatchTopK's
+    monkeypatch.setattr(TR, 'SWEEP', {arch: TR.SWEEP[arch] for arch in ('standard', 'p_anneal', 'batch_topk')})
     compiled = compile_with_dynamo_eager(monkeypatch)
     bench.main(['--seconds=0.01', '--profile'])
     out = capsys.readouterr().out
@@ -2845,19 +2889,19 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     assert re.search(r'CUDA graphs skipped \(torch.s count\): 0', out)
     floor = re.search(r'host floor: ([0-9.]+) ms a step .* batch 32 at most ([0-9,]+) act/s', out)
     assert floor and float(floor[1]) > 0 and int(floor[2].replace(',', '')) == pytest.approx(32e3 / float(floor[1]), rel=0.02)
-    # the LM's 2 blocks, then each architecture's SAEs' losses compiled, and again with CUDA graphs,
-    # then the whole sweep's compiled, profiled
-    n = sum(len(s) for s in TR.SWEEP.values())
-    want = [None] * 2 + sum(([None] * len(s) + ['reduce-overhead'] * len(s) for s in TR.SWEEP.values()), []) + [None] * n
+    # the LM's 2 blocks, then the whole sweep's losses as one function, compiled and again with
+    # CUDA graphs (the compiled one then profiled), then each architecture's the same two ways
+    want = [None] * 2 + [None, 'reduce-overhead'] * (1 + len(TR.SWEEP))
     assert [kw.get('mode') for fn, kw in compiled] == want
-    # CUDA graphs that fail (they have not yet run on a GPU) cost the bench their own figures only
+    assert out.index('the whole sweep, graphs') < out.index('profile of a compiled step') < out.index('  standard ')
+    # CUDA graphs that fail cost the bench their own figures only
     def fails():
         raise RuntimeError('no graphs here\nsecond line')
     monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', fails)
+    monkeypatch.setattr(TR, 'SWEEP', {'standard': TR.SWEEP['standard']})
     bench.main(['--seconds=0.01', '--only=sae'])
     out = capsys.readouterr().out
-    first = next(iter(TR.SWEEP))
-    assert out.count('CUDA graphs failed') == 1 and f'  {first}: CUDA graphs failed (RuntimeError: no graphs here); the rest' in out
+    assert out.count('CUDA graphs failed') == 1 and '  the whole sweep: CUDA graphs failed (RuntimeError: no graphs here); the rest' in out
     assert 'the whole sweep, graphs' not in out and 'the whole sweep, compiled' in out and 'the whole sweep, eager' in out
     for arch in TR.SWEEP:
         assert re.search(rf'{arch} +x\d \| eager .*% \| compiled .*% \(compiling [0-9]+s\)$', out, re.M), arch
@@ -2873,16 +2917,21 @@ def test_the_precompile_process_compiles_the_sweeps_own_saes(tmp_path, monkeypat
     import train as TR
     compiled = compile_with_dynamo_eager(monkeypatch)
     monkeypatch.setenv('TORCH_COMPILE_DISABLE', '1')  # the second process here: eager, so quick
-    args = ['--game=othello', '--preset=tiny', '--sae_archs=topk,p_anneal,jumprelu', '--control=none', '--dtype=float32',
+    args = ['--game=othello', '--preset=tiny', '--sae_archs=topk,p_anneal,jumprelu', '--control=one', '--dtype=float32',
             '--sae_compile', '--sae_precompile', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
     TR.main(args)
     out = capsys.readouterr().out
     assert out.index("a second process compiles the sweep's losses") < out.index('LM stage done')
     assert re.search(r"LM stage done in .*\nsae: the second process compiled the sweep's losses in [0-9.]+s", out), out
-    sweep = [(fn.__self__.cfg, fn.__self__.matmul_dtype, kw) for fn, kw in compiled]
+
+    def what(compiled):  # each compiled function: its SAEs' classes, settings and precision, and the options
+        saes = [dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))['saes'] for fn, _ in compiled]
+        return [([(type(sae), sae.cfg, sae.matmul_dtype) for sae in group], kw) for group, (_, kw) in zip(saes, compiled)]
+    sweep = what(compiled)
     compiled.clear()
     TR.warm_sae_compile(json.dumps(dataclasses.asdict(TR.build_config(args))))
-    assert [(fn.__self__.cfg, fn.__self__.matmul_dtype, kw) for fn, kw in compiled] == sweep and len(sweep) == 9
+    # the sweep's 9 SAEs in one function, then the control's 3 (its middle settings) in another
+    assert what(compiled) == sweep and [len(group) for group, _ in sweep] == [9, 3]
     # a second process that fails, or runs too long, costs the sweep nothing but its compiling
     for code, timeout, want in (('print("boom"); raise SystemExit(3)', 60, 'exit code 3: boom'),
                                 ('import time; time.sleep(60)', 0.5, 'stopped after 0.5s more')):
@@ -2907,10 +2956,11 @@ def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatc
     # the files hold fp32 parameters, and a loaded SAE computes in fp32
     sae = S.load(f'{tmp_path}/out/othello/saes/standard_coef0.8.pt', 'othello')
     assert sae.matmul_dtype == torch.float32 and all(p.dtype == torch.float32 for p in sae.parameters())
-    # --sae_compile compiles each SAE's loss (here with dynamo's plain 'eager' backend: traced as
-    # for the GPU's compiler, run op by op; test_compiled_loss_... checks the traces) and trains on
-    # it. With --sae_cuda_graphs (a GPU only: refused here, so set after the checks) the losses are
-    # compiled for CUDA graphs, and each step of the sweep is marked once, before its SAEs' step
+    # --sae_compile compiles the SAEs' losses as one function (here with dynamo's plain 'eager'
+    # backend: traced as for the GPU's compiler, run op by op; test_compiled_loss_... checks the
+    # traces) and trains on it. With --sae_cuda_graphs (a GPU only: refused here, so set after
+    # the checks) it is compiled for CUDA graphs, and each step of the sweep is marked once,
+    # before its SAEs' step
     compiled = compile_with_dynamo_eager(monkeypatch)
     events = []
     monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: events.append('mark'))
@@ -2918,7 +2968,10 @@ def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatc
     cfg = TR.build_config(['--game=othello', '--preset=tiny', '--sae_archs=topk', '--sae_steps=3', '--control=none',
                            '--dtype=float32', '--sae_compile', *dirs])
     TR.train_saes(dataclasses.replace(cfg, sae_cuda_graphs=True), log=lambda _: None)
-    assert [(type(fn.__self__).__name__, kw) for fn, kw in compiled] == [('TopKSAE', {'mode': 'reduce-overhead'})] * 3
+    assert [kw for fn, kw in compiled] == [{'mode': 'reduce-overhead'}]
+    saes = dict(zip(compiled[0][0].__code__.co_freevars, (c.cell_contents for c in compiled[0][0].__closure__)))['saes']
+    assert [(sae.arch, sae.cfg['k'], sae.loss_compiled, sae.loss_graphed) for sae in saes] == \
+        [('topk', k, True, True) for k in (10, 40, 160)]
     assert events == ['mark', 3] * 3  # 3 steps, each of the 3 SAEs together
     sae = S.load(f'{tmp_path}/out/othello/saes/topk_k40.pt', 'othello')
     assert sae.meta['train_config']['sae_compile'] and math.isfinite(sae.meta['final']['explained_variance'])

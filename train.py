@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as D
 import metrics
 from model import GPT, GPTConfig, choose_device, choose_precision, load_checkpoint, save_checkpoint, wait_for
-from sae import (ARCHS, SAE, from_dict as sae_from_dict, make_optimizer, make_sae, save as save_sae,
-                 to_dict as sae_to_dict, train_step)
+from sae import (ARCHS, SAE, compile_losses, from_dict as sae_from_dict, make_optimizer, make_sae,
+                 save as save_sae, to_dict as sae_to_dict, train_step)
 
 
 @dataclass
@@ -104,10 +104,10 @@ class TrainConfig:
     sae_buffer: int = 65536     # activations held and shuffled between model passes
     sae_log_interval: int = 250
     sae_ckpt_minutes: float = 5.0  # checkpoint the whole sweep this often, for --resume (0: after every step)
-    sae_compile: bool = False   # torch.compile each SAE's loss (sae.SAE.compile_loss; on in the gpu presets:
-                                # on a GPU it fuses the elementwise work of a step; on a CPU it is slower
-                                # for TopK, and costs seconds of compiling per architecture)
-    sae_cuda_graphs: bool = False  # with --sae_compile on CUDA: the compiled losses also run as CUDA graphs
+    sae_compile: bool = False   # torch.compile the sweep's SAEs' losses as one function (sae.compile_losses;
+                                # on in the gpu presets: on a GPU it fuses the elementwise work of a step;
+                                # on a CPU it is slower for TopK, and costs a minute or more of compiling)
+    sae_cuda_graphs: bool = False  # with --sae_compile on CUDA: that function also runs as CUDA graphs
                                 # (sae.SAE.compile_loss), one launch per graph where the host launched
                                 # every kernel (on in the gpu and paper presets, which turn it off on a
                                 # CPU: on an H200 the sweep ran 1.5x as fast as compiled alone, bench.py)
@@ -570,6 +570,12 @@ def sweep_grid(cfg, d_in):
     return settings, [(a, s) for a in settings for s in settings[a]]
 
 
+def control_grid(cfg, settings, sweep):
+    """The random-init control's [(arch, setting)]: --control=one, each architecture's middle
+    setting; sweep, the whole sweep."""
+    return sweep if cfg.control == 'sweep' else [(a, ss[len(ss) // 2]) for a, ss in settings.items()]
+
+
 def sae_name(arch, setting):
     return arch + ''.join(f'_{k}{v:g}' for k, v in setting.items())
 
@@ -645,20 +651,23 @@ def new_sweep_saes(cfg, mine, d_sae, n_steps, first):
     return saes
 
 
-def ready_to_train(sae, cfg):
-    """The sweep's precision and compiling for `sae`, new or resumed: its encoder and decoder
-    products in bf16 where the LM's bf16 was measured (or known, CUDA) to be the faster, all else
-    fp32 (sae.py; fp16 has no scaler here); under --sae_compile its loss compiled, traced at its
-    first step once per architecture, TopK's k aside (the control reuses the traces)."""
-    sae.matmul_dtype = torch.bfloat16 if cfg.dtype == 'bfloat16' else torch.float32
-    if cfg.sae_compile:
-        sae.compile_loss(cuda_graphs=cfg.sae_cuda_graphs)
+def ready_to_train(saes, cfg):
+    """The sweep's precision and compiling for `saes` (a list), new or resumed: their encoder and
+    decoder products in bf16 where the LM's bf16 was measured (or known, CUDA) to be the faster,
+    all else fp32 (sae.py; fp16 has no scaler here). Returns, under --sae_compile, their losses
+    compiled as one function (sae.compile_losses: one forward and one backward a step for all
+    of them, traced and compiled at their first step; under --sae_cuda_graphs two CUDA graphs a
+    step) for train_step's `losses`, else None."""
+    for sae in saes:
+        sae.matmul_dtype = torch.bfloat16 if cfg.dtype == 'bfloat16' else torch.float32
+    return compile_losses(saes, cuda_graphs=cfg.sae_cuda_graphs) if cfg.sae_compile and saes else None
 
 
 def warm_sae_compile(cfg_json):
     """The second process of --sae_precompile, started as the LM starts training: the sweep's
-    SAEs, built as train_sae_sweep builds them (new_sweep_saes, ready_to_train) at its shapes,
-    take one compiled train_step on random activations. That leaves their compiled forward and
+    SAEs, and then the random-init control's, built as train_sae_sweep builds them
+    (new_sweep_saes, ready_to_train) at its shapes, take one compiled train_step on random
+    activations (each set of SAEs is one compiled function). That leaves their compiled forward and
     backward in torch.compile's caches on disk (inductor's graph cache and its autograd cache,
     which the processes of one machine share), and the sweep's own first step loads them instead
     of compiling: 14 s instead of 87 s for the 21 SAEs at d_in 64 on a 2-core CPU (README).
@@ -666,11 +675,11 @@ def warm_sae_compile(cfg_json):
     t0 = time.time()
     cfg = TrainConfig(**json.loads(cfg_json))
     first = torch.randn(cfg.sae_batch, cfg.n_embd, device=cfg.device)  # (B, d_in), as a batch of the sweep
-    saes = new_sweep_saes(cfg, list(enumerate(sweep_grid(cfg, cfg.n_embd)[1])), cfg.sae_expansion * cfg.n_embd,
-                          cfg.sae_steps, first)
-    for sae in saes.values():
-        ready_to_train(sae, cfg)
-    train_step(list(saes.values()), make_optimizer(saes.values(), cfg.sae_lr), first, 0, cfg.sae_lr)
+    settings, sweep = sweep_grid(cfg, cfg.n_embd)
+    for part in [sweep] + ([control_grid(cfg, settings, sweep)] if cfg.control != 'none' else []):
+        saes = list(new_sweep_saes(cfg, list(enumerate(part)), cfg.sae_expansion * cfg.n_embd, cfg.sae_steps,
+                                   first).values())
+        train_step(saes, make_optimizer(saes, cfg.sae_lr), first, 0, cfg.sae_lr, losses=ready_to_train(saes, cfg))
     wait_for(cfg.device)
     print(f"{time.time() - t0:.1f}")
 
@@ -759,8 +768,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     optimizer = make_optimizer(saes.values(), cfg.sae_lr) if saes else None
     if optimizer and resume is not None:
         optimizer.load_state_dict(resume['optimizer'])
-    for sae in saes.values():
-        ready_to_train(sae, cfg)
+    losses = ready_to_train(list(saes.values()), cfg)
     log(f"sae: {len(saes)} SAEs" + (f" (this process's share of {len(sweep)})" if world > 1 else "") +
         f", d_in {d_in} -> d_sae {d_sae}, layer {layer}, {n_steps} steps x {cfg.sae_batch} activations, "
         f"into {out_dir}/" + (f" (at most {cfg.sae_minutes:g} min)" if fit_to_budget else ""))
@@ -771,10 +779,10 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         x = first if step == 0 else next(stream)
         # linear warm-up, constant, then linear decay over the last 20% of steps
         lr = cfg.sae_lr * min(1.0, (step + 1) / cfg.sae_warmup, 5 * (1 - step / n_steps))
-        if cfg.sae_cuda_graphs:  # the step of every SAE is one sequence of graphs (sae.SAE.compile_loss)
+        if cfg.sae_cuda_graphs:  # each step's graphs are a new sequence (sae.SAE.compile_loss)
             torch.compiler.cudagraph_mark_step_begin()
         t = time.perf_counter()
-        for name, stats in zip(saes, train_step(list(saes.values()), optimizer, x, step, lr) if saes else []):
+        for name, stats in zip(saes, train_step(list(saes.values()), optimizer, x, step, lr, losses) if saes else []):
             window[name].append(stats['mse'])  # a tensor: read when logged
         if step > start or n_steps - start == 1:
             seconds, timed_steps = seconds + time.perf_counter() - t, timed_steps + 1
@@ -782,7 +790,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             wait_for(cfg.device)
             t_timing = now()
             if cfg.sae_compile:
-                log(f"sae: the first step, which compiles each architecture's loss, took {t_timing - t0:.1f}s")
+                log(f"sae: the first step, which compiles the SAEs' losses, took {t_timing - t0:.1f}s")
         if step + 1 == start + SAE_TIMING_STEPS and n_steps > step + 1:
             wait_for(cfg.device)
             since_first = now() - t_timing
@@ -924,7 +932,7 @@ def train_saes(cfg, log=print):
                                                                    'train_config': dataclasses.asdict(cfg)})
         barrier()  # written before any process reads its digest
         random_id = {'path': random_path, 'iter': 0, 'sha256': D.file_digest(random_path), 'random_init': True}
-        control = sweep if cfg.control == 'sweep' else [(a, ss[len(ss) // 2]) for a, ss in settings.items()]
+        control = control_grid(cfg, settings, sweep)
         log(f"sae: control on a random-init model ({len(control)} SAEs)")
         # as many steps as the trained model's SAEs had (fewer than sae_steps under --sae_minutes)
         results = results + train_sae_sweep(cfg, random_model, random_id, tokens, val_tokens, train['pad_id'], control,
