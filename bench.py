@@ -252,9 +252,10 @@ def bench_sae(cfg, ceilings):
 
 
 def bench_sweep(cfg, ceilings):
-    """A GPU: train.py's whole SAE sweep (SWEEP, 3 settings of each architecture) as the gpu
-    preset trains it, bf16 matmuls (where the GPU has bf16 units) and compiled losses, one
-    train_step of every SAE on each batch; eager beside it for the compiler's share."""
+    """A GPU: train.py's whole SAE sweep (its gpu grid, 3 settings of each architecture) as the
+    gpu preset trains it, bf16 matmuls (where the GPU has bf16 units) and its SAEs' losses one
+    compiled function, with and without CUDA graphs, one train_step of every SAE on each batch;
+    eager beside it for the compiler's share; then each architecture's 3 SAEs alone."""
     from train import SWEEP, TrainConfig, new_sweep_saes, ready_to_train, sweep_grid
     torch.manual_seed(0)
     d_in, d_sae, B = SHAPES['cuda']['sae']

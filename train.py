@@ -108,7 +108,7 @@ class TrainConfig:
                                 # on in the gpu presets: on a GPU it fuses the elementwise work of a step;
                                 # on a CPU it is slower for TopK, and costs a minute or more of compiling)
     sae_cuda_graphs: bool = False  # with --sae_compile on CUDA: that function also runs as CUDA graphs
-                                # (sae.SAE.compile_loss), one launch per graph where the host launched
+                                # (sae.compile_losses), one launch per graph where the host launched
                                 # every kernel (on in the gpu and paper presets, which turn it off on a
                                 # CPU: on an H200 the sweep ran 1.5x as fast as compiled alone, bench.py)
     sae_precompile: bool = False  # with --sae_compile and --stage=all: a second process compiles the sweep's
@@ -670,7 +670,7 @@ def warm_sae_compile(cfg_json):
     activations (each set of SAEs is one compiled function). That leaves their compiled forward and
     backward in torch.compile's caches on disk (inductor's graph cache and its autograd cache,
     which the processes of one machine share), and the sweep's own first step loads them instead
-    of compiling: 14 s instead of 87 s for the 21 SAEs at d_in 64 on a 2-core CPU (README).
+    of compiling: 19 s instead of 113 s for the tiny preset's 21 SAEs on a 2-core CPU (README).
     Prints its seconds. Its activations are random: nothing it computes is kept."""
     t0 = time.time()
     cfg = TrainConfig(**json.loads(cfg_json))
@@ -779,7 +779,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         x = first if step == 0 else next(stream)
         # linear warm-up, constant, then linear decay over the last 20% of steps
         lr = cfg.sae_lr * min(1.0, (step + 1) / cfg.sae_warmup, 5 * (1 - step / n_steps))
-        if cfg.sae_cuda_graphs:  # each step's graphs are a new sequence (sae.SAE.compile_loss)
+        if cfg.sae_cuda_graphs:  # each step's graphs are a new sequence (sae.compile_losses)
             torch.compiler.cudagraph_mark_step_begin()
         t = time.perf_counter()
         for name, stats in zip(saes, train_step(list(saes.values()), optimizer, x, step, lr, losses) if saes else []):
