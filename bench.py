@@ -314,10 +314,15 @@ def bench_sweep(cfg, ceilings):
     # the whole sweep first, as train.py trains it (all its SAEs' losses one compiled function):
     # the figures a run cut short must have
     modes = ['eager', 'compiled', 'graphs']
-    seconds, steps = {}, {}  # per batch through every SAE of the sweep, and its step, in each mode
+    seconds, steps = {}, {}  # per batch through every SAE of the sweep in each mode; the compiled step
     for mode in list(modes):
+        if torch.cuda.is_available() and cfg.device.startswith('cuda'):
+            torch.cuda.reset_peak_memory_stats(cfg.device)
         try:
-            seconds[mode], first, steps[mode], _ = measure(SWEEP, mode)
+            seconds[mode], first, step, _ = measure(SWEEP, mode)
+            if mode == 'compiled':  # kept for --profile; the others' memory goes back
+                steps[mode] = step
+            del step
         except Exception as e:  # graphs' failure must not cost the rest
             if mode != 'graphs':
                 raise
@@ -329,7 +334,9 @@ def bench_sweep(cfg, ceilings):
         print(f"  the whole sweep, {mode}: {rate:,.0f} act/s through all {n} SAEs "
               f"({rate * n / 1e6:.2f}M SAE-act/s) = {rate * n * flop_per_act / 1e9:.1f} GFLOP/s, "
               f"{rate * n * flop_per_act / 1e9 / ceiling:.0%} of the {SHORT[name]} matmul ceiling"
-              + (f" (compiling {first:.0f}s)" if mode != 'eager' else ''))
+              + (f" (compiling {first:.0f}s)" if mode != 'eager' else '')
+              + (f"; peak GPU memory {torch.cuda.max_memory_allocated(cfg.device) / 2**30:.1f} GiB"
+                 if torch.cuda.is_available() and cfg.device.startswith('cuda') else ''))  # the kept step's included
     # a compiled function that CUDA graphs could not take runs without them, and says so only in
     # torch's log: the count makes it visible here
     skips = torch._dynamo.utils.counters['inductor']['cudagraph_skips']
