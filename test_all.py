@@ -1274,6 +1274,20 @@ def test_the_gpu_preset_on_a_cpu_runs_its_sweep_without_cuda_graphs():
     assert TR.build_config(['--preset=cpu']).sae_grid == 'cpu'
 
 
+def test_data_of_another_size_are_used_and_said(tmp_path):
+    # the data are made once and kept: a later run that asks for another number of games (the tiny
+    # preset's 2000 after the gpu preset's 2M, or the other way) trains on what is there, and says so
+    import train as TR
+    dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    for n_games, want in ((300, []), (300, []), (500, [f"data: {tmp_path}/data/othello/train.pt holds 300 games, not the "
+                                                       f"500 of --n_games: training on them (for 500: delete "
+                                                       f"{tmp_path}/data/othello/ first)"])):
+        logged = []
+        train, _ = TR.ensure_data(TR.build_config(['--preset=tiny', f'--n_games={n_games}', '--workers=1', *dirs]),
+                                  logged.append)
+        assert len(train['tokens']) == 300 and [line for line in logged if 'holds' in line] == want
+
+
 def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, capsys):
     import train as TR
     # a fake clock: one second passes with every optimiser step of the LM and every SAE's loss

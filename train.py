@@ -252,6 +252,10 @@ def ensure_data(cfg, log=print):
                                seed=cfg.seed, workers=cfg.workers, data_dir=cfg.data_dir), log=log)
     barrier()  # under torchrun the others wait for rank 0 to make the data
     train, val = (D.load_data(cfg.game, s, cfg.data_dir) for s in ('train', 'val'))
+    n = len(train['tokens'])
+    if cfg.source == 'random' and cfg.n_games and n != cfg.n_games:  # made earlier, by another preset or data.py
+        log(f"data: {paths['train']} holds {n:,} games, not the {cfg.n_games:,} of --n_games: training on "
+            f"them (for {cfg.n_games:,}: delete {os.path.dirname(paths['train'])}/ first)")
     T = train['tokens'].shape[1]
     if T < cfg.block_size + 1:
         raise D.DataError(f"{paths['train']} has games of {T} tokens but --block_size={cfg.block_size} "
