@@ -1279,13 +1279,13 @@ def test_data_of_another_size_are_used_and_said(tmp_path):
     # preset's 2000 after the gpu preset's 2M, or the other way) trains on what is there, and says so
     import train as TR
     dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
-    for n_games, want in ((300, []), (300, []), (500, [f"data: {tmp_path}/data/othello/train.pt holds 300 games, not the "
-                                                       f"500 of --n_games: training on them (for 500: delete "
-                                                       f"{tmp_path}/data/othello/ first)"])):
+    for n_games, want in ((30, []), (30, []), (50, [f"data: {tmp_path}/data/othello/train.pt holds 30 games, not the "
+                                                     f"50 of --n_games: training on them (for 50: delete "
+                                                     f"{tmp_path}/data/othello/ first)"])):
         logged = []
-        train, _ = TR.ensure_data(TR.build_config(['--preset=tiny', f'--n_games={n_games}', '--workers=1', *dirs]),
-                                  logged.append)
-        assert len(train['tokens']) == 300 and [line for line in logged if 'holds' in line] == want
+        cfg = TR.build_config(['--preset=tiny', f'--n_games={n_games}', '--n_val=10', '--n_label_games=5', '--workers=1', *dirs])
+        train, _ = TR.ensure_data(cfg, logged.append)
+        assert len(train['tokens']) == 30 and [line for line in logged if 'holds' in line] == want
 
 
 def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, capsys):
