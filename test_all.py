@@ -2932,7 +2932,8 @@ def test_the_precompile_process_compiles_the_sweeps_own_saes(tmp_path, monkeypat
     compiled = compile_with_dynamo_eager(monkeypatch)
     monkeypatch.setenv('TORCH_COMPILE_DISABLE', '1')  # the second process here: eager, so quick
     args = ['--game=othello', '--preset=tiny', '--sae_archs=topk,p_anneal,jumprelu', '--control=one', '--dtype=float32',
-            '--sae_compile', '--sae_precompile', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+            '--max_iters=10', '--sae_steps=5', '--sae_compile', '--sae_precompile', f'--data_dir={tmp_path}/data',
+            f'--out_dir={tmp_path}/out']
     TR.main(args)
     out = capsys.readouterr().out
     assert out.index("a second process compiles the sweep's losses") < out.index('LM stage done')
