@@ -197,12 +197,12 @@ def build_config(argv):
         raise D.UserError(f"unknown --sae_grid {cfg.sae_grid!r}: use {' or '.join(SWEEPS)}")
     if cfg.control not in ('one', 'sweep', 'none'):
         raise D.UserError(f"unknown --control {cfg.control!r}: use one, sweep or none")
-    if cfg.sae_cuda_graphs and not (cfg.sae_compile and device.startswith('cuda')) and \
-            not any(a.split('=')[0] == '--sae_cuda_graphs' for a in argv):
-        cfg.sae_cuda_graphs = False  # the preset's, where graphs cannot run: the sweep runs without them
     if cfg.sae_cuda_graphs and not (cfg.sae_compile and device.startswith('cuda')):
-        raise D.UserError(f"--sae_cuda_graphs needs a CUDA GPU and --sae_compile (here --device={device}, "
-                          f"--sae_compile={cfg.sae_compile}): drop --sae_cuda_graphs")
+        if not any(a.split('=')[0] == '--sae_cuda_graphs' for a in argv):
+            cfg.sae_cuda_graphs = False  # the preset's, where graphs cannot run: the sweep runs without them
+        else:
+            raise D.UserError(f"--sae_cuda_graphs needs a CUDA GPU and --sae_compile (here --device={device}, "
+                              f"--sae_compile={cfg.sae_compile}): drop --sae_cuda_graphs")
     sae_archs(cfg)
     positive, non_negative = D.POSITIVE, D.NON_NEGATIVE
     D.check_options(cfg, 'train.py', {
