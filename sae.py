@@ -228,9 +228,9 @@ class SAE(nn.Module):
         also run as CUDA graphs (torch.compile's mode='reduce-overhead'): the host launches one
         graph where it launched every kernel, so a step's host time no longer caps the GPU.
         Two rules come with it. A graph writes its outputs to the same memory every time it runs,
-        so loss() returns its stats copied out of it. And whoever trains several SAEs calls
-        torch.compiler.cudagraph_mark_step_begin() once before each step of them all (train.py's
-        sweep, bench.py): SAEs of one architecture share one compiled loss, and the mark makes
+        so loss() returns its stats copied out of it. And whoever trains several SAEs, each with
+        its own compiled loss, calls torch.compiler.cudagraph_mark_step_begin() once before each
+        step of them all: SAEs of one architecture share one compiled loss, and the mark makes
         the step one sequence of graphs, each SAE's forward and backward recorded at its place in
         it, rather than the shared graph re-recorded for each SAE's parameters."""
         # every architecture traces the base class's _loss: one cached trace per class, more
@@ -886,6 +886,8 @@ def compile_losses(saes, cuda_graphs=False, **options):
     def losses(x):
         outs = [type(sae)._loss(sae, x) for sae in saes]
         return sum(loss for loss, _ in outs), [stats for _, stats in outs]
+    # every call makes a new `losses` on one code object, a trace of its own for each (the sweep's,
+    # the control's; bench.py's 16): more than torch's default limit of traces for one function
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if cuda_graphs:
         options['mode'] = 'reduce-overhead'
