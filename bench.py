@@ -314,14 +314,16 @@ def bench_sweep(cfg, ceilings):
     # the whole sweep first, as train.py trains it (all its SAEs' losses one compiled function):
     # the figures a run cut short must have
     modes = ['eager', 'compiled', 'graphs']
-    seconds, steps = {}, {}  # per batch through every SAE of the sweep in each mode; the compiled step
+    seconds = {}  # per batch through every SAE of the sweep, in each mode
+    compiled_step = None  # kept for --profile; the others' memory goes back
+    cuda = torch.cuda.is_available() and cfg.device.startswith('cuda')
     for mode in list(modes):
-        if torch.cuda.is_available() and cfg.device.startswith('cuda'):
+        if cuda:
             torch.cuda.reset_peak_memory_stats(cfg.device)
         try:
             seconds[mode], first, step, _ = measure(SWEEP, mode)
-            if mode == 'compiled':  # kept for --profile; the others' memory goes back
-                steps[mode] = step
+            if mode == 'compiled':
+                compiled_step = step
             del step
         except Exception as e:  # graphs' failure must not cost the rest
             if mode != 'graphs':
@@ -336,14 +338,14 @@ def bench_sweep(cfg, ceilings):
               f"{rate * n * flop_per_act / 1e9 / ceiling:.0%} of the {SHORT[name]} matmul ceiling"
               + (f" (compiling {first:.0f}s)" if mode != 'eager' else '')
               + (f"; peak GPU memory {torch.cuda.max_memory_allocated(cfg.device) / 2**30:.1f} GiB"
-                 if torch.cuda.is_available() and cfg.device.startswith('cuda') else ''))  # the kept step's included
+                 if cuda else ''))  # the kept compiled step's included
     # a compiled function that CUDA graphs could not take runs without them, and says so only in
     # torch's log: the count makes it visible here
     skips = torch._dynamo.utils.counters['inductor']['cudagraph_skips']
     print(f"  CUDA graphs skipped (torch's count): {skips}")
     if cfg.profile:
-        profile_step(steps['compiled'], cfg.device, seconds)
-    steps.clear()  # their SAEs' memory back
+        profile_step(compiled_step, cfg.device, seconds)
+    del compiled_step  # its SAEs' memory back
     # then each architecture's share: its 3 SAEs alone, each way
     for arch in SWEEP:
         line = f"  {arch:14s} x{len(SWEEP[arch])}"
