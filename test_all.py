@@ -2872,6 +2872,11 @@ def compile_with_dynamo_eager(monkeypatch):
     return compiled
 
 
+def saes_of(losses):
+    """The SAEs whose losses a function of sae.compile_losses (the function before torch.compile) computes."""
+    return dict(zip(losses.__code__.co_freevars, (c.cell_contents for c in losses.__closure__)))['saes']
+
+
 # the CUDA-graph variant's step marks (torch.compiler.cudagraph_mark_step_begin) import torch's
 # inductor, whose import warns of torch.jit's deprecation: torch's own warning, not this project's
 @pytest.mark.filterwarnings('ignore:`torch.jit.script_method` is deprecated:DeprecationWarning')
@@ -2940,8 +2945,7 @@ def test_the_precompile_process_compiles_the_sweeps_own_saes(tmp_path, monkeypat
     assert re.search(r"LM stage done in .*\nsae: the second process compiled the sweep's losses in [0-9.]+s", out), out
 
     def what(compiled):  # each compiled function: its SAEs' classes, settings and precision, and the options
-        saes = [dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))['saes'] for fn, _ in compiled]
-        return [([(type(sae), sae.cfg, sae.matmul_dtype) for sae in group], kw) for group, (_, kw) in zip(saes, compiled)]
+        return [([(type(sae), sae.cfg, sae.matmul_dtype) for sae in saes_of(fn)], kw) for fn, kw in compiled]
     sweep = what(compiled)
     compiled.clear()
     TR.warm_sae_compile(json.dumps(dataclasses.asdict(TR.build_config(args))))
@@ -2984,8 +2988,7 @@ def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatc
                            '--dtype=float32', '--sae_compile', *dirs])
     TR.train_saes(dataclasses.replace(cfg, sae_cuda_graphs=True), log=lambda _: None)
     assert [kw for fn, kw in compiled] == [{'mode': 'reduce-overhead'}]
-    saes = dict(zip(compiled[0][0].__code__.co_freevars, (c.cell_contents for c in compiled[0][0].__closure__)))['saes']
-    assert [(sae.arch, sae.cfg['k'], sae.loss_compiled, sae.loss_graphed) for sae in saes] == \
+    assert [(sae.arch, sae.cfg['k'], sae.loss_compiled, sae.loss_graphed) for sae in saes_of(compiled[0][0])] == \
         [('topk', k, True, True) for k in (10, 40, 160)]
     assert events == ['mark', 3] * 3  # 3 steps, each of the 3 SAEs together
     sae = S.load(f'{tmp_path}/out/othello/saes/topk_k40.pt', 'othello')
