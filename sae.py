@@ -43,6 +43,8 @@ Conventions shared by every architecture:
   faster, as for the LM): the encoder and decoder products take bf16 inputs and come back as
   fp32 at once; parameters, optimiser state, every other operation and the loss stay fp32
   (TopK's sparse decode is a gather, not a matmul: fp32 too). Loaded SAEs compute in fp32.
+  One exception, exact: TopK's training picks its top k among the encoder's bf16 outputs
+  before they become fp32, whose values are those same bf16 numbers; the picks are then fp32.
 - Decoder rows stay at unit norm: the backward removes each row's own direction from W_dec's
   gradient (_DecoderGrad), and after_optimizer_step renormalises the rows.
 - Training step: loss.backward(); opt.step(); sae.after_optimizer_step(step): `train_step`
@@ -246,17 +248,19 @@ class SAE(nn.Module):
         self.loss_compiled, self.loss_graphed = True, cuda_graphs
         return self
 
-    def _matmul(self, bias, a, W):
+    def _matmul(self, bias, a, W, fp32_out=True):
         # bias + a @ W, (B, m) @ (m, n) -> (B, n) fp32; the product in matmul_dtype (bf16: tensor
-        # cores, bf16 inputs, fp32 accumulation), its result back in fp32 at once
+        # cores, bf16 inputs, fp32 accumulation), its result back in fp32 at once (fp32_out=False:
+        # left in matmul_dtype, for a top-k that only picks among its values)
         if self.matmul_dtype == torch.float32:
             return torch.addmm(bias, a, W)
         dt = self.matmul_dtype
-        return torch.addmm(bias.to(dt), a.to(dt), W.to(dt)).float()
+        out = torch.addmm(bias.to(dt), a.to(dt), W.to(dt))
+        return out.float() if fp32_out else out
 
-    def _pre_acts(self, x):
+    def _pre_acts(self, x, fp32_out=True):
         # x normalised (B, d_in) -> encoder pre-activations (B, d_sae), bias added inside the matmul
-        return self._matmul(self._enc_bias(), x, self.W_enc)
+        return self._matmul(self._enc_bias(), x, self.W_enc, fp32_out)
 
     def _decode_n(self, f):
         # f (B, d_sae) -> normalised reconstruction (B, d_in)
@@ -276,6 +280,9 @@ class SAE(nn.Module):
         as one more matmul, where the gather's backward would add B * k rows one by one."""
         dense = self.W_dec.device.type != 'cpu' if self.DENSE_DECODE is None else self.DENSE_DECODE
         if dense:
+            # f built in matmul_dtype, which _decode_n's matmul takes as it is: the same numbers as
+            # an fp32 f cast there, without an fp32 (B, d_sae) tensor to write and read back
+            values = values.to(self.matmul_dtype)
             if rows is None:  # (B, k): row b's picks are row b
                 f = values.new_zeros(len(indices), self.W_dec.shape[0]).scatter(1, indices, values)
             else:
@@ -569,7 +576,7 @@ class TopKSAE(SAE):
         return self._pre_acts(x).relu_()                 # (B, d_sae)
 
     def _keep_topk_per_row(self, acts):
-        values, indices = acts.topk(self.cfg['k'], dim=-1)               # (B, k)
+        values, indices = acts.topk(self.cfg['k'], dim=-1, sorted=False)  # (B, k)
         return torch.zeros_like(acts).scatter(-1, indices, values)       # (B, d_sae)
 
     def _encode_n(self, x):
@@ -577,15 +584,18 @@ class TopKSAE(SAE):
 
     def _select_train(self, pre):
         """The training selection from pre-activations (B, d_sae): (values, indices, rows) for
-        _decode_sparse_n, the values before their ReLU (rows None: (B, k) picks, row b's in row b)."""
-        values, indices = pre.topk(self.cfg['k'], dim=-1)                # (B, k)
-        return values, indices, None
+        _decode_sparse_n, the values fp32 and before their ReLU (rows None: (B, k) picks, row b's
+        in row b), in no set order (unsorted, a GPU's top-k skips sorting them)."""
+        values, indices = pre.topk(self.cfg['k'], dim=-1, sorted=False)  # (B, k)
+        return values.float(), indices, None
 
     def _train_forward(self, x):
         # top-k of the pre-activations, then ReLU of the k values: the same features as top-k of
         # ReLU(pre) (a negative among the k becomes a kept zero), with no (B, d_sae) ReLU to run
-        # forward and backward
-        pre = self._pre_acts(x)                          # (B, d_sae)
+        # forward and backward. pre stays in matmul_dtype: with bf16 matmuls its fp32 form would
+        # hold the same numbers, and the top-k (a kernel that no compiler fuses, reading pre
+        # several times) reads half the bytes; only the k picks become fp32
+        pre = self._pre_acts(x, fp32_out=False)          # (B, d_sae) in matmul_dtype
         values, indices, rows = self._select_train(pre)
         values = values.relu()
         x_hat = self._decode_sparse_n(values, indices, rows, n_rows=x.shape[0])
@@ -629,8 +639,9 @@ class TopKSAE(SAE):
         # the top aux_k of the dead latents' pre-activations. The live ones are zeroed, not left
         # out, so the shape never depends on the data: where fewer than aux_k latents are dead,
         # the extra picks are zeros (live latents, or dead ones below zero) and add nothing
-        values, indices = (pre * dead).topk(min(self.cfg['aux_k'], pre.shape[1]), dim=-1)  # (B, aux_k)
-        values = values.relu()                           # as top-k of ReLU(pre) over the dead
+        aux_k = min(self.cfg['aux_k'], pre.shape[1])
+        values, indices = (pre * dead).topk(aux_k, dim=-1, sorted=False)  # (B, aux_k)
+        values = values.float().relu()                   # as top-k of ReLU(pre) over the dead
         residual_hat = self._decode_sparse_n(values, indices) - self.b_dec  # (B, d_in), no bias
         aux_mse = (residual - residual_hat).pow(2).sum(-1).mean()
         residual_var = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
@@ -673,6 +684,7 @@ class BatchTopKSAE(TopKSAE):
 
     def _select_train(self, pre):
         values, flat = self._topk_over_batch(pre)
+        values = values.float()
         if self.training:
             with torch.no_grad():  # on the device: no host read of the smallest kept value
                 smallest_kept = values.min()

@@ -1548,6 +1548,46 @@ def test_the_gpu_dense_decode_equals_the_cpu_gather(arch, monkeypatch):
         torch.testing.assert_close(got, want + sae.b_dec, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('arch', ['topk', 'batch_topk'])
+def test_topk_picks_among_bf16_products_exactly_as_among_their_fp32_copies(arch, monkeypatch):
+    # with bf16 matmuls TopK's training picks among the encoder's bf16 outputs (sae.py): the picks
+    # are fp32, each the fp32 copy's value at its index, and as a set the fp32 copy's top k (top
+    # k * B over the batch); and the GPU's dense decode, which builds f in bf16, gives the output
+    # and gradients of an fp32 f cast to bf16 at the matmul, to the bit
+    torch.manual_seed(0)
+    sae = small_sae(arch)
+    sae.matmul_dtype = torch.bfloat16
+    B, k = 16, sae.cfg['k']
+    x = raw_batch(B=B)
+    sae.set_act_scale(x)
+    pre = sae._pre_acts(x * sae.act_scale, fp32_out=False)  # (B, d_sae)
+    assert pre.dtype == torch.bfloat16
+    values, indices, rows = sae._select_train(pre)
+    assert values.dtype == torch.float32
+    pre32 = pre.float()
+    if rows is None:  # (B, k) picks
+        assert torch.equal(pre32.gather(1, indices), values)
+        assert torch.equal(values.sort(-1).values, pre32.topk(k, dim=-1).values.sort(-1).values)
+    else:  # k * B picks over the batch, each with its row
+        assert torch.equal(pre32[rows, indices], values)
+        assert torch.equal(values.sort().values, pre32.flatten().topk(k * B).values.sort().values)
+    monkeypatch.setattr(S.SAE, 'DENSE_DECODE', True)
+    results = []
+    for build_in_bf16 in (True, False):
+        sae.zero_grad()
+        v = values.relu().detach().requires_grad_()
+        if build_in_bf16:  # as training decodes
+            out = sae._decode_sparse_n(v, indices, rows, n_rows=B)
+        else:  # an fp32 f, cast by _decode_n's matmul
+            f = torch.zeros(B, D_SAE)
+            f = f.scatter(1, indices, v) if rows is None else f.index_put((rows, indices), v)
+            out = sae._decode_n(f)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), v.grad, sae.W_dec.grad.clone()))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize('arch', ARCHS)
 def test_decoder_rows_unit_norm_and_gradient_projection(arch):
     torch.manual_seed(0)
