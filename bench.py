@@ -30,7 +30,8 @@ bf16 ceiling (where the GPU has bf16 units): the LM in bf16 autocast, eager and 
 the whole SAE sweep of train.py (its gpu grid: 21 SAEs), bf16 matmuls, as train.py trains it:
 eager, with its SAEs' losses compiled as one function (sae.compile_losses), and with that function
 run as CUDA graphs (train.py --sae_cuda_graphs), and how many compiled functions CUDA graphs could
-not take; with --profile, where a compiled step's device time goes, by kernel; then each
+not take; with --profile, where a compiled step's device time goes, by kernel (the LM's after its
+figures, the sweep's after its whole-sweep figures); then each
 architecture's 3 SAEs alone, each way. The first compiled step's time (tracing and compiling;
 with graphs, the second's too, which records them) is shown beside it and left out of the rate.
 Before them, the host floor: the whole sweep at a tiny shape, where the device's work is
@@ -55,7 +56,7 @@ class BenchConfig:
     only: str = ''      # run one benchmark: othello | lm | sae | metrics; machine: the ceilings alone
     seconds: float = 5.0  # rough time per measurement
     device: str = 'cpu'   # cpu | cuda: the LM and SAE benchmarks on a GPU, at the gpu preset's shapes
-    profile: bool = False  # with --device=cuda: then where a compiled sweep step's device time goes, by kernel
+    profile: bool = False  # with --device=cuda: where a compiled LM step's and sweep step's device time goes, by kernel
 
 
 # (LM: layers, heads, width, context, batch; SAE: d_in, d_sae, batch) per device type: the CPU's
@@ -202,23 +203,29 @@ def bench_lm(cfg, ceilings):
         variants = [(f'{dtype} eager', dtype, False), (f'{dtype} compiled', dtype, True)]
     else:
         variants = [('fp32', 'float32', False), ('bf16 autocast', 'bfloat16', False)]
+    walls, compiled_step = {}, None  # seconds a step per variant; the compiled step, for --profile
     for name, dtype, compiled in variants:
         if dtype == 'bfloat16' and bf16_slower:
             print(f"  {name:16s} not timed: {bf16_slower}")
             continue
         fwd = model.compile_blocks() if compiled else model  # as train.py --compile
 
-        def step():
+        def step(fwd=fwd, dtype=dtype):  # this variant's, kept for --profile after the loop
             with torch.autocast(cfg.device, dtype=getattr(torch, dtype), enabled=dtype != 'float32'):
                 loss = fwd(x, y)[1]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         first = first_call(step, cfg.device)  # compiles, where compiled
-        rate = B * T / timed(step, cfg.seconds, device=cfg.device, warm_up=False)
+        walls[name] = timed(step, cfg.seconds, device=cfg.device, warm_up=False)
+        rate = B * T / walls[name]
         print(f"  {name:16s} {rate:9,.0f} tok/s = {rate * flop_per_token / 1e9:8.1f} GFLOP/s, "
               f"{rate * flop_per_token / 1e9 / ceilings[dtype]:.0%} of the {SHORT[dtype]} matmul ceiling"
               + (f" (first step, compiling: {first:.1f}s)" if compiled else ''))
+        if compiled:
+            compiled_step = step
+    if cfg.profile and compiled_step is not None:
+        profile_step(compiled_step, cfg.device, walls, 'a compiled LM step')
 
 
 def bench_sae(cfg, ceilings):
@@ -344,7 +351,7 @@ def bench_sweep(cfg, ceilings):
     skips = torch._dynamo.utils.counters['inductor']['cudagraph_skips']
     print(f"  CUDA graphs skipped (torch's count): {skips}")
     if cfg.profile:
-        profile_step(compiled_step, cfg.device, seconds)
+        profile_step(compiled_step, cfg.device, seconds, 'a compiled step of the whole sweep')
     del compiled_step  # its SAEs' memory back
     # then each architecture's share: its 3 SAEs alone, each way
     for arch in SWEEP:
@@ -357,13 +364,15 @@ def bench_sweep(cfg, ceilings):
         print(line)
 
 
-def profile_step(step, device, seconds, reps=3):
+def profile_step(step, device, seconds, what, reps=3):
     """Where one step's device time goes (a CPU: its CPU time), by kernel, over `reps` steps of
     torch.profiler, after two unprofiled ones (compiling): the total a step, beside the wall time
-    a step took in each mode (`seconds`), and the kernels that take most of it. The compiled
-    step's kernels, not the graphs': a CUDA graph hides its kernels from the profiler, and runs
-    the same ones. Device time near the graphs' wall time: the device bounds the sweep; well
-    under it: the host still does."""
+    a step took in each mode (`seconds`), and the kernels that take most of it. `what` names the
+    step. On a GPU only the device's own events count (kernels, copies): an operator's device
+    time is its kernels', which would count them twice. A compiled step's kernels, not the
+    graphs': a CUDA graph hides its kernels from the profiler, and runs the same ones. Device
+    time near the wall time: the device bounds the step; well under it: the host still does."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     first_call(step, device)
     first_call(step, device)
@@ -373,10 +382,11 @@ def profile_step(step, device, seconds, reps=3):
             step()
         wait_for(device)
     key = 'self_device_time_total' if on_device else 'self_cpu_time_total'  # microseconds
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    events = [e for e in prof.key_averages() if not on_device or e.device_type != DeviceType.CPU]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) / reps / 1e3  # ms a step
     walls = ', '.join(f"{mode} {t * 1e3:.1f}" for mode, t in seconds.items() if t)
-    print(f"  profile of a compiled step of the whole sweep: {total:.1f} ms of {'device' if on_device else 'CPU'} "
+    print(f"  profile of {what}: {total:.1f} ms of {'device' if on_device else 'CPU'} "
           f"time a step (wall ms a step: {walls}); the most expensive:")
     for e in events[:12]:
         ms = getattr(e, key) / reps / 1e3
@@ -402,7 +412,7 @@ def main(argv):
                                                'othello, lm, sae, metrics or machine'), 'seconds': D.POSITIVE_REAL,
                                       'device': (lambda v: v in SHAPES, 'cpu or cuda')})
     if cfg.profile and not on_gpu(cfg):
-        raise D.UserError("bench.py: --profile profiles the GPU's sweep: add --device=cuda")
+        raise D.UserError("bench.py: --profile profiles the GPU's LM and sweep: add --device=cuda")
     if cfg.device == 'cuda' and not torch.cuda.is_available():
         raise D.UserError("bench.py: --device=cuda but torch sees no GPU here: use --device=cpu")
     print(f"bench.py config: {cfg}")
