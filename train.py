@@ -667,6 +667,18 @@ def ready_to_train(saes, cfg):
     return compile_losses(saes, cuda_graphs=cfg.sae_cuda_graphs) if cfg.sae_compile and saes else None
 
 
+def compile_stats():
+    """torch.compile's running totals in this process: (seconds compiling, forwards and backwards;
+    seconds of them tracing Python; compiled graphs its disk cache gave; graphs it compiled anew).
+    A difference of two of these says where a first step's time went: compiling, or loading from
+    the cache (--sae_precompile), or neither (running, and recording CUDA graphs)."""
+    from torch._dynamo.utils import compilation_time_metrics as seconds, counters
+    aot = counters['aot_autograd']
+    return (sum(seconds.get('_compile.compile_inner', ())) + sum(seconds.get('backward._backward_impl', ())),
+            sum(seconds.get('bytecode_tracing', ())), aot['autograd_cache_hit'],
+            aot['autograd_cache_miss'] + aot['autograd_cache_bypass'])
+
+
 def warm_sae_compile(cfg_json):
     """The second process of --sae_precompile, started as the LM starts training: the sweep's
     SAEs, and then the random-init control's, built as train_sae_sweep builds them
@@ -779,6 +791,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     t0 = saved_at = now()
     start = step
     t_timing = None  # the end of the first step (which compiles, under --sae_compile): steps are timed from it
+    compiled_before = compile_stats()
     while step < n_steps:
         x = first if step == 0 else next(stream)
         # linear warm-up, constant, then linear decay over the last 20% of steps
@@ -794,7 +807,10 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             wait_for(cfg.device)
             t_timing = now()
             if cfg.sae_compile:
-                log(f"sae: the first step, which compiles the SAEs' losses, took {t_timing - t0:.1f}s")
+                spent, tracing, cached, anew = (b - a for a, b in zip(compiled_before, compile_stats()))
+                log(f"sae: the first step, which compiles the SAEs' losses, took {t_timing - t0:.1f}s, "
+                    f"{spent:.1f}s of it in torch.compile ({tracing:.1f}s tracing Python; graphs from its "
+                    f"disk cache {cached}, compiled anew {anew})")
         if step + 1 == start + SAE_TIMING_STEPS and n_steps > step + 1:
             wait_for(cfg.device)
             since_first = now() - t_timing
