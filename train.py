@@ -144,10 +144,10 @@ PRESETS = {
     # the SAEs' compiled losses run as CUDA graphs (1.5x the compiled sweep's rate on an H200), and
     # the sweep's settings are the gpu grid (SWEEP_GPU).
     # Chess: the 256 characters the evaluation scores (the first 20 '.'), exact soft targets
-    # (computed on the CPU, about 12 ms of CPU a game, then kept with the data), a shorter sweep
-    # for the time its data and evaluation take, and the sweep's coefficients x0.67: on the cpu
-    # chess model a 1000-step sweep's lowest settings give L0 100-130 with them, 80-90 without,
-    # its highest 5-10 with them, 5 without (README, Presets)
+    # (computed on the CPU, about 12 ms of CPU a game, then kept with the data), 4 minutes of LM
+    # (3 gave a piece-set probe F1 of 0.598 on an H200, in 7m22s end to end), a shorter sweep for
+    # the time its data and evaluation take, and the gpu grid's coefficients x0.42: on the chess
+    # gpu model, x0.67 gave L0 about 50-90 / 15-20 / 5-8 (one H200 run; README, Presets)
     'gpu': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'batch_size': 512, 'lr': 1e-3, 'min_lr': 1e-4,
              'warmup_iters': 300, 'max_iters': 100_000, 'lm_minutes': 3.3, 'compile': True, 'eval_interval': 2000,
              'log_interval': 250,
@@ -155,8 +155,8 @@ PRESETS = {
              'sae_minutes': 3.0, 'sae_lr': 1e-3, 'sae_warmup': 100, 'sae_log_interval': 400, 'sae_compile': True,
              'sae_cuda_graphs': True, 'sae_precompile': True, 'sae_grid': 'gpu'},
             {'othello': {'block_size': 59, 'n_games': 2_000_000, 'soft_targets': True},
-             'chess': {'block_size': 255, 'batch_size': 128, 'n_games': 80_000, 'lm_minutes': 3.0,
-                       'soft_targets': True, 'sae_minutes': 2.0, 'sae_coef_scale': 0.67}}),
+             'chess': {'block_size': 255, 'batch_size': 128, 'n_games': 80_000, 'lm_minutes': 4.0,
+                       'soft_targets': True, 'sae_minutes': 2.0, 'sae_coef_scale': 0.42}}),
     'paper': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'lr': 6e-4, 'min_lr': 6e-5, 'warmup_iters': 1000,
                'max_iters': 60000, 'compile': True, 'eval_interval': 2000, 'sae_batch': 8192, 'sae_steps': 30000,
                'sae_lr': 3e-4, 'sae_warmup': 1000, 'sae_buffer': 1 << 20, 'sae_log_interval': 2000, 'sae_compile': True,
@@ -515,7 +515,7 @@ def train_lm(cfg, log=print, precision=''):
 # L1-penalty architecture's three settings aim at L0 of about 150, 40 and 10 (README, Presets).
 # Normalised activations, E||x||^2 = d_in; MSE summed over d_in. For another width a grid's
 # coefficients are scaled by the penalty's rule (sweep_settings, sae.SAE.COEF_POWER), and
-# --sae_coef_scale shifts the whole grid (the chess gpu preset: x0.67). Edit to taste.
+# --sae_coef_scale shifts the whole grid (the chess gpu preset: x0.42). Edit to taste.
 #
 # SWEEP (--sae_grid=cpu): chosen at width 128 on the cpu presets' models (Othello L0 about 10 to
 # 150; chess about 20 to 150 in its cpu preset's 400-step sweep).
