@@ -633,7 +633,10 @@ class ActivationStream:
         return self.buffer[self.perm[(self.taken - 1) * B:self.taken * B]]
 
 
-SAE_TIMING_STEPS = 20  # --sae_minutes: steps run (the first untimed) before the step count is fitted to the budget
+SAE_TIMING_STEPS = 20  # --sae_minutes: steps run before the step count is fitted to the budget, of which
+SAE_SETTLING_STEPS = 2  # the first untimed, as slower than the rest: under --sae_compile the first compiles and
+                        # with --sae_cuda_graphs the second records the graphs that later steps replay (on an
+                        # H200, timing from the second step put 0.0345 s on steps that then ran at 0.030)
 
 
 def new_sweep_saes(cfg, mine, d_sae, n_steps, first):
@@ -791,6 +794,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     t0 = saved_at = now()
     start = step
     t_timing = None  # the end of the first step (which compiles, under --sae_compile): steps are timed from it
+    t_settled = None  # the end of the SAE_SETTLING_STEPS: the budget's fit times the steps after them
     compiled_before = compile_stats()
     while step < n_steps:
         x = first if step == 0 else next(stream)
@@ -811,10 +815,12 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
                 log(f"sae: the first step, which compiles the SAEs' losses, took {t_timing - t0:.1f}s, "
                     f"{spent:.1f}s of it in torch.compile ({tracing:.1f}s tracing Python; graphs from its "
                     f"disk cache {cached}, compiled anew {anew})")
+        if step + 1 == start + SAE_SETTLING_STEPS:
+            wait_for(cfg.device)
+            t_settled = now()
         if step + 1 == start + SAE_TIMING_STEPS and n_steps > step + 1:
             wait_for(cfg.device)
-            since_first = now() - t_timing
-            per_step = since_first / (SAE_TIMING_STEPS - 1)  # the steps after the first
+            per_step = (now() - t_settled) / (SAE_TIMING_STEPS - SAE_SETTLING_STEPS)  # the steps after those
             if fit_to_budget:
                 # with 10% to spare for the buffer refills still to come; the budget counts from the
                 # sweep's start, its first step included (which compiles, under --sae_compile, for as
@@ -831,7 +837,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
                 log(f"sae: {per_step:.3f}s a step: {n_steps} steps fit in --sae_minutes={cfg.sae_minutes:g}")
             else:  # no budget: an estimate (e.g. --preset paper)
                 log(f"sae: about {fmt_time(now() - t0 + per_step * (n_steps - step - 1))} for {n_steps} steps "
-                    f"(timed on the first {SAE_TIMING_STEPS}; buffer refills not counted)")
+                    f"(timed on steps {SAE_SETTLING_STEPS + 1}-{SAE_TIMING_STEPS}; buffer refills not counted)")
         if (step + 1) % cfg.sae_log_interval == 0 or step + 1 == n_steps:
             wait_for(cfg.device)
             # activations through the whole sweep per second, over the steps after the first (which
