@@ -46,7 +46,7 @@ Conventions shared by every architecture:
   One exception, exact: TopK's training picks its top k among the encoder's bf16 outputs
   before they become fp32, whose values are those same bf16 numbers; the picks are then fp32.
 - Decoder rows stay at unit norm: the backward removes each row's own direction from W_dec's
-  gradient (_DecoderGrad), and after_optimizer_step renormalises the rows.
+  gradient (SAE._W_dec), and after_optimizer_step renormalises the rows.
 - Training step: loss.backward(); opt.step(); sae.after_optimizer_step(step): `train_step`
   below, the one place it is written. It also steps several SAEs on one batch with one
   optimiser over them all (make_optimizer): the sweep.
@@ -88,27 +88,6 @@ def lp_sum(acts, p):
         return acts.sum(-1)
     active = acts > 0
     return torch.where(active, acts.clamp_min(1e-12).pow(p), torch.zeros_like(acts)).sum(-1)
-
-
-class _DecoderGrad(torch.autograd.Function):
-    """W_dec (d_sae, d_in) unchanged forward; backward removes from its gradient the component
-    along each row, g - (g . r) r with r = W_dec[i] / ||W_dec[i]||: a step along a row would only
-    change the row's norm, which the renormalisation after each step undoes. Written in the
-    backward rather than applied to W_dec.grad after it, so that a compiled loss (compile_loss)
-    fuses it into its backward: no kernel launches of its own. Every decoder use of W_dec goes
-    through it (SAE._W_dec); the projection is linear, so two uses (TopK's aux decode) sum to the
-    projection of their sum."""
-
-    @staticmethod
-    def forward(ctx, W_dec):
-        ctx.save_for_backward(W_dec)
-        return W_dec.view_as(W_dec)
-
-    @staticmethod
-    def backward(ctx, grad):
-        W_dec, = ctx.saved_tensors
-        rows = W_dec / W_dec.norm(dim=1, keepdim=True)                  # (d_sae, d_in)
-        return grad - (grad * rows).sum(dim=1, keepdim=True) * rows    # (d_sae, d_in)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,13 +332,25 @@ class SAE(nn.Module):
             values = torch.stack([loss, mse, sparsity_loss, aux_loss, l0, fve]).detach()  # (6,)
         return loss, dict(zip(STATS_KEYS[:6], values.unbind()))
 
-    # --- keeping decoder rows at unit norm: the gradient leaves the norms alone (_DecoderGrad,
-    # in the backward), and the rows are renormalised after each optimiser step ---
+    # --- keeping decoder rows at unit norm: the gradient leaves the norms alone (_W_dec, in
+    # the backward), and the rows are renormalised after each optimiser step ---
 
     def _W_dec(self):
-        # W_dec (d_sae, d_in) as the decoders use it: itself, but with its gradient along each row
-        # removed in the backward (_DecoderGrad)
-        return _DecoderGrad.apply(self.W_dec)
+        """W_dec (d_sae, d_in) as every decoder uses it: its own value, but the backward removes
+        from its gradient the component along each row, g - (g . r) r with r = W_dec[i] /
+        ||W_dec[i]||: a step along a row would only change the row's norm, which the
+        renormalisation after each step undoes. In the backward rather than applied to
+        W_dec.grad after it, so that a compiled loss fuses it into its backward kernels; and as
+        plain tensor operations rather than an autograd.Function, so that torch.compile's
+        autograd cache can keep the compiled loss on disk (it refuses graphs that hold a
+        Function). How: along = (W_dec[i] . r) r is the row itself in value, and its gradient
+        with r held constant is the projection (g . r) r; W_dec + (along.detach() - along) is
+        W_dec exactly (a value minus itself is 0) and passes back g - (g . r) r. The projection
+        is linear, so two uses (TopK's aux decode) sum to the projection of their sum."""
+        W = self.W_dec
+        rows = (W / W.norm(dim=1, keepdim=True)).detach()  # (d_sae, d_in) unit rows, constant
+        along = (W * rows).sum(dim=1, keepdim=True) * rows  # (d_sae, d_in), W in value
+        return W + (along.detach() - along)
 
     @torch.no_grad()
     def after_optimizer_step(self, step):
@@ -713,47 +704,24 @@ class BatchTopKSAE(TopKSAE):
 # ----------------------------------------------------------------------------------------------
 # JumpReLU
 
-def _rectangle_sum(z, theta, eps, weight):
-    """sum over the batch of K((z - theta) / eps) * weight, K the rectangle kernel (1 on
-    |u| < 1/2, else 0): z (B, d_sae), theta (d_sae,), weight (B, d_sae) or broadcastable.
-    -> (d_sae,). Written to make as few (B, d_sae) temporaries as it can."""
-    window = (z - theta).abs_() < eps / 2                # (B, d_sae) bool
-    return torch.where(window, weight, 0.0).sum(0)
-
-
-class _JumpReLUFn(torch.autograd.Function):
-    """z * H(z - theta). d/dz = H(z - theta); d/dtheta via the kernel pseudo-derivative
-    -(theta / eps) K((z - theta) / eps)."""
-
-    @staticmethod
-    def forward(ctx, z, theta, bandwidth):
-        ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
-        return z * (z > theta)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_z = grad_out * (z > theta)
-        grad_theta = -(theta / eps) * _rectangle_sum(z, theta, eps, grad_out)
-        return grad_z, grad_theta, None
-
-
-class _StepFn(torch.autograd.Function):
-    """H(z - theta). No gradient to z; d/dtheta = -(1 / eps) K((z - theta) / eps)."""
-
-    @staticmethod
-    def forward(ctx, z, theta, bandwidth):
-        ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
-        return (z > theta).float()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        return None, -(1.0 / eps) * _rectangle_sum(z, theta, eps, grad_out), None
+def jumprelu_straight_through(z, theta, eps):
+    """JumpReLU's features and L0 count with their straight-through gradients: z (B, d_sae)
+    pre-activations, theta (d_sae,) thresholds, eps the bandwidth -> f = z * H(z - theta)
+    (B, d_sae) and l0 = the mean over rows of sum_i H(z - theta)_i (a 0-dim tensor). With K the
+    rectangle kernel (1 on |u| < 1/2, else 0):
+        df/dz = H(z - theta),   df/dtheta = -(theta / eps) K((z - theta) / eps)
+        H(z - theta) passes no gradient to z,   dH/dtheta = -(1 / eps) K((z - theta) / eps)
+    Written as plain tensor operations, as an autograd.Function would keep torch.compile's
+    autograd cache from storing a compiled loss: theta_step = theta - theta.detach() is 0 with
+    gradient 1 to theta, so a term c * theta_step, c held constant, adds 0 to a value and c to
+    its gradient with respect to theta."""
+    fires = z > theta                                    # (B, d_sae) bool
+    window = (z.detach() - theta.detach()).abs() < eps / 2  # (B, d_sae) bool: K((z - theta) / eps)
+    theta_step = theta - theta.detach()                  # (d_sae,) zeros, gradient 1 to theta
+    f = z * fires + window * (theta_step * (-theta.detach() / eps))  # z * H in value
+    # the count's pseudo-derivative summed over the batch: K's count per feature, (d_sae,)
+    l0 = fires.sum(-1).float().mean() + (window.sum(0) * theta_step).sum() * (-1 / eps) / z.shape[0]
+    return f, l0
 
 
 class JumpReLUSAE(SAE):
@@ -784,11 +752,8 @@ class JumpReLUSAE(SAE):
         return z * (z > torch.exp(self.log_threshold))
 
     def _train_forward(self, x):
-        z = self._pre_acts(x)                            # (B, d_sae)
-        theta = torch.exp(self.log_threshold)            # (d_sae,)
-        f = _JumpReLUFn.apply(z, theta, self.cfg['bandwidth'])
+        f, l0 = jumprelu_straight_through(self._pre_acts(x), torch.exp(self.log_threshold), self.cfg['bandwidth'])
         x_hat = self._decode_n(f)
-        l0 = _StepFn.apply(z, theta, self.cfg['bandwidth']).sum(-1).mean()
         return active_per_row(f), x_hat, self._coef_now() * l0, x.new_zeros(())
 
 

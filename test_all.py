@@ -1338,7 +1338,7 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     # with where that time went by torch.compile's own totals (real seconds: here dynamo traced the
     # losses, and its plain eager backend compiled nothing and read no cache)
     took = re.search(r"sae: the first step, which compiles the SAEs' losses, took 63.0s, ([0-9.]+)s of it in "
-                     r"torch.compile \(([0-9.]+)s tracing Python; graphs from its disk cache 0, compiled anew 0\)", out)
+                     r"torch.compile \(([0-9.]+)s tracing Python; from its disk cache 0 of 0 autograd graphs, 0 of 0 inductor graphs\)", out)
     assert took and float(took[1]) > 0 and float(took[1]) >= float(took[2]), out
     assert '3.300s a step: 126 steps fit in --sae_minutes=8' in out
     for sub in ('saes', 'saes_random'):
@@ -1999,18 +1999,20 @@ def test_jumprelu_straight_through_gradients_exact():
     # z - theta: [[-0.2, 0.02, 0.02], [-0.06, 0.04, -0.58]]: inside the kernel at (0, 1), (1, 1), (0, 2)
     z = torch.tensor([[0.3, 0.52, 0.7], [0.44, 0.54, 0.1]], requires_grad=True)
     g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # the gradient arriving from above
-    f = S._JumpReLUFn.apply(z, theta, eps)
+    f, l0 = S.jumprelu_straight_through(z, theta, eps)
     assert f.flatten().tolist() == pytest.approx([0.0, 0.52, 0.7, 0.0, 0.54, 0.0])
+    assert torch.equal(f, z.detach() * (z.detach() > theta.detach()))  # z * H(z - theta), to the bit
+    assert l0.item() == 1.5  # rows fire 2 and 1 times
     f.backward(g)
     assert z.grad.tolist() == [[0.0, 2.0, 3.0], [0.0, 5.0, 0.0]]  # g where z > theta
     # -(theta / eps) * sum of g inside the kernel: -(0.5 / 0.1) * (2 + 5) and -(0.68 / 0.1) * 3
     assert theta.grad.tolist() == pytest.approx([0.0, -35.0, -20.4], rel=1e-6)
     z.grad = theta.grad = None
-    step = S._StepFn.apply(z, theta, eps)
-    assert step.tolist() == [[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]]
-    step.backward(g)
-    assert z.grad is None or z.grad.abs().sum() == 0  # the step passes no gradient to z
-    assert theta.grad.tolist() == pytest.approx([0.0, -70.0, -30.0], rel=1e-6)  # -(1 / eps) * the same sums
+    f, l0 = S.jumprelu_straight_through(z, theta, eps)
+    l0.backward()
+    assert z.grad is None or z.grad.abs().sum() == 0  # the count passes no gradient to z
+    # -(1 / eps) * the kernel's count per feature (0, 2, 1) over the batch's 2 rows
+    assert theta.grad.tolist() == pytest.approx([0.0, -10.0, -5.0], rel=1e-6)
 
 
 def test_jumprelu_sae_gradients_are_the_closed_form():

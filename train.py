@@ -672,14 +672,17 @@ def ready_to_train(saes, cfg):
 
 def compile_stats():
     """torch.compile's running totals in this process: (seconds compiling, forwards and backwards;
-    seconds of them tracing Python; compiled graphs its disk cache gave; graphs it compiled anew).
-    A difference of two of these says where a first step's time went: compiling, or loading from
-    the cache (--sae_precompile), or neither (running, and recording CUDA graphs)."""
+    seconds of them tracing Python; autograd graphs its disk cache gave; autograd graphs looked
+    for; inductor graphs its disk cache gave; inductor graphs looked for). The autograd cache
+    holds a traced forward and backward whole, the inductor cache the kernels compiled from
+    them. A difference of two of these says where a first step's time went: compiling, or
+    loading from the caches (--sae_precompile), or neither (running, recording CUDA graphs)."""
     from torch._dynamo.utils import compilation_time_metrics as seconds, counters
-    aot = counters['aot_autograd']
+    aot, inductor = counters['aot_autograd'], counters['inductor']
     return (sum(seconds.get('_compile.compile_inner', ())) + sum(seconds.get('backward._backward_impl', ())),
             sum(seconds.get('bytecode_tracing', ())), aot['autograd_cache_hit'],
-            aot['autograd_cache_miss'] + aot['autograd_cache_bypass'])
+            aot['autograd_cache_hit'] + aot['autograd_cache_miss'] + aot['autograd_cache_bypass'],
+            inductor['fxgraph_cache_hit'], inductor['fxgraph_cache_hit'] + inductor['fxgraph_cache_miss'])
 
 
 def warm_sae_compile(cfg_json):
@@ -811,10 +814,10 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             wait_for(cfg.device)
             t_timing = now()
             if cfg.sae_compile:
-                spent, tracing, cached, anew = (b - a for a, b in zip(compiled_before, compile_stats()))
+                spent, tracing, aot_hit, aot, fx_hit, fx = (b - a for a, b in zip(compiled_before, compile_stats()))
                 log(f"sae: the first step, which compiles the SAEs' losses, took {t_timing - t0:.1f}s, "
-                    f"{spent:.1f}s of it in torch.compile ({tracing:.1f}s tracing Python; graphs from its "
-                    f"disk cache {cached}, compiled anew {anew})")
+                    f"{spent:.1f}s of it in torch.compile ({tracing:.1f}s tracing Python; from its disk "
+                    f"cache {aot_hit} of {aot} autograd graphs, {fx_hit} of {fx} inductor graphs)")
         if step + 1 == start + SAE_SETTLING_STEPS:
             wait_for(cfg.device)
             t_settled = now()
