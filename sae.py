@@ -716,11 +716,14 @@ def jumprelu_straight_through(z, theta, eps):
     gradient 1 to theta, so a term c * theta_step, c held constant, adds 0 to a value and c to
     its gradient with respect to theta."""
     fires = z > theta                                    # (B, d_sae) bool
-    window = (z.detach() - theta.detach()).abs() < eps / 2  # (B, d_sae) bool: K((z - theta) / eps)
+    with torch.no_grad():
+        window = (z - theta).abs_() < eps / 2            # (B, d_sae) bool: K((z - theta) / eps)
+        n_fired = fires.sum(-1, dtype=torch.float32).mean()  # the count's value
+        n_window = window.sum(0, dtype=torch.float32)    # (d_sae,) K summed over the batch
     theta_step = theta - theta.detach()                  # (d_sae,) zeros, gradient 1 to theta
-    f = z * fires + window * (theta_step * (-theta.detach() / eps))  # z * H in value
-    # the count's pseudo-derivative summed over the batch: K's count per feature, (d_sae,)
-    l0 = fires.sum(-1).float().mean() + (window.sum(0) * theta_step).sum() * (-1 / eps) / z.shape[0]
+    # where() rather than a product with the bool masks, which a CPU would first convert to floats
+    f = torch.where(fires, z, 0.0) + torch.where(window, theta_step * (-theta.detach() / eps), 0.0)
+    l0 = n_fired + (n_window * theta_step).sum() * (-1 / eps) / z.shape[0]
     return f, l0
 
 
@@ -754,7 +757,8 @@ class JumpReLUSAE(SAE):
     def _train_forward(self, x):
         f, l0 = jumprelu_straight_through(self._pre_acts(x), torch.exp(self.log_threshold), self.cfg['bandwidth'])
         x_hat = self._decode_n(f)
-        return active_per_row(f), x_hat, self._coef_now() * l0, x.new_zeros(())
+        # l0's value is the mean count of features with z > theta > 0: those f keeps non-zero
+        return l0.detach(), x_hat, self._coef_now() * l0, x.new_zeros(())
 
 
 # ----------------------------------------------------------------------------------------------
