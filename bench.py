@@ -31,8 +31,8 @@ the whole SAE sweep of train.py (its gpu grid: 21 SAEs), bf16 matmuls, as train.
 eager, with its SAEs' losses compiled as one function (sae.compile_losses), and with that function
 run as CUDA graphs (train.py --sae_cuda_graphs), and how many compiled functions CUDA graphs could
 not take; with --profile, where a compiled step's device time goes, by kernel (the LM's after its
-figures, the sweep's after its whole-sweep figures); then each
-architecture's 3 SAEs alone, each way. The first compiled step's time (tracing and compiling;
+figures, the sweep's after its whole-sweep figures); then each architecture's 3 SAEs alone, each
+way (--per_arch=False leaves them out). The first compiled step's time (tracing and compiling;
 with graphs, the second's too, which records them) is shown beside it and left out of the rate.
 Before them, the host floor: the whole sweep at a tiny shape, where the device's work is
 negligible, is the time an eager step spends in Python and kernel launches, and caps the eager
@@ -57,6 +57,8 @@ class BenchConfig:
     seconds: float = 5.0  # rough time per measurement
     device: str = 'cpu'   # cpu | cuda: the LM and SAE benchmarks on a GPU, at the gpu preset's shapes
     profile: bool = False  # with --device=cuda: where a compiled LM step's and sweep step's device time goes, by kernel
+    per_arch: bool = True  # with --device=cuda: after the whole sweep, each architecture's 3 SAEs alone (on an
+                           # H200 about two minutes, most of it compiling)
 
 
 # (LM: layers, heads, width, context, batch; SAE: d_in, d_sae, batch) per device type: the CPU's
@@ -354,7 +356,7 @@ def bench_sweep(cfg, ceilings):
         profile_step(compiled_step, cfg.device, seconds, 'a compiled step of the whole sweep')
     del compiled_step  # its SAEs' memory back
     # then each architecture's share: its 3 SAEs alone, each way
-    for arch in SWEEP:
+    for arch in SWEEP if cfg.per_arch else ():
         line = f"  {arch:14s} x{len(SWEEP[arch])}"
         for mode in modes:
             per_batch, first, _, n_saes = measure([arch], mode)

@@ -2975,6 +2975,10 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     assert 'the whole sweep, graphs' not in out and 'the whole sweep, compiled' in out and 'the whole sweep, eager' in out
     for arch in TR.SWEEP:
         assert re.search(rf'{arch} +x\d \| eager .*% \| compiled .*% \(compiling [0-9]+s\)$', out, re.M), arch
+    # --per_arch=False: the whole sweep's figures without each architecture's
+    bench.main(['--seconds=0.01', '--only=sae', '--per_arch=False'])
+    out = capsys.readouterr().out
+    assert 'the whole sweep, compiled' in out and not re.search(r'standard +x\d \|', out)
     # --only=machine (.ci/gpu's ceiling beside the gpu preset's run): the ceilings, no benchmark
     bench.main(['--seconds=0.01', '--only=machine'])
     lines = capsys.readouterr().out.splitlines()
