@@ -145,7 +145,7 @@ PRESETS = {
     # the sweep's settings are the gpu grid (SWEEP_GPU).
     # Chess: the 256 characters the evaluation scores (the first 20 '.'), exact soft targets
     # (computed on the CPU, about 12 ms of CPU a game, then kept with the data), 4 minutes of LM
-    # (3 gave a piece-set probe F1 of 0.598 on an H200, in 7m22s end to end), a shorter sweep for
+    # (3 gave a piece-set probe F1 of 0.598 on an H200, in 7m30s end to end), a shorter sweep for
     # the time its data and evaluation take, and the gpu grid's coefficients x0.42: on the chess
     # gpu model, x0.67 gave L0 about 50-90 / 15-20 / 5-8 (one H200 run; README, Presets)
     'gpu': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'batch_size': 512, 'lr': 1e-3, 'min_lr': 1e-4,
