@@ -1011,6 +1011,16 @@ def test_lm_training_step_compiles_as_one_graph():
     assert counter.frame_count == 1 and shapes_from_the_data(counter) == [] and torch.isfinite(losses[0])
     # one trace for all three blocks, and the same weights saved
     assert blocks.frame_count == 1 and len(model.blocks) == 3 and list(model.state_dict()) == keys
+    # train.py's evals (no_grad, eval mode) run the plain blocks: no second trace for inference,
+    # which the compiled blocks would need, and the same loss
+    model.eval()
+    with torch.no_grad():
+        eval_loss = model(x, y, compiled=False)[1]
+        assert blocks.frame_count == 1
+        torch.testing.assert_close(eval_loss, losses[0], rtol=1e-5, atol=1e-6)
+        model(x, y)  # the compiled blocks, for contrast: they trace again
+        assert blocks.frame_count == 2
+    model.train()
     for i in (1, 2):
         torch.testing.assert_close(losses[i], losses[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grads[i], grads[0], rtol=1e-4, atol=1e-6)

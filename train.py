@@ -414,7 +414,7 @@ def train_lm(cfg, log=print, precision=''):
         train_draws = gen.get_state()
         gen.manual_seed(cfg.seed + 1)
         model.eval()
-        losses = [raw_fwd(*batch(val_tok))[1].item() for _ in range(cfg.eval_iters)]
+        losses = [model(*batch(val_tok), compiled=False)[1].item() for _ in range(cfg.eval_iters)]
         model.train()
         gen.set_state(train_draws)
         return sum(losses) / len(losses)
