@@ -178,8 +178,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, compiled=True):
         """idx (B, T) -> (logits (B, T, vocab), loss or None): head() gives the loss. compiled=False
         runs the plain blocks even after compile_blocks: train.py's evals, a few batches under
-        no_grad in eval mode, for which the compiled blocks would first compile again (a graph
-        without a backward), seconds of the LM's time budget on a GPU."""
+        no_grad in eval mode, for which the compiled blocks would first trace and compile again
+        (a graph without a backward), out of the LM's time budget."""
         x = self.embed(idx)
         for block in (compiled and self.compiled_blocks) or self.blocks:
             x = block(x)
