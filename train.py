@@ -315,6 +315,43 @@ def agree(value, op):
     return type(value)(t.item())
 
 
+def lm_batch(tokens, soft, cfg, gen):
+    """A random batch of cfg.batch_size games of `tokens` (N, T + 1), drawn by the generator
+    `gen`: inputs (B, T) and targets, token ids (B, T) or, given soft targets (the rows of `soft`
+    that go with tokens'), next-token distributions (B, T, vocab). The set may live on the GPU:
+    the batch is then one gather there, with no copy from the host but the indices."""
+    idx = torch.randint(len(tokens), (cfg.batch_size,), generator=gen)
+    if tokens.is_cuda:  # from pinned memory, without waiting: a plain copy to the GPU would wait for it
+        idx = idx.pin_memory().to(tokens.device, non_blocking=True)
+    b = tokens[idx].long().to(cfg.device)  # (B, T + 1); no copy where the set is on the GPU
+    if soft is None:
+        return b[:, :-1], b[:, 1:]
+    if cfg.game == 'othello':  # soft: legal-move bitboards (N, T)
+        return b[:, :-1], D.othello_soft_targets(soft[idx].to(cfg.device))
+    counts = soft[idx].to(cfg.device).float()  # (B, T, vocab) next-character counts; all zero past a game's end
+    return b[:, :-1], counts / counts.sum(-1, keepdim=True).clamp_min(1)
+
+
+def lm_step(model, fwd, optimizer, scaler, autocast, x, y, grad_clip, weight=None):
+    """One LM training step on inputs x (B, T) and targets y (lm_batch), the one place it is
+    written (train_lm; bench.py times it): the loss of fwd (the model, its compiled blocks or
+    DDP around them) under autocast, times `weight` where given (a 0-dim tensor), backward
+    through the scaler (fp16: GradScaler; a no-op otherwise), the gradients clipped to a norm of
+    grad_clip, the optimizer's step. Returns the loss, a 0-dim tensor: reading it waits for the
+    step on a GPU."""
+    with autocast():
+        _, loss = fwd(x, y)
+    if weight is not None:
+        loss = loss * weight
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # skipped where an fp16 gradient overflowed
+    scaler.update()
+    return loss
+
+
 def train_lm(cfg, log=print, precision=''):
     """The LM stage: returns the path of the checkpoint it wrote. precision: why cfg.dtype was
     chosen (saved in the checkpoint beside the dtype)."""
@@ -393,20 +430,6 @@ def train_lm(cfg, log=print, precision=''):
     elif cfg.resume:  # a checkpoint from before the generator was saved: other batches from here
         gen.manual_seed(cfg.seed + start_iter)
 
-    def batch(tokens, soft=None):
-        """A random batch: inputs (B, T) and targets, token ids (B, T) or, given soft targets,
-        next-token distributions (B, T, vocab)."""
-        idx = torch.randint(len(tokens), (cfg.batch_size,), generator=gen)
-        if tokens.is_cuda:  # from pinned memory, without waiting: a plain copy to the GPU would wait for it
-            idx = idx.pin_memory().to(tokens.device, non_blocking=True)
-        b = tokens[idx].long().to(cfg.device)  # (B, T + 1); no copy where the set is on the GPU
-        if soft is None:
-            return b[:, :-1], b[:, 1:]
-        if cfg.game == 'othello':
-            return b[:, :-1], D.othello_soft_targets(soft[idx].to(cfg.device))
-        counts = soft[idx].to(cfg.device).float()  # (B, T, vocab); all zero past a game's end
-        return b[:, :-1], counts / counts.sum(-1, keepdim=True).clamp_min(1)
-
     @torch.no_grad()
     def val_loss():
         # the same val batches at every eval, drawn from their own seed; the training draws then
@@ -414,7 +437,7 @@ def train_lm(cfg, log=print, precision=''):
         train_draws = gen.get_state()
         gen.manual_seed(cfg.seed + 1)
         model.eval()
-        losses = [model(*batch(val_tok), compiled=False)[1].item() for _ in range(cfg.eval_iters)]
+        losses = [model(*lm_batch(val_tok, None, cfg, gen), compiled=False)[1].item() for _ in range(cfg.eval_iters)]
         model.train()
         gen.set_state(train_draws)
         return sum(losses) / len(losses)
@@ -443,21 +466,14 @@ def train_lm(cfg, log=print, precision=''):
         lr = lr_at(it, cfg, used)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        x, y = batch(train_tok, soft)  # every process draws the same batch, (B, T)
+        x, y = lm_batch(train_tok, soft, cfg, gen)  # every process draws the same batch, (B, T)
         n_batch = n_targets(y)
         x, y = x[mine], y[mine]
-        with autocast():
-            _, loss = fwd(x, y)
-        if world > 1:  # one process holds the whole batch: its weight would be exactly 1
-            # each process's mean loss weighted by its share of the batch's targets (times world, as
-            # DDP averages): the gradient is the one-process gradient of the whole batch's mean loss
-            loss = loss * (n_targets(y) * world / n_batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip the true gradients
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)  # skipped where an fp16 gradient overflowed
-        scaler.update()
+        # one process holds the whole batch (its weight would be exactly 1); under torchrun each
+        # process's mean loss is weighted by its share of the batch's targets (times world, as
+        # DDP averages): the gradient is the one-process gradient of the whole batch's mean loss
+        weight = n_targets(y) * world / n_batch if world > 1 else None
+        loss = lm_step(model, fwd, optimizer, scaler, autocast, x, y, cfg.grad_clip, weight)
         tokens_seen += n_batch  # a tensor: no sync per step
         done, last_iter = it + 1 - start_iter, it + 1
         if budget > 0 and (world == 1 or done % CLOCK_EVERY == 0):
