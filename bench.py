@@ -26,15 +26,18 @@ work, as a fraction of the fp32 ceiling (or bf16's, for bf16 autocast):
            SAEs skip most of the decoder's share.
   metrics  coverage + board reconstruction, 4096 features x 20,000 positions x 768 elements
 On a GPU (--device=cuda) the LM and the SAEs are timed as the gpu preset trains them, against the
-bf16 ceiling (where the GPU has bf16 units): the LM in bf16 autocast, eager and torch.compile'd;
-the whole SAE sweep of train.py (its gpu grid: 21 SAEs), bf16 matmuls, as train.py trains it:
-eager, with its SAEs' losses compiled as one function (sae.compile_losses), and with that function
-run as CUDA graphs (train.py --sae_cuda_graphs), and how many compiled functions CUDA graphs could
-not take; with --profile, where a compiled step's device time goes, by kernel (the LM's after its
-figures, the sweep's after its whole-sweep figures); then each architecture's 3 SAEs alone, each
-way (--per_arch=False leaves them out). The first compiled step's time (tracing and compiling;
-with graphs, the second's too, which records them) is shown beside it and left out of the rate.
-Before them, the host floor: the whole sweep at a tiny shape, where the device's work is
+bf16 ceiling (where the GPU has bf16 units): the LM (Othello's 61 tokens) in bf16 autocast, eager
+and torch.compile'd, then train.py's own step on the compiled blocks (train.lm_step: soft targets,
+gradient clipping) and that step with its batches drawn from a set on the GPU (train.lm_batch), so
+that what train.py adds to the plain step shows in one run; the whole SAE sweep of train.py (its
+gpu grid: 21 SAEs), bf16 matmuls, as train.py trains it: eager, with its SAEs' losses compiled as
+one function (sae.compile_losses), and with that function run as CUDA graphs (train.py
+--sae_cuda_graphs), and how many compiled functions CUDA graphs could not take; with --profile,
+where a compiled step's device time goes, by kernel (the LM's plain step and train.py's after
+their figures, the sweep's after its whole-sweep figures); then each architecture's 3 SAEs alone,
+each way (--per_arch=False leaves them out). The first compiled step's time (tracing and
+compiling; with graphs, the second's too, which records them) is shown beside it and left out of
+the rate. Before them, the host floor: the whole sweep at a tiny shape, where the device's work is
 negligible, is the time an eager step spends in Python and kernel launches, and caps the eager
 sweep's rate at the real shape.
 """
@@ -192,9 +195,11 @@ def bf16_known_slower(device, width, rows):
 def bench_lm(cfg, ceilings):
     torch.manual_seed(0)
     L, H, D, T, B = SHAPES['cuda' if on_gpu(cfg) else 'cpu']['lm']
-    model = GPT(GPTConfig(vocab_size=33, block_size=T, n_layer=L, n_head=H, n_embd=D, pad_id=32)).to(cfg.device)
+    # a GPU: the gpu preset's Othello LM (61 tokens, the pad the 61st); the CPU: chess's 33
+    vocab = 61 if on_gpu(cfg) else 33
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=T, n_layer=L, n_head=H, n_embd=D, pad_id=vocab - 1)).to(cfg.device)
     opt = model.configure_optimizer(1e-3, 0.1)
-    x, y = (torch.randint(0, 32, (B, T), device=cfg.device) for _ in range(2))
+    x, y = (torch.randint(0, vocab - 1, (B, T), device=cfg.device) for _ in range(2))
     flop_per_token = model.flops_per_token()
     bf16_slower = bf16_known_slower(cfg.device, D, B * T)
     print(f"LM training ({L} layers, {D} wide, context {T}, batch {B}; {flop_per_token / 1e6:.1f} MFLOP a token):")
@@ -205,7 +210,14 @@ def bench_lm(cfg, ceilings):
         variants = [(f'{dtype} eager', dtype, False), (f'{dtype} compiled', dtype, True)]
     else:
         variants = [('fp32', 'float32', False), ('bf16 autocast', 'bfloat16', False)]
-    walls, compiled_step = {}, None  # seconds a step per variant; the compiled step, for --profile
+    walls, steps = {}, {}  # seconds a step per variant; the compiled steps, for --profile
+
+    def report(name, dtype, wall, first=None):
+        rate = B * T / wall
+        print(f"  {name:16s} {rate:9,.0f} tok/s = {rate * flop_per_token / 1e9:8.1f} GFLOP/s, "
+              f"{rate * flop_per_token / 1e9 / ceilings[dtype]:.0%} of the {SHORT[dtype]} matmul ceiling"
+              + (f" (first step, compiling: {first:.1f}s)" if first is not None else ''))
+
     for name, dtype, compiled in variants:
         if dtype == 'bfloat16' and bf16_slower:
             print(f"  {name:16s} not timed: {bf16_slower}")
@@ -220,14 +232,34 @@ def bench_lm(cfg, ceilings):
             opt.step()
         first = first_call(step, cfg.device)  # compiles, where compiled
         walls[name] = timed(step, cfg.seconds, device=cfg.device, warm_up=False)
-        rate = B * T / walls[name]
-        print(f"  {name:16s} {rate:9,.0f} tok/s = {rate * flop_per_token / 1e9:8.1f} GFLOP/s, "
-              f"{rate * flop_per_token / 1e9 / ceilings[dtype]:.0%} of the {SHORT[dtype]} matmul ceiling"
-              + (f" (first step, compiling: {first:.1f}s)" if compiled else ''))
+        report(name, dtype, walls[name], first if compiled else None)
         if compiled:
-            compiled_step = step
-    if cfg.profile and compiled_step is not None:
-        profile_step(compiled_step, cfg.device, walls, 'a compiled LM step')
+            steps['a compiled LM step'] = step
+    if on_gpu(cfg):
+        # train.py's own step (train.lm_step) on the compiled blocks: soft targets, gradient
+        # clipping, the scaler; then with its batches too (train.lm_batch), drawn from a set on the
+        # GPU, as train.py keeps it. Their rates against the plain compiled step's above are what
+        # each adds. The set: random tokens and random legal-move bitboards (the same kernels
+        # as real games' at the same shapes)
+        from train import TrainConfig, autocast_for, lm_batch, lm_step
+        tcfg = TrainConfig(game='othello', block_size=T, batch_size=B, soft_targets=True,
+                           device=cfg.device, dtype=dtype)
+        tokens = torch.randint(0, vocab - 1, (8 * B, T + 1), dtype=torch.uint8, device=cfg.device)
+        legal = torch.randint(-2 ** 63, 2 ** 63 - 1, (8 * B, T), dtype=torch.int64, device=cfg.device)
+        scaler = torch.amp.GradScaler('cuda' if cfg.device.startswith('cuda') else 'cpu', enabled=dtype == 'float16')
+        autocast, gen = autocast_for(tcfg), torch.Generator().manual_seed(0)
+        fixed = lm_batch(tokens, legal, tcfg, gen)
+        train_steps = {
+            "train.py's step": lambda: lm_step(model, model, opt, scaler, autocast, *fixed, tcfg.grad_clip),
+            '+ its batches': lambda: lm_step(model, model, opt, scaler, autocast, *lm_batch(tokens, legal, tcfg, gen),
+                                             tcfg.grad_clip)}
+        for name, step in train_steps.items():
+            walls[name] = timed(step, cfg.seconds, device=cfg.device)
+            report(name, dtype, walls[name])
+        steps["a step of train.py's LM, its batch drawn"] = train_steps['+ its batches']
+    if cfg.profile:
+        for what, step in steps.items():
+            profile_step(step, cfg.device, walls, what)
 
 
 def bench_sae(cfg, ceilings):

@@ -2957,10 +2957,15 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     shares = [float(m) for m in re.findall(r'^ +[0-9.]+ ms +([0-9]+)% +[0-9]+x a step  \S', prof[2], re.M)]
     assert len(shares) == 12 and shares == sorted(shares, reverse=True) and sum(shares) <= 100 + 6, prof[2]
     assert re.search(r'float32 compiled +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling \(first step, compiling', out)
-    # and the LM's compiled step, after its figures
-    lm_prof = re.search(r'profile of a compiled LM step: ([0-9.]+) ms of CPU time a step \(wall ms a step: '
-                        r'float32 eager [0-9.]+, float32 compiled [0-9.]+\); the most expensive:\n((?:    .*\n){12})', out)
-    assert lm_prof and float(lm_prof[1]) > 0 and out.index('float32 compiled') < lm_prof.start() < out.index('SAE sweep'), out
+    # train.py's own LM step (soft targets, clipping), then with its batches drawn as well
+    for name in ("train.py's step", '+ its batches'):
+        assert re.search(rf'  {re.escape(name)} +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling$', out, re.M), name
+    # and the LM's compiled steps, the plain one and train.py's, after their figures
+    walls = r"float32 eager [0-9.]+, float32 compiled [0-9.]+, train.py's step [0-9.]+, \+ its batches [0-9.]+"
+    for what in ('a compiled LM step', "a step of train.py's LM, its batch drawn"):
+        lm_prof = re.search(rf'profile of {what}: ([0-9.]+) ms of CPU time a step \(wall ms a step: {walls}\); '
+                            r'the most expensive:\n((?:    .*\n){12})', out)
+        assert lm_prof and float(lm_prof[1]) > 0 and out.index('+ its batches') < lm_prof.start() < out.index('SAE sweep'), out
     for arch, settings in TR.SWEEP.items():
         assert re.search(rf'{arch} +x{len(settings)} \| eager .*% \| compiled .*% \(compiling .*\| graphs .*% \(compiling', out), arch
     n = sum(len(s) for s in TR.SWEEP.values())
