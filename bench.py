@@ -257,6 +257,18 @@ def bench_lm(cfg, ceilings):
             walls[name] = timed(step, cfg.seconds, device=cfg.device)
             report(name, dtype, walls[name])
         steps["a step of train.py's LM, its batch drawn"] = train_steps['+ its batches']
+        # the blocks as CUDA graphs (torch.compile's mode='reduce-overhead'), train.py's step and
+        # batches around them: what graphs would be worth to the LM (train.py does not use them
+        # yet). A failure costs this line only
+        name = '+ CUDA graphs'
+        model.compile_blocks(mode='reduce-overhead')
+        try:
+            first = first_call(train_steps['+ its batches'], cfg.device)  # compiles
+            walls[name] = timed(train_steps['+ its batches'], cfg.seconds, device=cfg.device)  # records, then runs
+            report(name, dtype, walls[name], first)
+        except Exception as e:
+            print(f"  {name:16s} failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+        model.compile_blocks()  # back to train.py's blocks (compiled already: from the cache) for --profile
     if cfg.profile:
         for what, step in steps.items():
             profile_step(step, cfg.device, walls, what)

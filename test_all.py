@@ -2961,7 +2961,9 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     for name in ("train.py's step", '+ its batches'):
         assert re.search(rf'  {re.escape(name)} +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling$', out, re.M), name
     # and the LM's compiled steps, the plain one and train.py's, after their figures
-    walls = r"float32 eager [0-9.]+, float32 compiled [0-9.]+, train.py's step [0-9.]+, \+ its batches [0-9.]+"
+    assert re.search(r'  \+ CUDA graphs +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling \(first step, compiling', out)
+    walls = (r"float32 eager [0-9.]+, float32 compiled [0-9.]+, train.py's step [0-9.]+, \+ its batches [0-9.]+, "
+             r"\+ CUDA graphs [0-9.]+")
     for what in ('a compiled LM step', "a step of train.py's LM, its batch drawn"):
         lm_prof = re.search(rf'profile of {what}: ([0-9.]+) ms of CPU time a step \(wall ms a step: {walls}\); '
                             r'the most expensive:\n((?:    .*\n){12})', out)
@@ -2974,14 +2976,23 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     assert re.search(r'CUDA graphs skipped \(torch.s count\): 0', out)
     floor = re.search(r'host floor: ([0-9.]+) ms a step .* batch 32 at most ([0-9,]+) act/s', out)
     assert floor and float(floor[1]) > 0 and int(floor[2].replace(',', '')) == pytest.approx(32e3 / float(floor[1]), rel=0.02)
-    # the LM's 2 blocks, then the whole sweep's losses as one function, compiled and again with
-    # CUDA graphs (the compiled one then profiled), then each architecture's the same two ways
-    want = [None] * 2 + [None, 'reduce-overhead'] * (1 + len(TR.SWEEP))
+    # the LM's 2 blocks, again as CUDA graphs, and back (for the profile); then the whole sweep's
+    # losses as one function, compiled and again with CUDA graphs (the compiled one then
+    # profiled), then each architecture's the same two ways
+    want = [None] * 2 + ['reduce-overhead'] * 2 + [None] * 2 + [None, 'reduce-overhead'] * (1 + len(TR.SWEEP))
     assert [kw.get('mode') for fn, kw in compiled] == want
     assert out.index('the whole sweep, graphs') < out.index('profile of a compiled step') < out.index('  standard ')
-    # CUDA graphs that fail cost the bench their own figures only
-    def fails():
+    # CUDA graphs that fail cost the bench their own figures only: the LM's
+    def fails(*args):
         raise RuntimeError('no graphs here\nsecond line')
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda fn, mode=None, **kw: compile_(fn, **kw) if mode is None else fails)
+    bench.main(['--seconds=0.01', '--only=lm'])
+    out = capsys.readouterr().out
+    assert re.search(r"^  \+ CUDA graphs +failed \(RuntimeError: no graphs here\)$", out, re.M), out
+    assert "train.py's step" in out and out.count(' tok/s = ') == 4, out
+    monkeypatch.setattr(torch, 'compile', compile_)
+    # and the sweep's
     monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', fails)
     monkeypatch.setattr(TR, 'SWEEP', {'standard': TR.SWEEP['standard']})
     bench.main(['--seconds=0.01', '--only=sae'])
