@@ -550,9 +550,12 @@ class GatedAnnealSAE(PAnnealing, GatedSAE):
 class TopKSAE(SAE):
     """Keep the k largest of ReLU((x - b_dec) W_enc + b_enc) per row; no sparsity penalty (coef
     is unused and 0). AuxK loss (Gao et al. 2024): latents that have not fired for dead_tokens
-    training rows are 'dead'; the top aux_k of their pre-activations reconstruct the residual
-    x - x_hat (detached), giving them gradient. The aux MSE is divided by the residual's variance
-    (scale free) and weighted by aux_coef. Training decodes from the k active latents only
+    training rows are 'dead'; their ReLU'd pre-activations reconstruct the residual x - x_hat
+    (detached), giving them gradient. The aux MSE is divided by the residual's variance (scale
+    free) and weighted by aux_coef. Where more than aux_k latents are dead, the aux_k that have
+    gone longest without firing take part (Gao et al. take each row's top aux_k of all the dead;
+    the two agree while at most aux_k are dead, and this way no step needs a top-k over every
+    latent, nor the host's word on how many are dead: _aux_loss). Training decodes from the k active latents only
     (_decode_sparse_n; on a CPU the dense (B, d_sae) f is never built)."""
     arch = 'topk'
     DEFAULT_COEF = 0.0
@@ -625,15 +628,18 @@ class TopKSAE(SAE):
     def _aux_loss(self, x, x_hat, pre):
         if not self._aux_on:  # no latent can be dead yet
             return x.new_zeros(())
-        dead = self.tokens_since_fired >= self.cfg['dead_tokens']       # (d_sae,)
+        since = self.tokens_since_fired                                  # (d_sae,)
+        dead = since >= self.cfg['dead_tokens']                          # (d_sae,)
         residual = (x - x_hat).detach()                                  # (B, d_in)
-        # the top aux_k of the dead latents' pre-activations. The live ones are zeroed, not left
-        # out, so the shape never depends on the data: where fewer than aux_k latents are dead,
-        # the extra picks are zeros (live latents, or dead ones below zero) and add nothing
+        # the aux_k longest-dead latents, the same for every row (ties in any order). Where at most
+        # aux_k are dead they are all among them, and the live ones picked beside them are masked
+        # out: every dead latent's ReLU(pre) rebuilds the residual, as a top aux_k of each row's
+        # dead pre-activations would. Shapes never depend on the data, and a step with no dead
+        # latent costs a gather of aux_k columns and a small matmul, not a top-k of pre
         aux_k = min(self.cfg['aux_k'], pre.shape[1])
-        values, indices = (pre * dead).topk(aux_k, dim=-1, sorted=False)  # (B, aux_k)
-        values = values.float().relu()                   # as top-k of ReLU(pre) over the dead
-        residual_hat = self._decode_sparse_n(values, indices) - self.b_dec  # (B, d_in), no bias
+        picks = since.topk(aux_k, sorted=False).indices                  # (aux_k,)
+        acts = (pre[:, picks].float() * dead[picks]).relu()              # (B, aux_k)
+        residual_hat = self._matmul(torch.zeros_like(self.b_dec), acts, self._W_dec()[picks])  # (B, d_in), no bias
         aux_mse = (residual - residual_hat).pow(2).sum(-1).mean()
         residual_var = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return self.cfg['aux_coef'] * aux_mse / residual_var * dead.any()  # 0 where none is dead

@@ -1857,6 +1857,42 @@ def test_topk_auxk_exact_on_a_hand_case():
     assert aux_loss(1, [0, 3, 5, 2], scale=10.0)[1] == pytest.approx(float(loss), rel=1e-5)
 
 
+@pytest.mark.parametrize('n_dead', [1, 3, 6, 9])
+def test_topk_auxk_against_each_rows_top_aux_k_of_the_dead(n_dead):
+    # the reference AuxK, written from its definition (Gao et al. 2024, as dictionary_learning
+    # trains it): each row's top min(aux_k, number dead) of the dead latents' ReLU'd
+    # pre-activations rebuild the residual. While at most aux_k = 6 are dead the SAE's aux loss
+    # is that; with more it is that over the 6 longest-dead latents
+    torch.manual_seed(0)
+    sae = small_sae('topk', k=2, aux_k=6, dead_tokens=1000)
+    x = raw_batch(B=16)
+    sae.set_act_scale(x)
+    sae.init_b_dec(x)
+    with torch.no_grad():  # the latents this batch does not fire, and the one picked to be dead
+        quiet = ((sae.encode(x) == 0).all(0)).nonzero().flatten()
+    assert len(quiet) >= 9
+    counts = torch.zeros(D_SAE, dtype=torch.long)
+    counts[quiet[:n_dead]] = 2000 + 100 * torch.arange(n_dead)  # distinct: no ties among the dead
+    sae.tokens_since_fired.copy_(counts)
+    _, stats = sae.loss(x, 0)
+    dead = sae.tokens_since_fired >= 1000
+    assert dead.sum() == n_dead
+    with torch.no_grad():
+        xn = x * sae.act_scale
+        pre = (xn - sae.b_dec) @ sae.W_enc + sae.b_enc
+        vals, idx = torch.relu(pre).topk(2, dim=-1)
+        x_hat = torch.zeros_like(pre).scatter(-1, idx, vals) @ sae.W_dec + sae.b_dec
+        residual = xn - x_hat
+        if n_dead > 6:  # the 6 longest-dead latents only
+            dead = torch.zeros_like(dead).index_fill_(0, sae.tokens_since_fired.topk(6).indices, True)
+        aux_vals, aux_idx = torch.where(dead, torch.relu(pre), -torch.inf).topk(min(6, n_dead), dim=-1)
+        residual_hat = torch.zeros_like(pre).scatter(-1, aux_idx, aux_vals) @ sae.W_dec
+        mse = (residual - residual_hat).pow(2).sum(-1).mean()
+        var = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    assert (aux_vals > 0).any()  # the dead latents have something to rebuild
+    assert float(stats['aux_loss']) == pytest.approx(float(sae.cfg['aux_coef'] * mse / var), rel=1e-5)
+
+
 def test_topk_reads_its_dead_counts_again_after_load_state_dict():
     # the host's count of rows before a latent can die comes from the counts once; new counts
     # (load_state_dict) must be read again, else the aux loss would stay skipped
