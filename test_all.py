@@ -3047,6 +3047,19 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     assert lines[-1].startswith('ceilings: fp32 matmul ') and 'bf16 matmul' in lines[-1] and len(lines) == 3
 
 
+def test_lm_cuda_graphs_compile_the_blocks_for_graphs_and_train(tmp_path, monkeypatch):
+    # --lm_cuda_graphs (a GPU only: refused here, so set after the checks) compiles each block
+    # with mode='reduce-overhead', and the LM trains on them as on the plain compiled blocks
+    import train as TR
+    compiled = compile_with_dynamo_eager(monkeypatch)
+    cfg = TR.build_config(['--game=othello', '--preset=tiny', '--max_iters=4', '--dtype=float32', '--compile',
+                           f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out'])
+    path = TR.train_lm(dataclasses.replace(cfg, lm_cuda_graphs=True), log=lambda _: None)
+    assert [kw for fn, kw in compiled] == [{'mode': 'reduce-overhead'}] * cfg.n_layer
+    model, ckpt = load_checkpoint(path, 'othello')
+    assert ckpt['iter'] == 4 and ckpt['train_config']['lm_cuda_graphs'] and math.isfinite(ckpt['val_loss'])
+
+
 def test_the_precompile_process_compiles_the_sweeps_own_saes(tmp_path, monkeypatch, capsys):
     # --sae_precompile: a second process compiles the sweep's losses while the LM trains; it only
     # helps if it compiles the very SAEs the sweep will (classes, settings, shapes, order, options)
@@ -3271,6 +3284,7 @@ def assert_one_line(err, *needles):
     (TR.main, ['--sae_cuda_graphs', '--sae_compile'], '--sae_cuda_graphs needs a CUDA GPU'),  # a CPU here
     (TR.main, ['--preset=gpu', '--sae_cuda_graphs=True'], '--sae_cuda_graphs needs a CUDA GPU'),  # asked for, not the preset's
     (TR.main, ['--sae_grid=paper'], '--sae_grid'),
+    (TR.main, ['--lm_cuda_graphs', '--compile'], '--lm_cuda_graphs needs a CUDA GPU'),  # a CPU here
     (bench.main, ['--device=tpu'], '--device=tpu'),
     (D.main, ['--n_games=-5'], '--n_games=-5'),
     (D.main, ['--n_val=-3'], '--n_val=-3'),

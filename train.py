@@ -80,6 +80,10 @@ class TrainConfig:
                                 # only where a timed matmul says it is faster here; on CUDA bf16, or fp16
                                 # with a gradient scaler on GPUs without bf16 units (model.choose_precision)
     compile: bool = False       # torch.compile the model's blocks (GPU; model.GPT.compile_blocks)
+    lm_cuda_graphs: bool = False  # with --compile on CUDA: the compiled blocks also run as CUDA graphs
+                                # (torch.compile's mode='reduce-overhead'), so the host launches a graph a
+                                # block where it launched every kernel; no preset turns it on until a GPU
+                                # run shows it pays (bench.py --device=cuda: its '+ CUDA graphs' line)
     # reporting
     log_interval: int = 50
     eval_interval: int = 500
@@ -203,6 +207,9 @@ def build_config(argv):
         else:
             raise D.UserError(f"--sae_cuda_graphs needs a CUDA GPU and --sae_compile (here --device={device}, "
                               f"--sae_compile={cfg.sae_compile}): drop --sae_cuda_graphs")
+    if cfg.lm_cuda_graphs and not (cfg.compile and device.startswith('cuda')):
+        raise D.UserError(f"--lm_cuda_graphs needs a CUDA GPU and --compile (here --device={device}, "
+                          f"--compile={cfg.compile}): drop --lm_cuda_graphs")
     sae_archs(cfg)
     positive, non_negative = D.POSITIVE, D.NON_NEGATIVE
     D.check_options(cfg, 'train.py', {
@@ -411,10 +418,12 @@ def train_lm(cfg, log=print, precision=''):
     if cfg.resume:
         optimizer.load_state_dict(ckpt['optimizer'])
     log(f"model: {model.n_params() / 1e6:.2f}M parameters, {model.config}")
-    raw_fwd = model.compile_blocks() if cfg.compile else model
     # under torchrun, DDP averages the gradients of the processes in backward; each process takes
     # its rows of every batch (batch_size // world or one more), so the batch is the same for any world
     rank, world = rank_and_world()
+    if cfg.lm_cuda_graphs and world > 1:  # DDP's all-reduce runs inside the backward, which a graph would hold
+        raise D.UserError("--lm_cuda_graphs runs in one process only, not under torchrun: drop it")
+    raw_fwd = model.compile_blocks(**({'mode': 'reduce-overhead'} if cfg.lm_cuda_graphs else {})) if cfg.compile else model
     fwd = DDP(raw_fwd, device_ids=[cfg.device] if cfg.device.startswith('cuda') else None) if world > 1 else raw_fwd
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     n_targets = lambda y: (y.sum(-1) > 0 if cfg.soft_targets else y != pad_id).sum()  # the loss's mean is over these
