@@ -324,18 +324,19 @@ def agree(value, op):
 
 def lm_batch(tokens, soft, cfg, gen):
     """A random batch of cfg.batch_size games of `tokens` (N, T + 1), drawn by the generator
-    `gen`: inputs (B, T) and targets, token ids (B, T) or, given soft targets (the rows of `soft`
-    that go with tokens'), next-token distributions (B, T, vocab). The set may live on the GPU:
-    the batch is then one gather there, with no copy from the host but the indices."""
+    `gen`: inputs (B, T) and targets, token ids (B, T), or with `soft` (row for row with tokens:
+    Othello's legal-move bitboards (N, T), chess's next-character counts (N, T, vocab)) the
+    next-token distributions (B, T, vocab). The set may live on the GPU: the batch is then one
+    gather there, with no copy from the host but the indices."""
     idx = torch.randint(len(tokens), (cfg.batch_size,), generator=gen)
     if tokens.is_cuda:  # from pinned memory, without waiting: a plain copy to the GPU would wait for it
         idx = idx.pin_memory().to(tokens.device, non_blocking=True)
     b = tokens[idx].long().to(cfg.device)  # (B, T + 1); no copy where the set is on the GPU
     if soft is None:
         return b[:, :-1], b[:, 1:]
-    if cfg.game == 'othello':  # soft: legal-move bitboards (N, T)
+    if cfg.game == 'othello':
         return b[:, :-1], D.othello_soft_targets(soft[idx].to(cfg.device))
-    counts = soft[idx].to(cfg.device).float()  # (B, T, vocab) next-character counts; all zero past a game's end
+    counts = soft[idx].to(cfg.device).float()  # (B, T, vocab); all zero past a game's end
     return b[:, :-1], counts / counts.sum(-1, keepdim=True).clamp_min(1)
 
 
@@ -423,7 +424,8 @@ def train_lm(cfg, log=print, precision=''):
     rank, world = rank_and_world()
     if cfg.lm_cuda_graphs and world > 1:  # DDP's all-reduce runs inside the backward, which a graph would hold
         raise D.UserError("--lm_cuda_graphs runs in one process only, not under torchrun: drop it")
-    raw_fwd = model.compile_blocks(**({'mode': 'reduce-overhead'} if cfg.lm_cuda_graphs else {})) if cfg.compile else model
+    graphs = {'mode': 'reduce-overhead'} if cfg.lm_cuda_graphs else {}
+    raw_fwd = model.compile_blocks(**graphs) if cfg.compile else model
     fwd = DDP(raw_fwd, device_ids=[cfg.device] if cfg.device.startswith('cuda') else None) if world > 1 else raw_fwd
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     n_targets = lambda y: (y.sum(-1) > 0 if cfg.soft_targets else y != pad_id).sum()  # the loss's mean is over these
