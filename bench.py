@@ -198,7 +198,8 @@ def bench_lm(cfg, ceilings):
     L, H, D, T, B = SHAPES['cuda' if on_gpu(cfg) else 'cpu']['lm']
     # a GPU: the gpu preset's Othello LM (61 tokens, the pad the 61st); the CPU: chess's 33
     vocab = 61 if on_gpu(cfg) else 33
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=T, n_layer=L, n_head=H, n_embd=D, pad_id=vocab - 1)).to(cfg.device)
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=T, n_layer=L, n_head=H, n_embd=D,
+                          pad_id=vocab - 1)).to(cfg.device)
     opt = model.configure_optimizer(1e-3, 0.1)
     x, y = (torch.randint(0, vocab - 1, (B, T), device=cfg.device) for _ in range(2))
     flop_per_token = model.flops_per_token()

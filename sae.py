@@ -548,15 +548,15 @@ class GatedAnnealSAE(PAnnealing, GatedSAE):
 # TopK and BatchTopK
 
 class TopKSAE(SAE):
-    """Keep the k largest of ReLU((x - b_dec) W_enc + b_enc) per row; no sparsity penalty (coef
-    is unused and 0). AuxK loss (Gao et al. 2024): latents that have not fired for dead_tokens
+    """Keep the k largest of ReLU((x - b_dec) W_enc + b_enc) per row; no sparsity penalty (coef is
+    unused and 0). AuxK loss (Gao et al. 2024): latents that have not fired for dead_tokens
     training rows are 'dead'; their ReLU'd pre-activations reconstruct the residual x - x_hat
     (detached), giving them gradient. The aux MSE is divided by the residual's variance (scale
     free) and weighted by aux_coef. Where more than aux_k latents are dead, the aux_k that have
     gone longest without firing take part (Gao et al. take each row's top aux_k of all the dead;
     the two agree while at most aux_k are dead, and this way no step needs a top-k over every
-    latent, nor the host's word on how many are dead: _aux_loss). Training decodes from the k active latents only
-    (_decode_sparse_n; on a CPU the dense (B, d_sae) f is never built)."""
+    latent, nor the host's word on how many are dead: _aux_loss). Training decodes from the k
+    active latents only (_decode_sparse_n; on a CPU the dense (B, d_sae) f is never built)."""
     arch = 'topk'
     DEFAULT_COEF = 0.0
 
