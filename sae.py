@@ -602,7 +602,7 @@ class TopKSAE(SAE):
             fired = torch.zeros_like(self.tokens_since_fired).index_add_(0, indices.flatten(), active.flatten().long())
             self.tokens_since_fired.masked_fill_(fired > 0, 0)
         l0 = active.sum() / x.shape[0]
-        return l0, x_hat, x.new_zeros(()), self._aux_loss(x, x_hat, pre)
+        return l0, x_hat, x.new_zeros(()), self._aux_loss(x, x_hat)
 
     # rows of training left before any latent can be dead (dead_tokens - the largest count, less
     # the rows since), kept on the host: while it is positive the aux loss is skipped without
@@ -625,7 +625,7 @@ class TopKSAE(SAE):
         self._aux_on = self.loss_compiled or self.rows_to_dead is None or self.rows_to_dead <= 0
         super()._before_loss(x, step)
 
-    def _aux_loss(self, x, x_hat, pre):
+    def _aux_loss(self, x, x_hat):
         if not self._aux_on:  # no latent can be dead yet
             return x.new_zeros(())
         since = self.tokens_since_fired                                  # (d_sae,)
@@ -635,10 +635,13 @@ class TopKSAE(SAE):
         # aux_k are dead they are all among them, and the live ones picked beside them are masked
         # out: every dead latent's ReLU(pre) rebuilds the residual, as a top aux_k of each row's
         # dead pre-activations would. Shapes never depend on the data, and a step with no dead
-        # latent costs a gather of aux_k columns and a small matmul, not a top-k of pre
-        aux_k = min(self.cfg['aux_k'], pre.shape[1])
+        # latent costs two small matmuls, not a top-k over every latent and a full decode
+        aux_k = min(self.cfg['aux_k'], self.W_enc.shape[1])
         picks = since.topk(aux_k, sorted=False).indices                  # (aux_k,)
-        acts = (pre[:, picks].float() * dead[picks]).relu()              # (B, aux_k)
+        # their pre-activations afresh from their encoder columns (a (B, d_in) x (d_in, aux_k)
+        # matmul), not gathered from pre, whose gradient would be a (B, d_sae) tensor to scatter into
+        pre = self._matmul(self._enc_bias()[picks], x, self.W_enc[:, picks])  # (B, aux_k)
+        acts = (pre * dead[picks]).relu()                                # (B, aux_k)
         residual_hat = self._matmul(torch.zeros_like(self.b_dec), acts, self._W_dec()[picks])  # (B, d_in), no bias
         aux_mse = (residual - residual_hat).pow(2).sum(-1).mean()
         residual_var = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
