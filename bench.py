@@ -252,8 +252,8 @@ def bench_lm(cfg, ceilings):
         autocast, gen = autocast_for(tcfg), torch.Generator().manual_seed(0)
         fixed = lm_batch(tokens, legal, tcfg, gen)
         train_steps = {
-            "train.py's step": lambda: lm_step(model, model, opt, scaler, autocast, *fixed, tcfg.grad_clip),
-            '+ its batches': lambda: lm_step(model, model, opt, scaler, autocast, *lm_batch(tokens, legal, tcfg, gen),
+            "train.py's step": lambda: lm_step(model, opt, scaler, autocast, *fixed, tcfg.grad_clip),
+            '+ its batches': lambda: lm_step(model, opt, scaler, autocast, *lm_batch(tokens, legal, tcfg, gen),
                                              tcfg.grad_clip)}
         for name, step in train_steps.items():
             walls[name] = timed(step, cfg.seconds, device=cfg.device)

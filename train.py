@@ -340,13 +340,13 @@ def lm_batch(tokens, soft, cfg, gen):
     return b[:, :-1], counts / counts.sum(-1, keepdim=True).clamp_min(1)
 
 
-def lm_step(model, fwd, optimizer, scaler, autocast, x, y, grad_clip, weight=None):
-    """One LM training step on inputs x (B, T) and targets y (lm_batch), the one place it is
-    written (train_lm; bench.py times it): the loss of fwd (the model, its compiled blocks or
-    DDP around them) under autocast, times `weight` where given (a 0-dim tensor), backward
-    through the scaler (fp16: GradScaler; a no-op otherwise), the gradients clipped to a norm of
-    grad_clip, the optimizer's step. Returns the loss, a 0-dim tensor: reading it waits for the
-    step on a GPU."""
+def lm_step(fwd, optimizer, scaler, autocast, x, y, grad_clip, weight=None):
+    """One LM training step on inputs x (B, T) and targets y (lm_batch), the one place it is written
+    (train_lm; bench.py times it): the loss of fwd (the model, running its compiled blocks where
+    compile_blocks made them, or DDP around it) under autocast, times `weight` where given (a
+    0-dim tensor), backward through the scaler (fp16: GradScaler; a no-op otherwise), the
+    gradients clipped to a norm of grad_clip, the optimizer's step. Returns the loss, a 0-dim
+    tensor: reading it waits for the step on a GPU."""
     with autocast():
         _, loss = fwd(x, y)
     if weight is not None:
@@ -354,7 +354,7 @@ def lm_step(model, fwd, optimizer, scaler, autocast, x, y, grad_clip, weight=Non
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # clip the true gradients
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    torch.nn.utils.clip_grad_norm_(fwd.parameters(), grad_clip)  # DDP's are its model's
     scaler.step(optimizer)  # skipped where an fp16 gradient overflowed
     scaler.update()
     return loss
@@ -484,7 +484,7 @@ def train_lm(cfg, log=print, precision=''):
         # process's mean loss is weighted by its share of the batch's targets (times world, as
         # DDP averages): the gradient is the one-process gradient of the whole batch's mean loss
         weight = n_targets(y) * world / n_batch if world > 1 else None
-        loss = lm_step(model, fwd, optimizer, scaler, autocast, x, y, cfg.grad_clip, weight)
+        loss = lm_step(fwd, optimizer, scaler, autocast, x, y, cfg.grad_clip, weight)
         tokens_seen += n_batch  # a tensor: no sync per step
         done, last_iter = it + 1 - start_iter, it + 1
         if budget > 0 and (world == 1 or done % CLOCK_EVERY == 0):
