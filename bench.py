@@ -243,13 +243,12 @@ def bench_lm(cfg, ceilings):
         # GPU, as train.py keeps it. Their rates against the plain compiled step's above are what
         # each adds. The set: random tokens and random legal-move bitboards (the same kernels
         # as real games' at the same shapes)
-        from train import TrainConfig, autocast_for, lm_batch, lm_step
+        from train import TrainConfig, autocast_for, lm_batch, lm_step, scaler_for
         tcfg = TrainConfig(game='othello', block_size=T, batch_size=B, soft_targets=True,
                            device=cfg.device, dtype=dtype)
         tokens = torch.randint(0, vocab - 1, (8 * B, T + 1), dtype=torch.uint8, device=cfg.device)
         legal = torch.randint(0, 2 ** 60, (8 * B, T), dtype=torch.int64, device=cfg.device)  # random bits
-        scaler = torch.amp.GradScaler('cuda' if cfg.device.startswith('cuda') else 'cpu', enabled=dtype == 'float16')
-        autocast, gen = autocast_for(tcfg), torch.Generator().manual_seed(0)
+        autocast, scaler, gen = autocast_for(tcfg), scaler_for(tcfg), torch.Generator().manual_seed(0)
         fixed = lm_batch(tokens, legal, tcfg, gen)
         train_steps = {
             "train.py's step": lambda: lm_step(model, opt, scaler, autocast, *fixed, tcfg.grad_clip),

@@ -291,6 +291,12 @@ def autocast_for(cfg):
     return lambda: torch.autocast(device_type, dtype=getattr(torch, cfg.dtype))
 
 
+def scaler_for(cfg):
+    """The gradient scaler beside autocast_for's autocast: under fp16 (CUDA GPUs without bf16
+    units) it scales the loss so that small gradients survive; a no-op otherwise."""
+    return torch.amp.GradScaler('cuda' if cfg.device.startswith('cuda') else 'cpu', enabled=cfg.dtype == 'float16')
+
+
 def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -430,8 +436,7 @@ def train_lm(cfg, log=print, precision=''):
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     n_targets = lambda y: (y.sum(-1) > 0 if cfg.soft_targets else y != pad_id).sum()  # the loss's mean is over these
     autocast = autocast_for(cfg)
-    # fp16 (CUDA GPUs without bf16 units) scales the loss so small gradients survive; a no-op otherwise
-    scaler = torch.amp.GradScaler('cuda' if cfg.device.startswith('cuda') else 'cpu', enabled=cfg.dtype == 'float16')
+    scaler = scaler_for(cfg)
     # the training batches' generator: saved in every checkpoint and restored on --resume, so a
     # resumed run draws the batches the unstopped run would have drawn
     gen = torch.Generator().manual_seed(cfg.seed)
