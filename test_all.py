@@ -1868,7 +1868,7 @@ def test_topk_auxk_against_each_rows_top_aux_k_of_the_dead(n_dead):
     x = raw_batch(B=16)
     sae.set_act_scale(x)
     sae.init_b_dec(x)
-    with torch.no_grad():  # the latents this batch does not fire, and the one picked to be dead
+    with torch.no_grad():  # the latents this batch does not fire: the dead are picked among them
         quiet = ((sae.encode(x) == 0).all(0)).nonzero().flatten()
     assert len(quiet) >= 9
     counts = torch.zeros(D_SAE, dtype=torch.long)
