@@ -76,8 +76,8 @@ def act_scale_for(x):
 
 
 def active_per_row(f):
-    """The mean number of non-zero entries per row of f (B, d_sae): one read, no temporaries."""
-    return torch.count_nonzero(f.detach()) / f.shape[0]
+    """The mean number of non-zero entries per row of f (B, d_sae)."""
+    return (f.detach() != 0).sum() / f.shape[0]
 
 
 def lp_sum(acts, p):
@@ -87,7 +87,7 @@ def lp_sum(acts, p):
     if isinstance(p, float) and p == 1.0:
         return acts.sum(-1)
     active = acts > 0
-    return torch.where(active, acts.clamp_min(1e-12).pow(p), torch.zeros_like(acts)).sum(-1)
+    return (acts.clamp_min(1e-12).pow(p) * active.to(acts.dtype)).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +405,7 @@ class GatedSAE(SAE):
 
     @staticmethod
     def _gated(pi_gate, pi_mag):
-        return torch.where(pi_gate > 0, pi_mag, 0.0).relu_()   # (B, d_sae): 1[pi_gate > 0] ReLU(pi_mag)
+        return (pi_mag * (pi_gate > 0).to(pi_mag.dtype)).relu_()   # (B, d_sae): 1[pi_gate > 0] ReLU(pi_mag)
 
     def _encode_n(self, x):
         return self._gated(*self._gate_and_mag(x))
@@ -675,9 +675,10 @@ class BatchTopKSAE(TopKSAE):
         n, per_row = self.cfg['k'] * B, 4 * self.cfg['k']
         # (is_compiling first: under compile the size test would be traced, a guard on k)
         if not torch.compiler.is_compiling() and acts.device.type == 'cpu' and per_row < d_sae:
-            cand_values, cand_indices = acts.topk(per_row, dim=-1)      # (B, per_row) descending
-            values, pos = cand_values.flatten().topk(n)                  # (n,) into the candidates
-            if (cand_values[:, -1] < values[-1]).all():
+            # unsorted: sorting them would take longer than the picking (about 1.5x and 3x on a 2-core CPU)
+            cand_values, cand_indices = acts.topk(per_row, dim=-1, sorted=False)  # (B, per_row)
+            values, pos = cand_values.flatten().topk(n, sorted=False)    # (n,) into the candidates
+            if (cand_values.min(-1).values < values.min()).all():
                 rows = torch.div(pos, per_row, rounding_mode='floor')
                 return values, rows * d_sae + cand_indices.flatten()[pos]
         return acts.flatten().topk(n, sorted=False)
@@ -724,14 +725,14 @@ def jumprelu_straight_through(z, theta, eps):
     autograd cache from storing a compiled loss: theta_step = theta - theta.detach() is 0 with
     gradient 1 to theta, so a term c * theta_step, c held constant, adds 0 to a value and c to
     its gradient with respect to theta."""
-    fires = z > theta                                    # (B, d_sae) bool
-    with torch.no_grad():
-        window = (z - theta).abs_() < eps / 2            # (B, d_sae) bool: K((z - theta) / eps)
-        n_fired = fires.sum(-1, dtype=torch.float32).mean()  # the count's value
-        n_window = window.sum(0, dtype=torch.float32)    # (d_sae,) K summed over the batch
+    with torch.no_grad():  # the masks as 0. / 1. floats: on a CPU a product with a float is several
+        # times faster than a where() or a product with a bool (README, Speed)
+        fires = (z > theta).to(z.dtype)                  # (B, d_sae) H(z - theta)
+        window = ((z - theta).abs_() < eps / 2).to(z.dtype)  # (B, d_sae) K((z - theta) / eps)
+        n_fired = fires.sum(-1).mean()                   # the count's value
+        n_window = window.sum(0)                         # (d_sae,) K summed over the batch
     theta_step = theta - theta.detach()                  # (d_sae,) zeros, gradient 1 to theta
-    # where() rather than a product with the bool masks, which a CPU would first convert to floats
-    f = torch.where(fires, z, 0.0) + torch.where(window, theta_step * (-theta.detach() / eps), 0.0)
+    f = z * fires + window * (theta_step * (-theta.detach() / eps))
     l0 = n_fired + (n_window * theta_step).sum() * (-1 / eps) / z.shape[0]
     return f, l0
 
