@@ -675,7 +675,7 @@ class BatchTopKSAE(TopKSAE):
         n, per_row = self.cfg['k'] * B, 4 * self.cfg['k']
         # (is_compiling first: under compile the size test would be traced, a guard on k)
         if not torch.compiler.is_compiling() and acts.device.type == 'cpu' and per_row < d_sae:
-            # unsorted: sorting them would take longer than the picking (about 1.5x and 3x on a 2-core CPU)
+            # unsorted: sorted, the two top-k took 1.5x and 3x as long on a 2-core CPU (README, Speed)
             cand_values, cand_indices = acts.topk(per_row, dim=-1, sorted=False)  # (B, per_row)
             values, pos = cand_values.flatten().topk(n, sorted=False)    # (n,) into the candidates
             if (cand_values.min(-1).values < values.min()).all():
