@@ -1259,14 +1259,15 @@ def test_sweep_coefficients_scale_with_the_width_by_the_penalty_s_rule():
         at_192 = [s['coef'] for s in TR.sweep_settings(arch, 192)]
         assert at_192 == [pytest.approx(s['coef'] * 1.5 ** (0.5 if factor == 2 else 1), rel=5e-3) for s in settings]
         assert all(len(f'{c:.6e}'.split('e')[0].rstrip('0').replace('.', '')) <= 3 for c in at_192), at_192
-    # the gpu grid is chosen at width 512: there its own settings, TopK's and BatchTopK's (which it
-    # does not name) SWEEP's, and at width 128 each coefficient divided by the width's factor
-    for arch in TR.SWEEP:
-        gpu = TR.sweep_settings(arch, 512, grid='gpu')
-        assert gpu == TR.SWEEP_GPU.get(arch, TR.SWEEP[arch]), arch
-        factor = {'topk': 1, 'batch_topk': 1, 'jumprelu': 4}.get(arch, 2)
-        assert [s.get('coef') for s in TR.sweep_settings(arch, 128, grid='gpu')] == \
-            [None if 'coef' not in s else pytest.approx(s['coef'] / factor, rel=5e-3) for s in gpu], arch
+    # the gpu grids are chosen at width 512: there their own settings, TopK's and BatchTopK's (which
+    # they do not name) SWEEP's, and at width 128 each coefficient divided by the width's factor
+    for grid, table in (('gpu', TR.SWEEP_GPU), ('gpu_chess', TR.SWEEP_GPU_CHESS)):
+        for arch in TR.SWEEP:
+            gpu = TR.sweep_settings(arch, 512, grid=grid)
+            assert gpu == table.get(arch, TR.SWEEP[arch]), (grid, arch)
+            factor = {'topk': 1, 'batch_topk': 1, 'jumprelu': 4}.get(arch, 2)
+            assert [s.get('coef') for s in TR.sweep_settings(arch, 128, grid=grid)] == \
+                [None if 'coef' not in s else pytest.approx(s['coef'] / factor, rel=5e-3) for s in gpu], (grid, arch)
     # the rule itself: features of size sqrt(d_in / L0) make an L1 penalty grow as sqrt(d_in) at a
     # fixed L0, while the squared error grows as d_in; an L0 penalty does not grow at all
     assert S.ARCHS['standard'].COEF_POWER == 0.5 and S.ARCHS['jumprelu'].COEF_POWER == 1.0
@@ -1276,11 +1277,12 @@ def test_the_gpu_preset_on_a_cpu_runs_its_sweep_without_cuda_graphs():
     import train as TR
     # the preset turns graphs on for CUDA; on a CPU it drops them where one asked for by name is
     # refused (test_bad_values_are_refused_before_any_work); its grid and compiling stay
-    for game in ('othello', 'chess'):
+    # each game's its own grid, chosen on that game's gpu model
+    for game, grid, standard in (('othello', 'gpu', (1.1, 2.1, 3.7)), ('chess', 'gpu_chess', (0.44, 0.88, 2.0))):
         cfg = TR.build_config([f'--game={game}', '--preset=gpu', '--device=cpu'])
-        assert (cfg.sae_cuda_graphs, cfg.sae_compile, cfg.sae_grid) == (False, True, 'gpu')
-        assert TR.sweep_grid(cfg, 512)[0]['standard'] == \
-            [{'coef': pytest.approx(c * cfg.sae_coef_scale, rel=5e-3)} for c in (1.1, 2.1, 3.7)]
+        assert (cfg.sae_cuda_graphs, cfg.sae_compile, cfg.sae_grid, cfg.sae_coef_scale) == (False, True, grid, 1.0)
+        assert TR.sweep_grid(cfg, 512)[0]['standard'] == [{'coef': c} for c in standard]
+        assert TR.build_config([f'--game={game}', '--preset=paper', '--device=cpu']).sae_grid == grid
     assert TR.build_config(['--preset=cpu']).sae_grid == 'cpu'
 
 

@@ -94,8 +94,9 @@ class TrainConfig:
     sae_archs: str = 'all'      # all (every architecture in SWEEP) or a comma-separated list of them
     sae_expansion: int = 8      # d_sae = sae_expansion * n_embd
     sae_steps: int = 4000
-    sae_grid: str = 'cpu'       # the sweep's settings: cpu (SWEEP, chosen on the cpu presets' models) or
-                                # gpu (SWEEP_GPU, chosen on the Othello gpu preset's model); README, Presets
+    sae_grid: str = 'cpu'       # the sweep's settings: cpu (SWEEP, chosen on the cpu presets' models), gpu
+                                # (SWEEP_GPU, on the Othello gpu preset's model) or gpu_chess
+                                # (SWEEP_GPU_CHESS, on the chess gpu preset's model); README, Presets
     sae_coef_scale: float = 1.0  # every sparsity coefficient of the grid times this (TopK's k unchanged): the
                                 # whole grid shifted, for a model whose L0 sits elsewhere (README, Presets)
     sae_minutes: float = 0.0    # > 0: fewer steps if sae_steps would take longer than this, the first
@@ -146,12 +147,12 @@ PRESETS = {
     # sweep's steps' time; a slower GPU trains fewer steps (one H200 run took 8m35s with 2.8
     # minutes of sweep: README, Measured results). LM and SAE losses are compiled (torch.compile),
     # the SAEs' compiled losses run as CUDA graphs (1.5x the compiled sweep's rate on an H200), and
-    # the sweep's settings are the gpu grid (SWEEP_GPU).
+    # the sweep's settings are the gpu grid (SWEEP_GPU; chess: SWEEP_GPU_CHESS).
     # Chess: the 256 characters the evaluation scores (the first 20 '.'), exact soft targets
     # (computed on the CPU, about 12 ms of CPU a game, then kept with the data), 4 minutes of LM
     # (3 gave a piece-set probe F1 of 0.598 on an H200, in 7m30s end to end), a shorter sweep for
-    # the time its data and evaluation take, and the gpu grid's coefficients x0.42: on the chess
-    # gpu model, x0.67 gave L0 about 50-90 / 15-20 / 5-8 (one H200 run; README, Presets)
+    # the time its data and evaluation take, and its own grid (SWEEP_GPU_CHESS): on the chess gpu
+    # model the Othello gpu grid x0.67 gave L0 about 50-90 / 15-20 / 5-8 (one H200 run; README, Presets)
     'gpu': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'batch_size': 512, 'lr': 1e-3, 'min_lr': 1e-4,
              'warmup_iters': 300, 'max_iters': 100_000, 'lm_minutes': 3.3, 'compile': True, 'eval_interval': 2000,
              'log_interval': 250,
@@ -160,13 +161,14 @@ PRESETS = {
              'sae_cuda_graphs': True, 'sae_precompile': True, 'sae_grid': 'gpu'},
             {'othello': {'block_size': 59, 'n_games': 2_000_000, 'soft_targets': True},
              'chess': {'block_size': 255, 'batch_size': 128, 'n_games': 80_000, 'lm_minutes': 4.0,
-                       'soft_targets': True, 'sae_minutes': 2.0, 'sae_coef_scale': 0.42}}),
+                       'soft_targets': True, 'sae_minutes': 2.0, 'sae_grid': 'gpu_chess'}}),
     'paper': ({'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'lr': 6e-4, 'min_lr': 6e-5, 'warmup_iters': 1000,
                'max_iters': 60000, 'compile': True, 'eval_interval': 2000, 'sae_batch': 8192, 'sae_steps': 30000,
                'sae_lr': 3e-4, 'sae_warmup': 1000, 'sae_buffer': 1 << 20, 'sae_log_interval': 2000, 'sae_compile': True,
                'sae_cuda_graphs': True, 'sae_precompile': True, 'sae_grid': 'gpu'},
               {'othello': {'block_size': 59, 'batch_size': 256, 'n_games': 2_000_000},
-               'chess': {'block_size': 1023, 'batch_size': 64, 'n_games': 200_000, 'legal_games': 100}}),
+               'chess': {'block_size': 1023, 'batch_size': 64, 'n_games': 200_000, 'legal_games': 100,
+                         'sae_grid': 'gpu_chess'}}),
 }
 
 
@@ -198,7 +200,7 @@ def build_config(argv):
     if cfg.optimizer not in ('adamw', 'muon'):
         raise D.UserError(f"unknown --optimizer {cfg.optimizer!r}: use adamw or muon")
     if cfg.sae_grid not in SWEEPS:
-        raise D.UserError(f"unknown --sae_grid {cfg.sae_grid!r}: use {' or '.join(SWEEPS)}")
+        raise D.UserError(f"unknown --sae_grid {cfg.sae_grid!r}: use {', '.join(SWEEPS)}")
     if cfg.control not in ('one', 'sweep', 'none'):
         raise D.UserError(f"unknown --control {cfg.control!r}: use one, sweep or none")
     if cfg.sae_cuda_graphs and not (cfg.sae_compile and device.startswith('cuda')):
@@ -543,11 +545,11 @@ def train_lm(cfg, log=print, precision=''):
 # ----------------------------------------------------------------------------------------------
 # The SAE stage
 
-# Sparsity settings per architecture, in two grids, each chosen where its presets train; each
+# Sparsity settings per architecture, in three grids, each chosen where its presets train; each
 # L1-penalty architecture's three settings aim at L0 of about 150, 40 and 10 (README, Presets).
 # Normalised activations, E||x||^2 = d_in; MSE summed over d_in. For another width a grid's
 # coefficients are scaled by the penalty's rule (sweep_settings, sae.SAE.COEF_POWER), and
-# --sae_coef_scale shifts the whole grid (the chess gpu preset: x0.42). Edit to taste.
+# --sae_coef_scale shifts the whole grid. Edit to taste.
 #
 # SWEEP (--sae_grid=cpu): chosen at width 128 on the cpu presets' models (Othello L0 about 10 to
 # 150; chess about 20 to 150 in its cpu preset's 400-step sweep).
@@ -575,7 +577,21 @@ SWEEP_GPU = {
     'gated_anneal': [{'coef': c} for c in (0.8, 1.8, 4.0)],
     'jumprelu': [{'coef': c} for c in (0.25, 1.0, 8.0)],
 }
-SWEEPS = {'cpu': (SWEEP_WIDTH, SWEEP), 'gpu': (SWEEP_GPU_WIDTH, SWEEP_GPU)}
+# SWEEP_GPU_CHESS (--sae_grid=gpu_chess: the chess gpu and paper presets): chosen at width 512 on
+# the chess gpu preset's model, read off its run's L0 against the coefficient in the same way
+# (past the run's points, which reached L0 93 at most, along the nearest line extended).
+# There SWEEP_GPU x0.67 gave L0 from 93 to 4.4 (one H200 run, 2359 steps: standard 56 / 16 / 7.8
+# at 0.74 / 1.4 / 2.5), and JumpReLU's L0 moved 10 times over its coefficients' 32 times, so
+# that no one scale of SWEEP_GPU spans 10 to 150 for every architecture there.
+SWEEP_GPU_CHESS = {
+    'standard': [{'coef': c} for c in (0.44, 0.88, 2.0)],
+    'gated': [{'coef': c} for c in (0.75, 1.6, 3.8)],
+    'p_anneal': [{'coef': c} for c in (0.21, 0.42, 0.91)],
+    'gated_anneal': [{'coef': c} for c in (0.41, 0.87, 2.0)],
+    'jumprelu': [{'coef': c} for c in (0.043, 0.2, 1.3)],
+}
+SWEEPS = {'cpu': (SWEEP_WIDTH, SWEEP), 'gpu': (SWEEP_GPU_WIDTH, SWEEP_GPU),
+          'gpu_chess': (SWEEP_GPU_WIDTH, SWEEP_GPU_CHESS)}
 
 
 SAE_OPTIONS = ('anneal_start',)  # TrainConfig fields passed to every architecture that takes them
