@@ -181,7 +181,9 @@ def _torch_writer(obj):
     def write(tmp):
         with open(tmp, 'wb') as f:  # through a Python file, a full disk is an OSError (ENOSPC)
             torch.save(obj, f)
-        torch.load(tmp, weights_only=True)  # what is saved must load safely: fail now, not later
+        # what is saved must load safely: fail now, not later. The unpickler checks every object;
+        # mapped (mmap), the tensors' bytes are not read back, and stay off any GPU they came from
+        torch.load(tmp, weights_only=True, map_location='cpu', mmap=True)
     return write
 
 

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import re
@@ -3421,6 +3422,18 @@ def test_full_disk_or_ctrl_c_while_saving_keeps_the_previous_data(failure, code,
     assert got == code and len(calls) == 2
     assert_one_line(err, message)
     assert {f: (tmp_path / f).read_bytes() for f in files_under(tmp_path)} == before  # no temp or lock file either
+
+
+def test_a_file_that_would_not_load_safely_is_refused_as_it_is_saved(tmp_path):
+    # atomic_save loads what it wrote with weights_only (the tensors mapped, not read): an object
+    # that weights_only refuses fails the save, the previous file stays, and no temp file is left
+    import fractions
+    path = str(tmp_path / 'model.pt')
+    D.atomic_save({'w': torch.arange(3.0), 'step': 1}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        D.atomic_save({'w': torch.zeros(3), 'step': fractions.Fraction(1, 3)}, path)
+    assert files_under(tmp_path) == ['model.pt']
+    assert torch.load(path, weights_only=True)['w'].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_random_bytes_or_junk_text_as_a_pgn_file(tmp_path, monkeypatch, capsys):
