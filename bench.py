@@ -34,8 +34,9 @@ graphs (not in train.py yet: what they would be worth); the whole SAE sweep of t
 grid: 21 SAEs), bf16 matmuls, as train.py trains it: eager, with its SAEs' losses compiled as one
 function (sae.compile_losses), and with that function run as CUDA graphs (train.py
 --sae_cuda_graphs), and how many compiled functions CUDA graphs could not take; with --profile,
-where a compiled step's device time goes, by kernel (the LM's plain step and train.py's after
-their figures, the sweep's after its whole-sweep figures); then each architecture's 3 SAEs alone,
+where a compiled step's device time goes, by kernel and by kind (matmul, top-k, the kernels
+inductor fused, ...; the LM's plain step and train.py's after their figures, the sweep's after its
+whole-sweep figures); then each architecture's 3 SAEs alone,
 each way (--per_arch=False leaves them out). The first compiled step's time (tracing and
 compiling; with graphs, the second's too, which records them) is shown beside it and left out of
 the rate. Before them, the host floor: the whole sweep at a tiny shape, where the device's work is
@@ -416,9 +417,11 @@ def profile_step(step, device, seconds, what, reps=3):
     torch.profiler, after two unprofiled ones (compiling): the total a step, beside the wall time
     a step took in each mode (`seconds`), and the kernels that take most of it. `what` names the
     step. On a GPU only the device's own events count (kernels, copies): an operator's device
-    time is its kernels', which would count them twice. A compiled step's kernels, not the
-    graphs': a CUDA graph hides its kernels from the profiler, and runs the same ones. Device
-    time near the wall time: the device bounds the step; well under it: the host still does."""
+    time is its kernels', which would count them twice (so would a label's span there, which torch
+    marks as a user annotation). Then every kernel's time summed by kind (KERNEL_KINDS). A
+    compiled step's kernels, not the graphs': a CUDA graph hides its kernels from the profiler,
+    and runs the same ones. Device time near the wall time: the device bounds the step; well
+    under it: the host still does."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     first_call(step, device)
@@ -429,7 +432,10 @@ def profile_step(step, device, seconds, what, reps=3):
             step()
         wait_for(device)
     key = 'self_device_time_total' if on_device else 'self_cpu_time_total'  # microseconds
-    events = [e for e in prof.key_averages() if not on_device or e.device_type != DeviceType.CPU]
+    # on a GPU the device's own events; not the spans of record_function's labels there (torch.compile's
+    # regions, the optimizer's step), each the sum of kernels already counted: torch's own table skips them too
+    events = [e for e in prof.key_averages()
+              if not on_device or (e.device_type != DeviceType.CPU and not getattr(e, 'is_user_annotation', False))]
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) / reps / 1e3  # ms a step
     walls = ', '.join(f"{mode} {t * 1e3:.1f}" for mode, t in seconds.items() if t)
@@ -438,6 +444,25 @@ def profile_step(step, device, seconds, what, reps=3):
     for e in events[:12]:
         ms = getattr(e, key) / reps / 1e3
         print(f"    {ms:7.2f} ms {ms / total:4.0%} {e.count // reps:4d}x a step  {e.key[:100]}")
+    by_kind = {}
+    for e in events:
+        kind = kernel_kind(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + getattr(e, key) / reps / 1e3
+    print("  by kind: " + ', '.join(f"{kind} {ms:.2f} ms ({ms / total:.0%})"
+                                    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+
+
+# what a kernel (on a GPU) or an operator (on a CPU) does, by its name: profile_step's totals
+KERNEL_KINDS = (('matmul', ('gemm', 'nvjet', 'cutlass', 'xmma', 'aten::mm', 'aten::addmm', 'aten::bmm')),
+                ('top-k and sorts', ('topk', 'TopK', 'radix', 'Radix', 'sort', 'Sort')),
+                ('attention', ('flash', 'fmha', 'attention')),
+                ('fused by inductor', ('triton_',)),
+                ('optimizer', ('adam', 'Adam', 'multi_tensor')),
+                ('copies and fills', ('Memcpy', 'Memset', 'copy_', 'fill_', 'Fill')))
+
+
+def kernel_kind(name):
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in name for m in marks)), 'other')
 
 
 def bench_metrics(cfg, ceilings):

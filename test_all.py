@@ -2995,6 +2995,11 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     assert prof and float(prof[1]) > 0, out
     shares = [float(m) for m in re.findall(r'^ +[0-9.]+ ms +([0-9]+)% +[0-9]+x a step  \S', prof[2], re.M)]
     assert len(shares) == 12 and shares == sorted(shares, reverse=True) and sum(shares) <= 100 + 6, prof[2]
+    # then every kernel's time by kind, largest first, adding up to the step's total
+    kinds = re.search(r'\n  by kind: (.*)\n', out[prof.end() - 1:])[1]
+    ms = {k: float(v) for k, v in re.findall(r'([a-z -]+) ([0-9.]+) ms \([0-9]+%\)(?:, |$)', kinds)}
+    assert 'matmul' in ms and list(ms.values()) == sorted(ms.values(), reverse=True), kinds
+    assert sum(ms.values()) == pytest.approx(float(prof[1]), abs=0.01 * len(ms) + 0.05), kinds
     assert re.search(r'float32 compiled +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling \(first step, compiling', out)
     # train.py's own LM step (soft targets, clipping), then with its batches drawn as well
     for name in ("train.py's step", '+ its batches'):
