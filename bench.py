@@ -453,9 +453,9 @@ def profile_step(step, device, seconds, what, reps=3):
 
 
 # what a kernel (on a GPU) or an operator (on a CPU) does, by its name: profile_step's totals
-KERNEL_KINDS = (('matmul', ('gemm', 'nvjet', 'cutlass', 'xmma', 'aten::mm', 'aten::addmm', 'aten::bmm')),
+KERNEL_KINDS = (('matmul', ('gemm', 'nvjet', 'cutlass', 'xmma', 'triton_tem', 'aten::mm', 'aten::addmm', 'aten::bmm')),
                 ('top-k and sorts', ('topk', 'TopK', 'radix', 'Radix', 'sort', 'Sort')),
-                ('attention', ('flash', 'fmha', 'attention')),
+                ('attention', ('flash', 'fmha', 'sdpa', 'attention')),
                 ('fused by inductor', ('triton_',)),
                 ('optimizer', ('adam', 'Adam', 'multi_tensor')),
                 ('copies and fills', ('Memcpy', 'Memset', 'copy_', 'fill_', 'Fill')))
