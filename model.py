@@ -263,15 +263,17 @@ def orthogonalize(G, steps=5):
     These coefficients (Keller Jordan's, for Muon) push small singular values up fast, at the price
     of leaving each somewhere in about [0.7, 1.2] rather than exactly 1 (each step multiplies a
     small one by about a = 3.4, so one below about 1/500 of ||G||_F stays under 0.7 after five
-    steps). Returns [m, n]."""
-    if G.shape[0] > G.shape[1]:  # A = X X^T on the smaller side
-        return orthogonalize(G.T, steps).T
+    steps). Returns [m, n]. A stack G [k, m, n] is k matrices, each on its own (Muon's same-shaped
+    matrices): one batched product where each matrix would take its own."""
+    if G.shape[-2] > G.shape[-1]:  # A = X X^T on the smaller side
+        return orthogonalize(G.mT, steps).mT
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G / (G.norm() + 1e-7)
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    product_plus = torch.addmm if X.dim() == 2 else torch.baddbmm  # beta * input + alpha * (m1 @ m2)
     for _ in range(steps):
-        A = X @ X.T  # [m, m]
-        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.addmm(X, B, X, beta=a)  # a X + B X
+        A = X @ X.mT  # [m, m]
+        B = product_plus(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = product_plus(X, B, X, beta=a)  # a X + B X
     return X
 
 
@@ -300,6 +302,7 @@ class Muon(torch.optim.AdamW):
             if not group['muon']:
                 continue
             lr, mu = group['lr'], group['momentum']
+            by_shape = {}  # the group's matrices by shape: every block's qkv weight together, ...
             for p in group['params']:
                 if p.grad is None:
                     continue
@@ -309,10 +312,16 @@ class Muon(torch.optim.AdamW):
                 state['step'] += 1
                 p.mul_(1 - lr * group['weight_decay'])  # decoupled weight decay, as AdamW
                 state['momentum_buffer'].mul_(mu).add_(p.grad)
-                p.add_(orthogonalize(p.grad.add(state['momentum_buffer'], alpha=mu)),
-                       alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
-                hidden.append((p, p.grad))
-                p.grad = None  # AdamW skips a parameter without a gradient
+                by_shape.setdefault(p.shape, []).append(p)
+            for shape, params in by_shape.items():
+                # the same-shaped matrices orthogonalised as one stack (k, m, n), each on its own:
+                # a batched product where each matrix would take its own (on a GPU, a kernel
+                # launch for all the blocks where each block would launch its own)
+                u = torch.stack([p.grad.add(self.state[p]['momentum_buffer'], alpha=mu) for p in params])
+                for p, update in zip(params, orthogonalize(u).unbind()):
+                    p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(shape)))
+                    hidden.append((p, p.grad))
+                    p.grad = None  # AdamW skips a parameter without a gradient
         super().step()
         for p, grad in hidden:
             p.grad = grad

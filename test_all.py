@@ -1145,6 +1145,9 @@ def test_orthogonalize_keeps_the_singular_vectors_and_evens_the_values(shape):
     assert (inner - torch.diag(torch.diag(inner))).abs().max() < 1e-6
     # every singular value, 30x apart in G, lands in about [0.7, 1.2]
     assert 0.6 < torch.diag(inner).min() and torch.diag(inner).max() < 1.25
+    # a stack of matrices (Muon's same-shaped ones): each as on its own
+    stack = torch.stack([G, torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)])
+    torch.testing.assert_close(orthogonalize(stack), torch.stack([orthogonalize(g) for g in stack]), rtol=1e-12, atol=1e-12)
 
 
 def test_muon_is_adamw_off_the_blocks_and_takes_adamw_sized_steps_on_them():
@@ -1162,10 +1165,16 @@ def test_muon_is_adamw_off_the_blocks_and_takes_adamw_sized_steps_on_them():
         m(x, x)[1].backward()
         opt.step()
     twin_params = dict(twin.named_parameters())
+    grads = {name: p.grad for name, p in twin.named_parameters()}  # the same gradients Muon took
     for name, p in model.named_parameters():
         if p.dim() == 2 and name.startswith('blocks.'):  # one step of Muon: about AdamW's typical RMS, 0.2 lr
             rms = (p - before[name] * (1 - lr * 0.1)).pow(2).mean().sqrt().item()
             assert 0.12 * lr < rms < 0.25 * lr, (name, rms / lr)
+            # the docstring's step for this matrix on its own (the first: the momentum buffer is the
+            # gradient), though Muon orthogonalises the blocks' same-shaped matrices as one stack
+            from model import orthogonalize
+            want = before[name] * (1 - lr * 0.1) - lr * 0.2 * max(p.shape) ** 0.5 * orthogonalize(grads[name] * 1.95)
+            torch.testing.assert_close(p, want, rtol=1e-5, atol=1e-6)
         else:  # everything else (embeddings, LayerNorms, biases): exactly as torch.optim.AdamW
             torch.testing.assert_close(p, twin_params[name], rtol=1e-6, atol=1e-7)
 
