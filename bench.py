@@ -29,8 +29,9 @@ On a GPU (--device=cuda) the LM and the SAEs are timed as the gpu preset trains 
 bf16 ceiling (where the GPU has bf16 units): the LM (Othello's 61 tokens) in bf16 autocast, eager
 and torch.compile'd, then train.py's own step on the compiled blocks (train.lm_step: soft targets,
 gradient clipping) and that step with its batches drawn from a set on the GPU (train.lm_batch), so
-that what train.py adds to the plain step shows in one run, and that step with the blocks as CUDA
-graphs (not in train.py yet: what they would be worth); the whole SAE sweep of train.py (its gpu
+that what train.py adds to the plain step shows in one run, that step with Muon (--optimizer=muon)
+in place of AdamW, and with the blocks as CUDA graphs (not in train.py yet: what they would be
+worth); the whole SAE sweep of train.py (its gpu
 grid: 21 SAEs), bf16 matmuls, as train.py trains it: eager, with its SAEs' losses compiled as one
 function (sae.compile_losses), and with that function run as CUDA graphs (train.py
 --sae_cuda_graphs), and how many compiled functions CUDA graphs could not take; with --profile,
@@ -251,10 +252,15 @@ def bench_lm(cfg, ceilings):
         legal = torch.randint(0, 2 ** 60, (8 * B, T), dtype=torch.int64, device=cfg.device)  # random bits
         autocast, scaler, gen = autocast_for(tcfg), scaler_for(tcfg), torch.Generator().manual_seed(0)
         fixed = lm_batch(tokens, legal, tcfg, gen)
+        # and that with Muon on the blocks' matrices (train.py --optimizer=muon) in place of AdamW:
+        # what a Muon step costs here, against the progress per step it buys (README, Chess)
+        muon = model.configure_optimizer(1e-3, 0.1, kind='muon')
         train_steps = {
             "train.py's step": lambda: lm_step(model, opt, scaler, autocast, *fixed, tcfg.grad_clip),
             '+ its batches': lambda: lm_step(model, opt, scaler, autocast, *lm_batch(tokens, legal, tcfg, gen),
-                                             tcfg.grad_clip)}
+                                             tcfg.grad_clip),
+            '+ Muon': lambda: lm_step(model, muon, scaler, autocast, *lm_batch(tokens, legal, tcfg, gen),
+                                      tcfg.grad_clip)}
         for name, step in train_steps.items():
             walls[name] = timed(step, cfg.seconds, device=cfg.device)
             report(name, dtype, walls[name])

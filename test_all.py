@@ -3011,12 +3011,12 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     assert sum(ms.values()) == pytest.approx(float(prof[1]), abs=0.01 * len(ms) + 0.05), kinds
     assert re.search(r'float32 compiled +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling \(first step, compiling', out)
     # train.py's own LM step (soft targets, clipping), then with its batches drawn as well
-    for name in ("train.py's step", '+ its batches'):
+    for name in ("train.py's step", '+ its batches', '+ Muon'):
         assert re.search(rf'  {re.escape(name)} +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling$', out, re.M), name
     # and the LM's compiled steps, the plain one and train.py's, after their figures
     assert re.search(r'  \+ CUDA graphs +[0-9,]+ tok/s = .*% of the fp32 matmul ceiling \(first step, compiling', out)
     walls = (r"float32 eager [0-9.]+, float32 compiled [0-9.]+, train.py's step [0-9.]+, \+ its batches [0-9.]+, "
-             r"\+ CUDA graphs [0-9.]+")
+             r"\+ Muon [0-9.]+, \+ CUDA graphs [0-9.]+")
     for what in ('a compiled LM step', "a step of train.py's LM, its batch drawn"):
         lm_prof = re.search(rf'profile of {what}: ([0-9.]+) ms of CPU time a step \(wall ms a step: {walls}\); '
                             r'the most expensive:\n((?:    .*\n){12})', out)
@@ -3043,7 +3043,7 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     bench.main(['--seconds=0.01', '--only=lm'])
     out = capsys.readouterr().out
     assert re.search(r"^  \+ CUDA graphs +failed \(RuntimeError: no graphs here\)$", out, re.M), out
-    assert "train.py's step" in out and out.count(' tok/s = ') == 4, out
+    assert "train.py's step" in out and out.count(' tok/s = ') == 5, out
     monkeypatch.setattr(torch, 'compile', compile_)
     # and the sweep's
     monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', fails)
