@@ -255,12 +255,10 @@ def bench_lm(cfg, ceilings):
         # and that with Muon on the blocks' matrices (train.py --optimizer=muon) in place of AdamW:
         # what a Muon step costs here, against the progress per step it buys (README, Chess)
         muon = model.configure_optimizer(1e-3, 0.1, kind='muon')
-        train_steps = {
-            "train.py's step": lambda: lm_step(model, opt, scaler, autocast, *fixed, tcfg.grad_clip),
-            '+ its batches': lambda: lm_step(model, opt, scaler, autocast, *lm_batch(tokens, legal, tcfg, gen),
-                                             tcfg.grad_clip),
-            '+ Muon': lambda: lm_step(model, muon, scaler, autocast, *lm_batch(tokens, legal, tcfg, gen),
-                                      tcfg.grad_clip)}
+        drawn = lambda optimizer: lambda: lm_step(model, optimizer, scaler, autocast,  # a step on a drawn batch
+                                                  *lm_batch(tokens, legal, tcfg, gen), tcfg.grad_clip)
+        train_steps = {"train.py's step": lambda: lm_step(model, opt, scaler, autocast, *fixed, tcfg.grad_clip),
+                       '+ its batches': drawn(opt), '+ Muon': drawn(muon)}
         for name, step in train_steps.items():
             walls[name] = timed(step, cfg.seconds, device=cfg.device)
             report(name, dtype, walls[name])

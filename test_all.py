@@ -1151,7 +1151,7 @@ def test_orthogonalize_keeps_the_singular_vectors_and_evens_the_values(shape):
 
 
 def test_muon_is_adamw_off_the_blocks_and_takes_adamw_sized_steps_on_them():
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, orthogonalize
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=12, block_size=10, n_layer=2, n_head=2, n_embd=32, pad_id=11))
     twin = GPT(GPTConfig(vocab_size=12, block_size=10, n_layer=2, n_head=2, n_embd=32, pad_id=11))
@@ -1172,7 +1172,6 @@ def test_muon_is_adamw_off_the_blocks_and_takes_adamw_sized_steps_on_them():
             assert 0.12 * lr < rms < 0.25 * lr, (name, rms / lr)
             # the docstring's step for this matrix on its own (the first: the momentum buffer is the
             # gradient), though Muon orthogonalises the blocks' same-shaped matrices as one stack
-            from model import orthogonalize
             want = before[name] * (1 - lr * 0.1) - lr * 0.2 * max(p.shape) ** 0.5 * orthogonalize(grads[name] * 1.95)
             torch.testing.assert_close(p, want, rtol=1e-5, atol=1e-6)
         else:  # everything else (embeddings, LayerNorms, biases): exactly as torch.optim.AdamW
