@@ -76,8 +76,11 @@ def act_scale_for(x):
 
 
 def active_per_row(f):
-    """The mean number of non-zero entries per row of f (B, d_sae)."""
-    return (f.detach() != 0).sum() / f.shape[0]
+    """The mean number of non-zero entries per row of f (B, d_sae). Counted per row, then
+    averaged, as the penalties sum: a compiled loss then computes the count and the penalty in
+    one pass over f (a sum over all of f is another shape of reduction, which needs a pass of
+    its own)."""
+    return (f.detach() != 0).float().sum(-1).mean()
 
 
 def lp_sum(acts, p):
@@ -286,8 +289,8 @@ class SAE(nn.Module):
 
     def _penalty(self, acts):
         # acts >= 0 (B, d_sae). L1 = sum_i |f_i| averaged over the batch; decoder rows are unit
-        # norm, so no norm weighting. One sum over everything: its gradient is a broadcast scalar
-        return self._coef_now() * acts.sum() / acts.shape[0]
+        # norm, so no norm weighting. Per-row sums, as every (B, d_sae) reduction here (active_per_row)
+        return self._coef_now() * acts.sum(-1).mean()
 
     def _coef_now(self):
         # the coefficient as _loss uses it: under compile_loss the 0-dim tensor loss() fills at
@@ -378,8 +381,16 @@ class StandardSAE(SAE):
 
     def _train_forward(self, x):
         f = self._encode_n(x)
+        # L0 and the penalty before the decode, not after it. Under compile_loss the order
+        # decides what the backward reads: torch.compile's partitioner chooses which forward
+        # tensors the backward keeps and which it recomputes, and it does not recompute an
+        # elementwise op that comes after a non-fusible use of its input (the decode's matmul).
+        # After the decode, p-annealing's f^p terms and masks were kept as fp32 and bool
+        # (B, d_sae) tensors, written and read back at every step; before it, the backward
+        # recomputes them from the pre-activations it keeps anyway (README, On one GPU)
+        l0, penalty = active_per_row(f), self._penalty(f)
         x_hat = self._decode_n(f)
-        return active_per_row(f), x_hat, self._penalty(f), x.new_zeros(())
+        return l0, x_hat, penalty, x.new_zeros(())
 
 
 class GatedSAE(SAE):
@@ -413,11 +424,13 @@ class GatedSAE(SAE):
     def _train_forward(self, x):
         pi_gate, pi_mag = self._gate_and_mag(x)
         f = self._gated(pi_gate, pi_mag)
-        x_hat = self._decode_n(f)
         gate_acts = F.relu(pi_gate)                      # (B, d_sae)
+        # L0 and the penalty before the decodes, as in StandardSAE
+        l0, penalty = active_per_row(f), self._penalty(gate_acts)
+        x_hat = self._decode_n(f)
         x_hat_gate = self._matmul(self.b_dec.detach(), gate_acts, self.W_dec.detach())
         aux_loss = (x - x_hat_gate).pow(2).sum(-1).mean()
-        return active_per_row(f), x_hat, self._penalty(gate_acts), aux_loss
+        return l0, x_hat, penalty, aux_loss
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1741,6 +1741,51 @@ def test_the_sweeps_losses_compiled_as_one_function_train_each_sae_as_alone(monk
     assert any(sae.tokens_since_fired.max() >= 64 for sae in together if 'topk' in sae.arch)  # dead latents
 
 
+def test_the_compiled_backward_keeps_at_most_two_bytes_per_dictionary_entry(monkeypatch):
+    # what a compiled loss (bf16 matmuls, TopK decoding as on a GPU) keeps from its forward for
+    # its backward, as torch.compile's partitioner splits the graph for inductor: of the
+    # (B, d_sae) tensors, at most 2 bytes an entry (bf16 pre-activations, or bool masks), and no
+    # fp32 one, which the backward would read back at twice the bytes. Each architecture is traced
+    # and partitioned, not compiled: the recording partitioner stops there. With L0 and the
+    # penalty after the decode, gated kept 3 bytes an entry, p-annealing 7 (f^p's derivative in
+    # fp32, a mask) and gated p-annealing 9 (sae.StandardSAE._train_forward)
+    import torch._inductor.compile_fx as CF
+
+    class Partitioned(Exception):
+        pass
+    partition, kept = CF.min_cut_rematerialization_partition, []
+
+    def recording(*args, **kwargs):
+        _, backward = partition(*args, **kwargs)
+        kept.extend(n.meta['val'] for n in backward.graph.find_nodes(op='placeholder')
+                    if isinstance(n.meta.get('val'), torch.Tensor))
+        raise Partitioned
+    monkeypatch.setattr(CF, 'min_cut_rematerialization_partition', recording)
+    monkeypatch.setattr(torch._inductor.config, 'fx_graph_cache', False)  # a cached graph skips the partitioner
+    monkeypatch.setattr(torch._functorch.config, 'enable_autograd_cache', False)
+    monkeypatch.setattr(S.SAE, 'DENSE_DECODE', True)
+    B = 2 * D_SAE  # no other tensor of the loss has this shape
+    x = raw_batch(B=B)
+    for arch in ARCHS:
+        torch._dynamo.reset()
+        kept.clear()
+        torch.manual_seed(0)
+        sae = S.make_sae(arch, D_IN, D_SAE, total_steps=10, **({'k': 4} if 'topk' in arch else {})).train()
+        sae.set_act_scale(x)
+        sae.matmul_dtype = torch.bfloat16
+        sae.compile_loss()
+        with pytest.raises(Exception) as failed:
+            S.train_step(sae, S.make_optimizer(sae, 1e-3), x, 0, 1e-3)
+        causes, e = [], failed.value
+        while e is not None:
+            causes.append(type(e))
+            e = e.__cause__ or e.__context__
+        assert Partitioned in causes, (arch, causes)
+        big = [t.dtype for t in kept if t.shape == (B, D_SAE)]
+        assert kept and torch.float32 not in big, (arch, big)
+        assert sum(dtype.itemsize for dtype in big) <= 2, (arch, big)
+
+
 @pytest.mark.parametrize('arch', ARCHS)
 def test_save_load_round_trip(arch, tmp_path):
     torch.manual_seed(0)
