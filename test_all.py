@@ -1088,13 +1088,15 @@ def test_checkpoint_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # train.py and data.py end to end, and their errors
 
-def test_train_tiny_othello_then_resume(tmp_path):
+def test_train_tiny_othello_then_resume(tmp_path, capsys):
+    # in this process (test_tiny_pipeline_end_to_end runs train.py's command line): a new python
+    # costs several seconds of imports each time on a 2-core machine
     import train as TR
     common = ['train.py', '--game=othello', '--preset=tiny', '--stage', 'lm',
               f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
     path = f'{tmp_path}/out/othello/model.pt'
-    rc, out = run_script(*common, '--max_iters=40', '--soft_targets=True')
-    assert rc == 0, out
+    TR.main(common[1:] + ['--max_iters=40', '--soft_targets=True'])
+    out = capsys.readouterr().out
     assert 'legal-move rate' in out and 'soft targets: legal moves of' in out
     ckpt = torch.load(path, weights_only=True)
     assert ckpt['iter'] == 40 and 0 <= ckpt['legal_move_rate'] <= 1
@@ -1109,8 +1111,8 @@ def test_train_tiny_othello_then_resume(tmp_path):
     fresh_gap = max((fresh[k] - v).abs().max().item() for k, v in ckpt['model'].items())
     assert moved < 2 * ckpt['train_config']['lr'] < fresh_gap / 10
     assert {float(s['step']) for s in one_more['optimizer']['state'].values()} == {41.0}
-    rc, out = run_script(*common, '--max_iters=60', '--resume')
-    assert rc == 0, out
+    TR.main(common[1:] + ['--max_iters=60', '--resume'])
+    out = capsys.readouterr().out
     assert 'resuming' in out and 'from iter 41' in out
     assert 'iter 60/60' in out and 'iter 20/60' not in out  # continued from 41, not restarted
     final = torch.load(path, weights_only=True)
@@ -1399,10 +1401,11 @@ def test_missing_and_corrupt_data_files(tmp_path):
         D.load_data('othello', 'train', str(tmp_path))
 
 
-def test_resume_without_checkpoint_fails_cleanly(tmp_path):
-    rc, out = run_script('train.py', '--game=othello', '--preset=tiny', '--resume', '--stage=lm',
-                         f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out')
-    assert rc != 0 and 'model.pt not found' in out and 'Traceback' not in out
+def test_resume_without_checkpoint_fails_cleanly(tmp_path, monkeypatch, capsys):
+    code, err = run_main(TR.main, ['--game=othello', '--preset=tiny', '--resume', '--stage=lm',
+                                   f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, 'model.pt not found')
 
 
 # ------------------------------------------------------------------------------------------------
