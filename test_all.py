@@ -3667,7 +3667,12 @@ def killed_and_resumed(tmp_path_factory):
     resumed again. Returns (root, the iter and the sweep step each kill left, the outputs)."""
     root = tmp_path_factory.mktemp('kill')
     common = KILL_RUN + [f'--data_dir={root}/data']
-    run_train(common + [f'--out_dir={root}/ref'])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses run (ONE_THREAD)
+    try:  # the reference in this process: a new python costs about 7 s of imports on a 2-core machine
+        TR.main(common + [f'--out_dir={root}/ref'])
+    finally:
+        torch.set_num_threads(threads)
     killed = common + [f'--out_dir={root}/killed', '--sae_ckpt_minutes=0']  # a sweep checkpoint every step
     out = root / 'killed' / 'othello'
     run_train(killed, kill_when=out / 'model.pt')
@@ -3717,28 +3722,31 @@ def test_two_processes_train_the_one_process_lm_and_saes(killed_and_resumed):
     root = killed_and_resumed[0]
     ref = root / 'ref' / 'othello'  # one process, the same options
     common = KILL_RUN + [f'--data_dir={root}/data']
-    # with a time budget too large to bind, so that the processes agree on the clock (every
-    # CLOCK_EVERY steps) and all stop at --max_iters; a clock this far behind the iterations moves
-    # the lr by parts in a million at most, far inside the tolerance of the weights below
-    out = run_train(torchrun(2, *common, '--stage=lm', '--lm_minutes=1000', f'--out_dir={root}/ddp'))
+    # both stages in one torchrun (each python costs seconds of imports), with a time budget too
+    # large to bind, so that the processes agree on the clock (every CLOCK_EVERY steps) and all
+    # stop at --max_iters; a clock this far behind the iterations moves the lr by parts in a
+    # million at most, far inside the tolerance of the weights below
+    out = run_train(torchrun(2, *common, '--lm_minutes=1000', f'--out_dir={root}/ddp'))
     assert '2 processes (gloo)' in out and out.count('final val loss') == 1  # rank 0 alone logs
     # the same global batches, split 16 + 16 rows: the gradient is the one-process gradient up to
     # the order of the float sums, so after 40 steps the weights agree to about 1e-6 here
-    model, ckpt = load_checkpoint(str(root / 'ddp' / 'othello' / 'model.pt'), 'othello')  # in one process
+    got = root / 'ddp' / 'othello'
+    model, ckpt = load_checkpoint(str(got / 'model.pt'), 'othello')  # in one process
     want = torch.load(ref / 'model.pt', weights_only=True)
     assert ckpt['iter'] == 40 and ckpt['val_loss'] == pytest.approx(want['val_loss'], abs=1e-4)
     for k, v in want['model'].items():
         assert torch.allclose(ckpt['model'][k], v, rtol=0, atol=1e-4), k
-    # the sweep on 2 processes, on the one-process run's model: each process trains its share
-    # (3 + 3, then 1 + 1 control SAEs), and every file is the one one process wrote, bit for bit
-    os.makedirs(root / 'ddp_sae' / 'othello')
-    shutil.copy(ref / 'model.pt', root / 'ddp_sae' / 'othello' / 'model.pt')
-    out = run_train(torchrun(2, *common, '--stage=sae', f'--out_dir={root}/ddp_sae'))
+    # the sweep on 2 processes: each process trains its share (3 + 3, then 1 + 1 control SAEs),
+    # and every file is the one one process writes on the same model, bit for bit (this process,
+    # on one thread as the subprocesses: the one_thread fixture)
     assert "this process's share of 6" in out
-    got = root / 'ddp_sae' / 'othello'
-    assert files_under(got) == files_under(ref)
+    one = root / 'one' / 'othello'
+    os.makedirs(one)
+    shutil.copy(got / 'model.pt', one / 'model.pt')
+    TR.main(common + ['--stage=sae', f'--out_dir={root}/one'])
+    assert files_under(got) == files_under(one) == files_under(ref)
     for sub in ('saes', 'saes_random'):
-        for name in files_under(ref / sub):
-            a, b = (torch.load(d / sub / name, weights_only=True) for d in (ref, got))
+        for name in files_under(one / sub):
+            a, b = (torch.load(d / sub / name, weights_only=True) for d in (one, got))
             assert all(torch.equal(a['state_dict'][k], b['state_dict'][k]) for k in a['state_dict']), name
             assert a['extra']['history'] == b['extra']['history']
