@@ -248,9 +248,16 @@ class SAE(nn.Module):
         # f (B, d_sae) -> normalised reconstruction (B, d_in)
         return self._matmul(self.b_dec, f, self._W_dec())
 
-    # how _decode_sparse_n decodes: None picks by device (a CPU the gather, a GPU the matmul);
-    # True or False forces one (the tests run the GPU's way on the CPU)
+    # how _decode_sparse_n decodes: None picks (a GPU the matmul; a CPU the gather where fewer
+    # than DENSE_FROM of the latents are kept a row, else the matmul); True or False forces one
+    # (the tests run the GPU's way on the CPU)
     DENSE_DECODE = None
+    # On the 2-core AMD EPYC (train_step of one TopK or BatchTopK SAE, 1 and 2 threads) the
+    # gather was the faster at 4% kept (k 40 of 1024: 29 against 36 ms a step, batch 1024, d_in
+    # 128), about even at 6-8%, and the matmul at 16% (k 160 of 1024: 40 against 52 ms; k 40 of
+    # 256 at batch 256, d_in 32: 4.6 against 7.0): the gather's cost grows with the kept rows
+    # B x k, the matmul's with B x d_sae at BLAS speed
+    DENSE_FROM = 0.1
 
     def _decode_sparse_n(self, values, indices, rows=None, n_rows=None):
         """The reconstruction from only the active latents: values and indices (B, k), or flat
@@ -259,8 +266,12 @@ class SAE(nn.Module):
         sums the W_dec rows it picks, weighted by the values, and its backward writes only those
         rows of W_dec's gradient. On a GPU the values are scattered into the dense f (B, d_sae)
         and decoded by _decode_n: a matmul on tensor cores, whose backward gives W_dec's gradient
-        as one more matmul, where the gather's backward would add B * k rows one by one."""
-        dense = self.W_dec.device.type != 'cpu' if self.DENSE_DECODE is None else self.DENSE_DECODE
+        as one more matmul, where the gather's backward would add B * k rows one by one. A CPU
+        that keeps a large share of the latents (DENSE_FROM) decodes by the matmul too."""
+        d_sae = self.W_dec.shape[0]
+        kept = values.numel() / (n_rows if rows is not None else len(values))  # a row's, on average
+        dense = (self.W_dec.device.type != 'cpu' or kept >= self.DENSE_FROM * d_sae
+                 if self.DENSE_DECODE is None else self.DENSE_DECODE)
         if dense:
             # f built in matmul_dtype, which _decode_n's matmul takes as it is: the same numbers as
             # an fp32 f cast there, without an fp32 (B, d_sae) tensor to write and read back
@@ -269,9 +280,9 @@ class SAE(nn.Module):
                 # picks are distinct, so the sums are the values themselves, and inductor builds
                 # f in one write where scatter first wrote zeros and then copied them (TopK's
                 # compiled step: 19.6 bytes an entry where it was 23.7; README, On one GPU)
-                f = values.new_zeros(len(indices), self.W_dec.shape[0]).scatter_add(1, indices, values)
+                f = values.new_zeros(len(indices), d_sae).scatter_add(1, indices, values)
             else:
-                f = values.new_zeros(n_rows, self.W_dec.shape[0]).index_put((rows, indices), values)
+                f = values.new_zeros(n_rows, d_sae).index_put((rows, indices), values)
             return self._decode_n(f)
         offsets = None
         if rows is not None:  # embedding_bag takes flat entries grouped by row: row r's from offsets[r]
@@ -572,7 +583,8 @@ class TopKSAE(SAE):
     gone longest without firing take part (Gao et al. take each row's top aux_k of all the dead;
     the two agree while at most aux_k are dead, and this way no step needs a top-k over every
     latent, nor the host's word on how many are dead: _aux_loss). Training decodes from the k
-    active latents only (_decode_sparse_n; on a CPU the dense (B, d_sae) f is never built)."""
+    active latents only (_decode_sparse_n; a CPU that keeps under a tenth of the latents a row
+    never builds the dense (B, d_sae) f)."""
     arch = 'topk'
     DEFAULT_COEF = 0.0
 

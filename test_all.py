@@ -1578,6 +1578,23 @@ def test_the_gpu_dense_decode_equals_the_cpu_gather(arch, monkeypatch):
 
 
 @pytest.mark.parametrize('arch', ['topk', 'batch_topk'])
+def test_the_cpu_decodes_by_the_matmul_where_a_tenth_of_the_latents_are_kept(arch, monkeypatch):
+    # by default a CPU gathers the kept latents' decoder rows while they are few (k 4 of 64) and
+    # decodes the dense f by the matmul from DENSE_FROM of them a row (k 7 and 8 of 64, about
+    # a tenth and an eighth), the faster there (sae.py)
+    assert S.SAE.DENSE_DECODE is None
+    decode_n, dense_calls = S.SAE._decode_n, []
+    monkeypatch.setattr(S.SAE, '_decode_n', lambda self, f: dense_calls.append(f.shape) or decode_n(self, f))
+    for k, dense in ((4, False), (6, False), (7, True), (8, True)):
+        dense_calls.clear()
+        sae = small_sae(arch, k=k)
+        x = raw_batch(B=12)
+        sae.set_act_scale(x)
+        sae.loss(x, 0)[0].backward()
+        assert dense_calls == ([(12, D_SAE)] if dense else []), k
+
+
+@pytest.mark.parametrize('arch', ['topk', 'batch_topk'])
 def test_topk_picks_among_bf16_products_exactly_as_among_their_fp32_copies(arch, monkeypatch):
     # with bf16 matmuls TopK's training picks among the encoder's bf16 outputs (sae.py): the picks
     # are fp32, each the fp32 copy's value at its index, and as a set the fp32 copy's top k (top
