@@ -1415,13 +1415,21 @@ ARCHS = list(S.ARCHS)
 D_IN, D_SAE = 16, 64
 
 
+@contextlib.contextmanager
+def torch_threads(n):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     # tiny matmuls: a second thread only adds contention on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def small_sae(arch, **kw):
@@ -3684,12 +3692,11 @@ def killed_and_resumed(tmp_path_factory):
     resumed again. Returns (root, the iter and the sweep step each kill left, the outputs)."""
     root = tmp_path_factory.mktemp('kill')
     common = KILL_RUN + [f'--data_dir={root}/data']
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses run (ONE_THREAD)
-    try:  # the reference in this process: a new python costs about 7 s of imports on a 2-core machine
+    # the reference in this process (a new python costs about 7 s of imports on a 2-core
+    # machine), on one thread as the subprocesses run (ONE_THREAD; a module fixture comes before
+    # the one_thread fixture)
+    with torch_threads(1):
         TR.main(common + [f'--out_dir={root}/ref'])
-    finally:
-        torch.set_num_threads(threads)
     killed = common + [f'--out_dir={root}/killed', '--sae_ckpt_minutes=0']  # a sweep checkpoint every step
     out = root / 'killed' / 'othello'
     run_train(killed, kill_when=out / 'model.pt')
