@@ -42,7 +42,7 @@ Conventions shared by every architecture:
 - Matmul precision: `matmul_dtype` (fp32 unless train.py sets bf16 where it measured bf16 the
   faster, as for the LM): the encoder and decoder products take bf16 inputs and come back as
   fp32 at once; parameters, optimiser state, every other operation and the loss stay fp32
-  (TopK's sparse decode is a gather, not a matmul: fp32 too). Loaded SAEs compute in fp32.
+  (TopK's sparse decode, where it is a gather and not a matmul, fp32 too). Loaded SAEs compute in fp32.
   One exception, exact: TopK's training picks its top k among the encoder's bf16 outputs
   before they become fp32, whose values are those same bf16 numbers; the picks are then fp32.
 - Decoder rows stay at unit norm: the backward removes each row's own direction from W_dec's
