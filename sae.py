@@ -269,9 +269,10 @@ class SAE(nn.Module):
         as one more matmul, where the gather's backward would add B * k rows one by one. A CPU
         that keeps a large share of the latents (DENSE_FROM) decodes by the matmul too."""
         d_sae = self.W_dec.shape[0]
-        kept = values.numel() / (n_rows if rows is not None else len(values))  # a row's, on average
-        dense = (self.W_dec.device.type != 'cpu' or kept >= self.DENSE_FROM * d_sae
-                 if self.DENSE_DECODE is None else self.DENSE_DECODE)
+        dense = self.DENSE_DECODE
+        if dense is None:  # a GPU; a CPU where its rows keep DENSE_FROM of the latents, on average
+            rows_n = n_rows if rows is not None else len(values)
+            dense = self.W_dec.device.type != 'cpu' or values.numel() >= self.DENSE_FROM * d_sae * rows_n
         if dense:
             # f built in matmul_dtype, which _decode_n's matmul takes as it is: the same numbers as
             # an fp32 f cast there, without an fp32 (B, d_sae) tensor to write and read back
