@@ -30,8 +30,8 @@ bf16 ceiling (where the GPU has bf16 units): the LM (Othello's 61 tokens) in bf1
 and torch.compile'd, then train.py's own step on the compiled blocks (train.lm_step: soft targets,
 gradient clipping) and that step with its batches drawn from a set on the GPU (train.lm_batch), so
 that what train.py adds to the plain step shows in one run, that step with Muon (--optimizer=muon)
-in place of AdamW, and with the blocks as CUDA graphs (not in train.py yet: what they would be
-worth); the whole SAE sweep of train.py (its gpu
+in place of AdamW, and with the blocks as CUDA graphs (train.py's --lm_cuda_graphs, which no
+preset turns on yet: what they are worth); the whole SAE sweep of train.py (its gpu
 grid: 21 SAEs), bf16 matmuls, as train.py trains it: eager, with its SAEs' losses compiled as one
 function (sae.compile_losses), and with that function run as CUDA graphs (train.py
 --sae_cuda_graphs), and how many compiled functions CUDA graphs could not take; with --profile,
