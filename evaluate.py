@@ -7,7 +7,7 @@ Writes: out/<game>/results.json (one row per SAE and baseline), out/<game>/resul
         out/<game>/pareto.png (L0 against coverage and board reconstruction, as the paper plots them);
         with --feature NAME:INDEX only out/<game>/feature_NAME_INDEX.png (heat maps and top boards)
 Run:    python evaluate.py --game othello
-        python evaluate.py --game chess --feature p_anneal_coef1.2:17   (what does feature 17 encode?)
+        python evaluate.py --game othello --feature p_anneal_coef0.72:17   (what does feature 17 encode?)
 
 The held-out games labelled by data.py are split: the first n_train games score coverage and
 label the features for board reconstruction, the next n_test games are the test set (the
@@ -571,7 +571,7 @@ def plot_feature(path, title, maps, boards, game):
 def explain_feature(cfg, log=print):
     name, _, index = cfg.feature.rpartition(':')
     if not name or not index.isdigit():
-        raise D.UserError(f"--feature wants NAME:INDEX, e.g. --feature=p_anneal_coef1.2:17 (got {cfg.feature!r})")
+        raise D.UserError(f"--feature wants NAME:INDEX, e.g. --feature=p_anneal_coef0.72:17 (got {cfg.feature!r})")
     ev = Evaluation(cfg, log)
     index = int(index)
     for sub, kind in (('saes', 'trained'), ('saes_random', 'random')):
