@@ -51,6 +51,12 @@ def run_script(*args, cwd=HERE):
     return p.returncode, p.stdout + p.stderr
 
 
+def tiny_middle_sae(arch):
+    """The file name (no .pt) of `arch`'s middle setting (the control's) in a tiny-preset sweep."""
+    import train as TR
+    return TR.sae_name(arch, TR.sweep_settings(arch, TR.PRESETS['tiny'][0]['n_embd'])[1])
+
+
 # ------------------------------------------------------------------------------------------------
 # Othello: an independent, naive board on an 8x8 list (the kind of code data.py replaces)
 
@@ -1365,8 +1371,7 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     assert took and float(took[1]) > 0 and float(took[1]) >= float(took[2]), out
     assert '3.300s a step: 126 steps fit in --sae_minutes=8' in out
     for sub in ('saes', 'saes_random'):
-        middle = TR.sae_name('p_anneal', TR.sweep_settings('p_anneal', 32)[1])  # the control's setting, at width 32
-        sae = S.load(f'{tmp_path}/out/othello/{sub}/{middle}.pt')
+        sae = S.load(f"{tmp_path}/out/othello/{sub}/{tiny_middle_sae('p_anneal')}.pt")
         assert sae.meta['steps'] == 126 and sae.cfg['total_steps'] == 126
         assert sae.meta['history'][-1]['step'] == 126
         assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 126 steps
@@ -3037,7 +3042,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     # a later sweep of one architecture keeps the other SAEs, and says so
     TR.main(['--game=othello', '--preset=tiny', '--stage=sae', '--sae_archs=topk', '--control=none', *dirs])
     out = capsys.readouterr().out
-    assert 'SAEs this run did not write' in out and TR.sae_name('standard', TR.sweep_settings('standard', 32)[1]) in out, out
+    assert 'SAEs this run did not write' in out and tiny_middle_sae('standard') in out, out
     assert sorted(os.listdir(f'{tmp_path}/out/othello/saes')) == saes
 
 
@@ -3193,7 +3198,7 @@ def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatc
                  '--control=none', f'--dtype={dtype}', *dirs])
         assert seen and set(seen) == {getattr(torch, dtype)}
     # the files hold fp32 parameters, and a loaded SAE computes in fp32
-    sae = S.load(f"{tmp_path}/out/othello/saes/{TR.sae_name('standard', TR.sweep_settings('standard', 32)[1])}.pt", 'othello')
+    sae = S.load(f"{tmp_path}/out/othello/saes/{tiny_middle_sae('standard')}.pt", 'othello')
     assert sae.matmul_dtype == torch.float32 and all(p.dtype == torch.float32 for p in sae.parameters())
     # --sae_compile compiles the SAEs' losses as one function (here with dynamo's plain 'eager'
     # backend: traced as for the GPU's compiler, run op by op; test_compiled_loss_... checks the

@@ -571,9 +571,9 @@ SWEEP = {
 # SWEEP_GPU (--sae_grid=gpu: the Othello gpu and paper presets): chosen at width 512 on the
 # Othello gpu preset's model. There SWEEP as it was (standard 0.5 / 1.6 / 4), width-scaled, gave
 # final L0 from 270 to 0.2 (one H200 run, 2907 steps: standard 195 / 16 / 1.0 at 1 / 3.2 / 8): L0
-# falls faster with the coefficient on this model than on the cpu ones. Each setting below is read off that run's L0 against its
-# coefficient (straight lines between its points on log-log axes) at L0 150, 40 and 10. An
-# architecture it does not name takes SWEEP's settings.
+# falls faster with the coefficient on this model than on the cpu ones. Each setting below is
+# read off that run's L0 against its coefficient (straight lines between its points on log-log
+# axes) at L0 150, 40 and 10. An architecture it does not name takes SWEEP's settings.
 SWEEP_GPU_WIDTH = 512
 SWEEP_GPU = {
     'standard': [{'coef': c} for c in (1.1, 2.1, 3.7)],
