@@ -44,6 +44,11 @@ from model import GPT, GPTConfig, choose_precision, load_checkpoint, save_checkp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# torch.compile and the CUDA-graph step marks import torch's inductor, whose import warns of
+# torch.jit's deprecation (14 lines, in whichever test compiles first): torch's own warning about
+# its own code, nothing this project calls or can mend
+pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.script_method` is deprecated:DeprecationWarning')
+
 
 def run_script(*args, cwd=HERE):
     """Run one of the scripts as a user would; returns (exit code, stdout + stderr)."""
@@ -3060,9 +3065,6 @@ def saes_of(losses):
     return dict(zip(losses.__code__.co_freevars, (c.cell_contents for c in losses.__closure__)))['saes']
 
 
-# the CUDA-graph variant's step marks (torch.compiler.cudagraph_mark_step_begin) import torch's
-# inductor, whose import warns of torch.jit's deprecation: torch's own warning, not this project's
-@pytest.mark.filterwarnings('ignore:`torch.jit.script_method` is deprecated:DeprecationWarning')
 def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     # bench.py --device=cuda's branches (the compiled LM, the whole compiled sweep), run here on
     # the CPU at small shapes with dynamo's plain 'eager' backend standing in for the GPU's
