@@ -236,7 +236,10 @@ def lock_dir(path, flag):
     existing = path
     while not os.path.isdir(existing):
         existing = os.path.dirname(existing)
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a file where a directory should be, say, or no permission
+        raise UserError(f"cannot make directory {path} ({e.strerror}): pick another --{flag}") from None
     lock = os.path.join(path, '.lock')
     while True:
         try:

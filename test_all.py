@@ -3492,6 +3492,16 @@ def test_out_dir_naming_a_file_fails_before_training(tmp_path, monkeypatch, caps
     assert (tmp_path / 'a_file').read_text() == 'keep me'
 
 
+def test_a_directory_that_cannot_be_made_is_one_line_naming_the_flag(tmp_path, monkeypatch):
+    # what check_output_dir cannot foresee (/proc, a full or read-only mount seen as writable)
+    def refuse(path, exist_ok=False):
+        raise PermissionError(errno.EACCES, 'Permission denied', path)
+    monkeypatch.setattr(D.os, 'makedirs', refuse)
+    with pytest.raises(D.UserError, match=r'cannot make directory .*/out \(Permission denied\): pick another --out_dir$'):
+        with D.lock_dir(str(tmp_path / 'out'), 'out_dir'):
+            pass
+
+
 @pytest.mark.parametrize('failure, code, message', [
     (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2, 'No space left on device'),
     (KeyboardInterrupt(), 130, 'interrupted'),
