@@ -1258,10 +1258,17 @@ def _prepare(cfg, log):
     return paths
 
 
+def dir_args(data_dir='data', out_dir='out'):
+    """The ` --data_dir=... --out_dir=...` a suggested command needs: those not at their defaults,
+    so that a hint given to a run with its own directories writes where that run reads."""
+    return ((f" --data_dir={data_dir}" if data_dir != 'data' else '')
+            + (f" --out_dir={out_dir}" if out_dir != 'out' else ''))
+
+
 def load_data(game, split, data_dir='data'):
     """Load data/<game>/<split>.pt (split: train | val | labels), checking format and game."""
     path = data_paths(game, data_dir)[split]
-    hint = f"python data.py --game {game}"
+    hint = f"python data.py --game {game}{dir_args(data_dir)}"
     kind = 'boardgame-saes/labels' if split == 'labels' else 'boardgame-saes/data'
     obj = load_file(path, kind, hint)
     if obj.get('game') != game:

@@ -137,8 +137,9 @@ class Evaluation:
         n_train = min(cfg.n_train, n_labelled // 2)
         n_test = min(cfg.n_test, n_labelled - n_train)
         if n_train < cfg.n_train or n_test < cfg.n_test:
-            log(f"note: data/{game}/labels.pt labels {n_labelled} games; using {n_train} train + {n_test} test "
-                f"(more: python data.py --game {game} --n_label_games={cfg.n_train + cfg.n_test})")
+            log(f"note: {os.path.join(cfg.data_dir, game, 'labels.pt')} labels {n_labelled} games; using {n_train} "
+                f"train + {n_test} test (more: python data.py --game {game}{D.dir_args(cfg.data_dir)} "
+                f"--n_label_games={cfg.n_train + cfg.n_test})")
         self.n_train, self.n_test = n_train, n_test
         in_context = labels['pos'] < T - 1
         g = labels['game_idx']
@@ -208,7 +209,7 @@ def stale_sae(ev, sae, kind, path):
         ev._cache[(kind, 'sha256')] = D.file_digest(model_file)
     if kind not in ev.models or sae.meta.get('model', {}).get('sha256') != ev._cache[(kind, 'sha256')]:
         return (f"{path}: trained on another {os.path.basename(model_file)}; "
-                f"re-run `python train.py --game {ev.cfg.game} --stage sae`")
+                f"re-run `python train.py --game {ev.cfg.game}{D.dir_args(ev.cfg.data_dir, ev.cfg.out_dir)} --stage sae`")
     return None
 
 
@@ -224,7 +225,8 @@ def load_saes(ev):
                 continue
             found.append((kind, sae.to(ev.cfg.device)))
     if not found:
-        raise D.UserError(f"no SAEs for the current model under {ev.dir}/saes/: run `python train.py --game {ev.cfg.game}`")
+        raise D.UserError(f"no SAEs for the current model under {ev.dir}/saes/: "
+                          f"run `python train.py --game {ev.cfg.game}{D.dir_args(ev.cfg.data_dir, ev.cfg.out_dir)}`")
     return found
 
 
@@ -640,7 +642,8 @@ def main(argv):
         return
     out = os.path.join(cfg.out_dir, cfg.game)
     if not os.path.isdir(out):
-        raise D.UserError(f"{out}/ not found: run `python train.py --game {cfg.game}` first")
+        raise D.UserError(f"{out}/ not found: "
+                          f"run `python train.py --game {cfg.game}{D.dir_args(cfg.data_dir, cfg.out_dir)}` first")
     with D.lock_dir(out, 'out_dir'):  # not while train.py writes there
         t0 = time.time()
         rows = evaluate(cfg)

@@ -1404,7 +1404,8 @@ def test_bad_options_give_one_clear_line(args, message, tmp_path, monkeypatch, c
 
 
 def test_missing_and_corrupt_data_files(tmp_path):
-    with pytest.raises(D.UserError, match='python data.py --game othello'):
+    # the hint names --data_dir when it is not the default, so that following it makes the file read here
+    with pytest.raises(D.UserError, match=re.escape(f'`python data.py --game othello --data_dir={tmp_path}`')):
         D.load_data('othello', 'train', str(tmp_path))
     os.makedirs(tmp_path / 'othello')
     (tmp_path / 'othello' / 'train.pt').write_bytes(b'\x00garbage')
@@ -3500,6 +3501,15 @@ def test_a_directory_that_cannot_be_made_is_one_line_naming_the_flag(tmp_path, m
     with pytest.raises(D.UserError, match=r'cannot make directory .*/out \(Permission denied\): pick another --out_dir$'):
         with D.lock_dir(str(tmp_path / 'out'), 'out_dir'):
             pass
+
+
+def test_evaluate_hints_carry_the_directories_it_was_given(tmp_path, monkeypatch, capsys):
+    code, err = run_main(EV.main, [f'--out_dir={tmp_path}/out'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, f'`python train.py --game othello --out_dir={tmp_path}/out` first')
+    code, err = run_main(EV.main, [f'--out_dir={tmp_path}/out', f'--data_dir={tmp_path}/d'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, f'`python train.py --game othello --data_dir={tmp_path}/d --out_dir={tmp_path}/out` first')
 
 
 @pytest.mark.parametrize('failure, code, message', [

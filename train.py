@@ -270,8 +270,8 @@ def ensure_data(cfg, log=print):
     T = train['tokens'].shape[1]
     if T < cfg.block_size + 1:
         raise D.DataError(f"{paths['train']} has games of {T} tokens but --block_size={cfg.block_size} "
-                          f"needs {cfg.block_size + 1}: run `python data.py --game {cfg.game} "
-                          f"--max_chars={cfg.block_size + 1}` (or lower --block_size)")
+                          f"needs {cfg.block_size + 1}: run `python data.py --game {cfg.game}"
+                          f"{D.dir_args(cfg.data_dir)} --max_chars={cfg.block_size + 1}` (or lower --block_size)")
     return train, val
 
 
