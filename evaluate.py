@@ -581,7 +581,8 @@ def explain_feature(cfg, log=print):
         if os.path.exists(path):
             break
     else:
-        names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ev.dir, 'saes*', '*.pt')))
+        paths = glob.glob(os.path.join(ev.dir, 'saes*', '*.pt'))
+        names = sorted({os.path.basename(p)[:-3] for p in paths})  # once each: a name is in saes/ and saes_random/
         raise D.UserError(f"no SAE named {name!r} under {ev.dir}/saes*/; have: {', '.join(names) or 'none'}")
     sae = S.load(path, cfg.game)
     stale = stale_sae(ev, sae, kind, path)

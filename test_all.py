@@ -3044,7 +3044,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert 'best-matching board-state elements' in capsys.readouterr().out
     assert os.path.getsize(f'{tmp_path}/out/othello/feature_topk_k160_3.png') > 0
     code, err = run_main(EV.main, ['--game=othello', '--feature=nosuch:3', *dirs], monkeypatch, capsys)
-    assert code != 0 and 'no SAE named' in err and 'Traceback' not in err
+    assert code == 2
+    assert_one_line(err, "no SAE named 'nosuch'", 'have: batch_topk_k10, ')
+    names = err.split('have: ')[1].strip().split(', ')
+    assert names.count('topk_k40') == 1  # named once, though in both saes/ and saes_random/
     # a later sweep of one architecture keeps the other SAEs, and says so
     TR.main(['--game=othello', '--preset=tiny', '--stage=sae', '--sae_archs=topk', '--control=none', *dirs])
     out = capsys.readouterr().out
