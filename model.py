@@ -428,9 +428,10 @@ def save_checkpoint(path, model, game, extra):
                  'model_config': asdict(model.config), 'model': state, **extra}, path)
 
 
-def load_checkpoint(path, game=None, device='cpu'):
-    """Rebuild the exact model from its checkpoint. Returns (model, checkpoint dict)."""
-    hint = f"python train.py --game {game or '<game>'} --stage lm"
+def load_checkpoint(path, game=None, device='cpu', dirs=''):
+    """Rebuild the exact model from its checkpoint. Returns (model, checkpoint dict). `dirs`: the
+    caller's non-default --data_dir/--out_dir (data.dir_args), for the command an error names."""
+    hint = f"python train.py --game {game or '<game>'}{dirs} --stage lm"
     ckpt = load_file(path, 'boardgame-saes/model', hint)
     if game is not None and ckpt.get('game') != game:
         raise UserError(f"{path} is a {ckpt.get('game')} model, not {game}: run `{hint}`")

@@ -855,9 +855,11 @@ def save(sae, path, extra=None):
     atomic_save(to_dict(sae, extra), path)
 
 
-def load(path, game=None):
-    """Rebuild any saved SAE from its file alone (in eval mode); `extra` becomes sae.meta."""
-    hint = f'python train.py --game {game or "<game>"} --stage sae'
+def load(path, game=None, dirs=''):
+    """Rebuild any saved SAE from its file alone (in eval mode); `extra` becomes sae.meta.
+    `dirs`: the caller's non-default --data_dir/--out_dir (data.dir_args), for the command an
+    error names."""
+    hint = f'python train.py --game {game or "<game>"}{dirs} --stage sae'
     try:
         sae = from_dict(load_file(path, FILE_FORMAT, hint))
     except UserError as e:

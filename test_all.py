@@ -3463,7 +3463,8 @@ def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
         D.atomic_save({**saved, 'version': 1}, str(out / 'sae_sweep.pt'))
         code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
         assert code == 2
-        assert_one_line(err, 'sae_sweep.pt has format version 1, this code reads 2', 'python train.py --game othello --stage sae')
+        assert_one_line(err, 'sae_sweep.pt has format version 1, this code reads 2',
+                        f'`python train.py --game othello {" ".join(dirs)} --stage sae`')  # the command for these dirs
         os.rename(out / 'sae_sweep.pt', out / 'sae_sweep.0of2.pt')  # the checkpoint of rank 0 of 2
         code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
         assert code == 2

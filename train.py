@@ -377,7 +377,7 @@ def train_lm(cfg, log=print, precision=''):
     ckpt_path = os.path.join(cfg.out_dir, cfg.game, 'model.pt')
     if cfg.resume:  # first: a checkpoint that cannot be resumed fails before any work (on the
         # CPU until the soft targets' worker processes have been forked)
-        model, ckpt = load_checkpoint(ckpt_path, cfg.game, 'cpu')
+        model, ckpt = load_checkpoint(ckpt_path, cfg.game, 'cpu', D.dir_args(cfg.data_dir, cfg.out_dir))
         if ckpt['model_config']['block_size'] != cfg.block_size:
             raise D.UserError(f"{ckpt_path} has context {ckpt['model_config']['block_size']}, "
                               f"not {cfg.block_size}: pass --block_size={ckpt['model_config']['block_size']}")
@@ -970,7 +970,7 @@ def train_saes(cfg, log=print):
     saes_random: the control), what the finished part returned and the running part's state; it
     is removed once the stage is done. --resume continues from it."""
     ckpt_path = os.path.join(cfg.out_dir, cfg.game, 'model.pt')
-    model, ckpt = load_checkpoint(ckpt_path, cfg.game, cfg.device)
+    model, ckpt = load_checkpoint(ckpt_path, cfg.game, cfg.device, D.dir_args(cfg.data_dir, cfg.out_dir))
     check_layer(cfg, model.config.n_layer, f"{ckpt_path} has {model.config.n_layer} layers")
     model_id = {'path': ckpt_path, 'iter': ckpt['iter'], 'sha256': D.file_digest(ckpt_path), 'random_init': False}
     sweep_path = sweep_checkpoint(cfg)
@@ -978,7 +978,8 @@ def train_saes(cfg, log=print):
     if not cfg.resume and os.path.exists(sweep_path):  # a killed sweep's: this one starts over
         os.remove(sweep_path)
     if cfg.resume and os.path.exists(sweep_path):
-        saved = D.load_file(sweep_path, SWEEP_FORMAT, f'python train.py --game {cfg.game} --stage sae', SWEEP_VERSION)
+        hint = f'python train.py --game {cfg.game}{D.dir_args(cfg.data_dir, cfg.out_dir)} --stage sae'
+        saved = D.load_file(sweep_path, SWEEP_FORMAT, hint, SWEEP_VERSION)
         if saved['model_sha256'] != model_id['sha256']:
             raise D.UserError(f"{sweep_path} is a sweep on another {ckpt_path}: run without --resume to start the sweep over")
         for key, value in saved['options'].items():
