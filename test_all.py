@@ -3112,7 +3112,11 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
         assert re.search(rf'the whole sweep, {mode}: [0-9,]+ act/s through all {n} SAEs', out), mode
     assert re.search(r'CUDA graphs skipped \(torch.s count\): 0', out)
     floor = re.search(r'host floor: ([0-9.]+) ms a step .* batch 32 at most ([0-9,]+) act/s', out)
-    assert floor and float(floor[1]) > 0 and int(floor[2].replace(',', '')) == pytest.approx(32e3 / float(floor[1]), rel=0.02)
+    # act/s = batch / floor, with floor printed to 0.1 ms: the rate lies between what the printed
+    # figure's ends give (a fixed 2% was too tight for a floor under 2.5 ms, whose 0.05 ms of
+    # rounding is more than 2% of it)
+    assert floor and float(floor[1]) >= 0.1, out
+    assert 32e3 / (float(floor[1]) + 0.05) - 1 <= int(floor[2].replace(',', '')) <= 32e3 / (float(floor[1]) - 0.05) + 1, floor[0]
     # the LM's 2 blocks, again as CUDA graphs, and back (for the profile); then the whole sweep's
     # losses as one function, compiled and again with CUDA graphs (the compiled one then
     # profiled), then each architecture's the same two ways
