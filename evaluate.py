@@ -121,14 +121,14 @@ class Evaluation:
         self.cfg, self.log = cfg, log
         game = cfg.game
         self.dir = os.path.join(cfg.out_dir, game)
-        dirs = D.dir_args(cfg.data_dir, cfg.out_dir)  # for the commands that errors name
+        self.dirs = D.dir_args(cfg.data_dir, cfg.out_dir)  # for the commands that errors name
         labels = D.load_data(game, 'labels', cfg.data_dir)
         val = D.load_data(game, 'val', cfg.data_dir)
-        self.model, self.ckpt = load_checkpoint(os.path.join(self.dir, 'model.pt'), game, cfg.device, dirs)
+        self.model, self.ckpt = load_checkpoint(os.path.join(self.dir, 'model.pt'), game, cfg.device, self.dirs)
         self.models = {'trained': self.model}
         random_path = os.path.join(self.dir, 'model_random.pt')
         if os.path.exists(random_path):
-            self.models['random'] = load_checkpoint(random_path, game, cfg.device, dirs)[0]
+            self.models['random'] = load_checkpoint(random_path, game, cfg.device, self.dirs)[0]
         for m in self.models.values():
             m.eval()
         T = self.model.config.block_size + 1
@@ -210,7 +210,7 @@ def stale_sae(ev, sae, kind, path):
         ev._cache[(kind, 'sha256')] = D.file_digest(model_file)
     if kind not in ev.models or sae.meta.get('model', {}).get('sha256') != ev._cache[(kind, 'sha256')]:
         return (f"{path}: trained on another {os.path.basename(model_file)}; "
-                f"re-run `python train.py --game {ev.cfg.game}{D.dir_args(ev.cfg.data_dir, ev.cfg.out_dir)} --stage sae`")
+                f"re-run `python train.py --game {ev.cfg.game}{ev.dirs} --stage sae`")
     return None
 
 
@@ -219,7 +219,7 @@ def load_saes(ev):
     found = []
     for sub, kind in (('saes', 'trained'), ('saes_random', 'random')):
         for path in sorted(glob.glob(os.path.join(ev.dir, sub, '*.pt'))):
-            sae = S.load(path, ev.cfg.game, D.dir_args(ev.cfg.data_dir, ev.cfg.out_dir))
+            sae = S.load(path, ev.cfg.game, ev.dirs)
             stale = stale_sae(ev, sae, kind, path)
             if stale:
                 ev.log(f"skip {stale}")
@@ -227,7 +227,7 @@ def load_saes(ev):
             found.append((kind, sae.to(ev.cfg.device)))
     if not found:
         raise D.UserError(f"no SAEs for the current model under {ev.dir}/saes/: "
-                          f"run `python train.py --game {ev.cfg.game}{D.dir_args(ev.cfg.data_dir, ev.cfg.out_dir)}`")
+                          f"run `python train.py --game {ev.cfg.game}{ev.dirs}`")
     return found
 
 
@@ -585,7 +585,7 @@ def explain_feature(cfg, log=print):
         paths = glob.glob(os.path.join(ev.dir, 'saes*', '*.pt'))
         names = sorted({os.path.basename(p)[:-3] for p in paths})  # once each: a name is in saes/ and saes_random/
         raise D.UserError(f"no SAE named {name!r} under {ev.dir}/saes*/; have: {', '.join(names) or 'none'}")
-    sae = S.load(path, cfg.game, D.dir_args(cfg.data_dir, cfg.out_dir))
+    sae = S.load(path, cfg.game, ev.dirs)
     stale = stale_sae(ev, sae, kind, path)
     if stale:
         raise D.UserError(stale)
