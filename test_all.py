@@ -3074,8 +3074,13 @@ def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     # the CPU at small shapes with dynamo's plain 'eager' backend standing in for the GPU's
     # compiler: a GPU session gets one run, so its script must not first meet these lines there
     import bench
+    import model as M
     import train as TR
     monkeypatch.setattr(bench, 'on_gpu', lambda cfg: True)
+    # fp32 throughout, as a GPU without bf16 units would: the real probe of these tiny matmuls on
+    # a busy CPU can measure bf16 faster at one call and slower at the next, and then the bench
+    # picks bf16 for the LM and skips it as slower (1 of 20 runs beside a busy process)
+    monkeypatch.setattr(M, 'matmul_seconds', fake_matmul_timer(0.5)[0])
     monkeypatch.setitem(bench.SHAPES, 'cuda', {'lm': (2, 2, 16, 8, 4), 'sae': (8, 256, 32)})  # TopK's k 160 < 256
     # three architectures of the sweep, to be quick: the host state of p-annealing and BatchTopK's
     monkeypatch.setattr(TR, 'SWEEP', {arch: TR.SWEEP[arch] for arch in ('standard', 'p_anneal', 'batch_topk')})
