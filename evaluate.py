@@ -138,7 +138,7 @@ class Evaluation:
         n_train = min(cfg.n_train, n_labelled // 2)
         n_test = min(cfg.n_test, n_labelled - n_train)
         if n_train < cfg.n_train or n_test < cfg.n_test:
-            log(f"note: {os.path.join(cfg.data_dir, game, 'labels.pt')} labels {n_labelled} games; using {n_train} "
+            log(f"note: {D.data_paths(game, cfg.data_dir)['labels']} labels {n_labelled} games; using {n_train} "
                 f"train + {n_test} test (more: python data.py --game {game}{D.dir_args(cfg.data_dir)} "
                 f"--n_label_games={cfg.n_train + cfg.n_test})")
         self.n_train, self.n_test = n_train, n_test
