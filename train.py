@@ -4,6 +4,7 @@ The pipeline's entry point: game data (if missing), then the game GPT, then the 
 Reads:  data/<game>/{train,val,labels}.pt (made here by data.py if missing)
 Writes: out/<game>/model.pt                (the LM: config, weights, optimizer, legal-move rate)
         out/<game>/saes/, saes_random/     (the SAE sweep and its random-init control)
+        out/<game>/model_random.pt         (the random-init LM the control's SAEs read)
         out/<game>/sae_sweep.pt            (the running sweep's checkpoint; removed when done)
 Run:    python train.py --game othello            (preset: gpu on a GPU, cpu otherwise)
         python train.py --game chess --preset=tiny --max_iters=50
@@ -46,7 +47,7 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = 'out'
     data_dir: str = 'data'
-    resume: bool = False        # continue the LM from out/<game>/model.pt
+    resume: bool = False        # continue the stage that was running (LM or SAE sweep)
     # data (used only when data/<game>/ is missing)
     n_games: int = 0            # 0: data.py's default for the game
     n_val: int = 0
@@ -100,8 +101,8 @@ class TrainConfig:
     sae_coef_scale: float = 1.0  # every sparsity coefficient of the grid times this (TopK's k unchanged): the
                                 # whole grid shifted, for a model whose L0 sits elsewhere (README, Presets)
     sae_minutes: float = 0.0    # > 0: fewer steps if sae_steps would take longer than this, the first
-                                # step (which compiles under --sae_compile) included: the steps are timed
-                                # on the 19 after it; the random-init control gets the same steps
+                                # steps (the first compiles under --sae_compile) included: the steps are
+                                # timed on steps 3-20; the random-init control gets the same steps
     sae_batch: int = 1024       # activations per step (the paper: 8192)
     sae_lr: float = 1e-3        # the paper: 3e-4 over 300M activations; a short run needs more
     sae_warmup: int = 100
