@@ -1340,8 +1340,16 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
             return losses(x)
         return first_call_compiles
     monkeypatch.setattr(TR, 'compile_losses', slow_to_compile)
+    # the steps at which the sweep checkpoints (every fake minute here)
+    saved_steps, atomic_save = [], D.atomic_save
+
+    def spy(obj, path):
+        if obj.get('format') == TR.SWEEP_FORMAT and obj['state'] is not None:
+            saved_steps.append((obj['part'], obj['state']['step']))
+        atomic_save(obj, path)
+    monkeypatch.setattr(D, 'atomic_save', spy)
     args = ['--game=othello', '--preset=tiny', '--max_iters=5000', '--lm_minutes=0.5', '--sae_steps=400',
-            '--sae_minutes=8', '--sae_archs=p_anneal', '--sae_compile', '--workers=1',
+            '--sae_minutes=8', '--sae_archs=p_anneal', '--sae_compile', '--workers=1', '--sae_ckpt_minutes=1',
             f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
     from torch.optim.optimizer import register_optimizer_step_post_hook
     handle = register_optimizer_step_post_hook(lambda opt, *_: type(opt) is torch.optim.AdamW and t.__setitem__(0, t[0] + 1.0))
@@ -1380,6 +1388,12 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
         assert sae.meta['steps'] == 126 and sae.cfg['total_steps'] == 126
         assert sae.meta['history'][-1]['step'] == 126
         assert sae.meta['history'][-1]['p'] == pytest.approx(0.2)  # the whole p schedule ran in 126 steps
+    # the sweep's checkpoints wait for its steps' fit to the budget (a resumed sweep would time 20
+    # more steps before fitting, by when the p schedule planned on --sae_steps may have begun); the control's
+    # steps are known from its start: it checkpoints each fake minute from its first step on (its one
+    # SAE: 21 s compiling, 11 recording, then a second a step: steps 30 and 90)
+    assert [step for part, step in saved_steps if part == 'saes'] == [20, 40, 60, 80, 100, 120]
+    assert [step for part, step in saved_steps if part == 'saes_random'] == [30, 90]
 
 
 @pytest.mark.parametrize('args, message', [

@@ -835,7 +835,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
         step = 0
     else:
         stream = ActivationStream(model, tokens, layer, pad_id, cfg, cfg.seed, state=resume['stream'])
-        fit_to_budget, n_steps, step = resume['fit_to_budget'], resume['n_steps'], resume['step']
+        # a checkpoint is written only once the steps are fitted to --sae_minutes (below)
+        fit_to_budget, n_steps, step = False, resume['n_steps'], resume['step']
         for name, saved in resume['saes'].items():
             saes[name] = sae_from_dict(saved, cfg.device).train()
         seconds, timed_steps, window, history = resume['seconds'], resume['timed_steps'], resume['window'], resume['history']
@@ -913,8 +914,11 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
                 log(f"  {name:24s} mse {mse:8.3f} | L0 {ev['l0']:6.1f} | expl. var. {ev['explained_variance']:.3f} | "
                     f"dead {ev['dead_fraction']:.3f} | p {sae.p:.2f}")
         step += 1
-        if checkpoint and step < n_steps and now() - saved_at >= cfg.sae_ckpt_minutes * 60:
-            checkpoint({'step': step, 'n_steps': n_steps, 'fit_to_budget': fit_to_budget, 'stream': stream.state(),
+        # not while the steps wait to be fitted to --sae_minutes: a resumed sweep could not fit them,
+        # as the p-annealing schedules may have started by its 20th step (a kill in those first
+        # steps starts the sweep over)
+        if checkpoint and not fit_to_budget and step < n_steps and now() - saved_at >= cfg.sae_ckpt_minutes * 60:
+            checkpoint({'step': step, 'n_steps': n_steps, 'stream': stream.state(),
                         'saes': {name: sae_to_dict(sae) for name, sae in saes.items()},
                         'optimizer': optimizer.state_dict() if optimizer else None,
                         'seconds': seconds, 'timed_steps': timed_steps,
