@@ -444,6 +444,9 @@ def plot_pareto(path, rows, sets):
     plt.close(fig)
 
 
+RESULTS_VERSION = 1  # results.json: its format name and version, as every file here carries
+
+
 def write_outputs(cfg, rows, sets, text, log=print):
     """results.json and results.md first, then pareto.png: a plot that fails (no matplotlib, no
     disk space for it, a bug) costs the picture only, never the results."""
@@ -451,7 +454,8 @@ def write_outputs(cfg, rows, sets, text, log=print):
 
     def write_json(tmp):
         with open(tmp, 'w') as f:
-            json.dump({'config': dataclasses.asdict(cfg), 'sets': sets, 'rows': rows}, f, indent=1)
+            json.dump({'format': 'boardgame-saes/results', 'version': RESULTS_VERSION,
+                       'config': dataclasses.asdict(cfg), 'sets': sets, 'rows': rows}, f, indent=1)
 
     def write_md(tmp):
         with open(tmp, 'w') as f:

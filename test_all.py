@@ -3037,6 +3037,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
                                               ('random', 'probe_dictionary_random')], out
     assert logged[1][2].startswith('rec_mine_theirs ') and 'cov_' not in logged[1][2]  # a probe has no coverage
     results = json.load(open(f'{tmp_path}/out/othello/results.json'))
+    assert (results['format'], results['version']) == ('boardgame-saes/results', EV.RESULTS_VERSION)
     rows = {r['name'] + '/' + r['model']: r for r in results['rows']}
     assert len(rows) == len(saes) + len(S.ARCHS) + 5  # + MLP neurons, probe and probe dictionary on both models
     assert 0.0 <= rows['probe_dictionary/trained']['coverage_mine_theirs'] <= 1.0
