@@ -3465,6 +3465,26 @@ def test_layer_and_resume_are_checked_against_the_checkpoint(tiny_out, monkeypat
     assert files_under(tiny_out) == before  # no lock file left, nothing trained or written
 
 
+def test_a_bf16_sweep_scores_its_saes_as_evaluate_does_in_fp32(tiny_out, tmp_path):
+    # trained with bf16 products (as where bf16 measures the faster), the scores saved in each SAE
+    # file ('final') are those of the loaded SAE, which computes in fp32, on the same held-out batch
+    cfg = TR.build_config(['--preset=tiny', '--dtype=bfloat16', '--sae_steps=6', f'--data_dir={tiny_out}/data'])
+    model, _ = load_checkpoint(str(tiny_out / 'out' / 'othello' / 'model.pt'), 'othello')
+    train, val = TR.ensure_data(cfg, lambda _: None)
+    tokens, val_tokens = train['tokens'], val['tokens']
+    sweep = [('topk', {'k': 4}), ('standard', {'coef': 1.0})]
+    with torch_threads(1):
+        TR.train_sae_sweep(cfg, model, {'random_init': True}, tokens, val_tokens, train['pad_id'], sweep,
+                           str(tmp_path), log=lambda _: None)
+    held_out = next(TR.ActivationStream(model, val_tokens, TR.default_layer(2), train['pad_id'],
+                                        dataclasses.replace(cfg, sae_batch=8192, sae_buffer=8192), cfg.seed + 1))
+    for arch, setting in sweep:
+        sae = S.load(str(tmp_path / f'{TR.sae_name(arch, setting)}.pt'))
+        assert sae.meta['layer'] == TR.default_layer(2)
+        assert sae.matmul_dtype == torch.float32
+        assert sae.meta['final'] == pytest.approx(metrics.sae_scores(sae, held_out), rel=1e-6, abs=1e-9)
+
+
 def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
     dirs = [f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
     out = tiny_out / 'out' / 'othello'

@@ -933,6 +933,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     acts_per_s = timed_steps * cfg.sae_batch * len(saes) / max(seconds, 1e-9)
     results = []
     for name, sae in saes.items():
+        sae.matmul_dtype = torch.float32  # scored as evaluate.py scores it: a loaded SAE computes in fp32
         final = metrics.sae_scores(sae, held_out)
         save_sae(sae.cpu(), os.path.join(out_dir, f'{name}.pt'), {
             'name': name, 'game': cfg.game, 'layer': layer, 'model': model_id,
