@@ -1369,7 +1369,9 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     # 6 x (parameters, the tied head once, positions not counted) + 12 x 2 layers x 32 wide x 59
     weights = {w.data_ptr(): w.numel() for name, w in ckpt['model'].items() if name != 'wpe.weight'}
     flop_per_step = 32 * 59 * (6 * sum(weights.values()) + 12 * 2 * 32 * 59)
-    assert re.search(r'iter 20/5000 \|.* tok/s \| ' + re.escape(f'{flop_per_step / 1e12:.3g} TFLOP/s |'), out)
+    # and tokens a second over the same steps: every position of the batch, so that tok/s x FLOP a
+    # token is the TFLOP/s
+    assert re.search(r'iter 20/5000 \|.* \| ' + re.escape(f'{32 * 59 / 1e3:.1f}k tok/s | {flop_per_step / 1e12:.3g} TFLOP/s |'), out)
     # the sweep's: 19 steps of 256 activations in 67 s, through 3 SAEs of 10 x 32 x 256 FLOP an activation
     assert f'sae step 20/126 | {19 * 256 / 67 / 1e3:.1f}k act/s through all 3 SAEs' in out
     assert f'SAE-act/s = {19 * 256 / 67 * 3 * 10 * 32 * 256 / 1e12:.3g} TFLOP/s) |' in out

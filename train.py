@@ -470,11 +470,11 @@ def train_lm(cfg, log=print, precision=''):
             'batch_rng': gen.get_state(), 'rng': torch.get_rng_state(), **extra})
 
     model.train()
-    # model FLOP per step (the whole batch, every process's rows): the log's TFLOP/s, which over
-    # the machine's matmul ceiling (python bench.py --only=machine) is the model-FLOPs utilisation
-    flop_per_step = cfg.batch_size * model.config.block_size * model.flops_per_token()
+    # tokens per step (the whole batch, every process's rows; every position, pads included, as
+    # the FLOP count): the log's tok/s, and times GPT.flops_per_token its TFLOP/s, which over the
+    # machine's matmul ceiling (python bench.py --only=machine) is the model-FLOPs utilisation
+    tokens_per_step = cfg.batch_size * model.config.block_size
     t0 = now()
-    tokens_seen = 0
     loss = None
     budget = cfg.lm_minutes * 60  # seconds; 0: no time limit
     # the fraction of the budget used; under torchrun the largest of the processes', so that all
@@ -488,14 +488,12 @@ def train_lm(cfg, log=print, precision=''):
         for group in optimizer.param_groups:
             group['lr'] = lr
         x, y = lm_batch(train_tok, soft, cfg, gen)  # every process draws the same batch, (B, T)
-        n_batch = n_targets(y)
-        x, y = x[mine], y[mine]
         # one process holds the whole batch (its weight would be exactly 1); under torchrun each
         # process's mean loss is weighted by its share of the batch's targets (times world, as
         # DDP averages): the gradient is the one-process gradient of the whole batch's mean loss
-        weight = n_targets(y) * world / n_batch if world > 1 else None
+        weight = n_targets(y[mine]) * world / n_targets(y) if world > 1 else None
+        x, y = x[mine], y[mine]
         loss = lm_step(fwd, optimizer, scaler, autocast, x, y, cfg.grad_clip, weight)
-        tokens_seen += n_batch  # a tensor: no sync per step
         done, last_iter = it + 1 - start_iter, it + 1
         if budget > 0 and (world == 1 or done % CLOCK_EVERY == 0):
             used = agree((now() - t0) / budget, dist.ReduceOp.MAX)
@@ -511,16 +509,18 @@ def train_lm(cfg, log=print, precision=''):
             log(f"LM: about {fmt_time(min(total, budget) if budget > 0 else total)} of training "
                 f"(timed on the first 20 steps)")
         if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters or out_of_time:
+            loss_all = agree(loss.item(), dist.ReduceOp.SUM) / world  # the whole batch's mean loss (waits for the step)
             elapsed = now() - t0
             eta = elapsed / done * (cfg.max_iters - it - 1)
             if budget > 0:
                 eta = min(eta, max(0.0, budget - elapsed))
-            loss_all = agree(loss.item(), dist.ReduceOp.SUM) / world  # the whole batch's mean loss
-            # FLOP/s over the steps after the first (which compiles, under --compile), the evals and
-            # checkpoints between them included
-            flops = f"{(done - 1) * flop_per_step / max(now() - t_first, 1e-9) / 1e12:.3g} TFLOP/s | " if done > 1 else ''
-            log(f"iter {it + 1}/{cfg.max_iters} | loss {loss_all:.4f} | lr {lr:.2e} | "
-                f"{tokens_seen.item() / elapsed / 1e3:.1f}k tok/s | {flops}ETA {fmt_time(eta)}")
+            # tokens and model FLOP a second over the steps after the first (which compiles, under
+            # --compile), the evals and checkpoints between them included; the first step alone
+            # while it is the only one
+            steps, seconds = (done - 1, now() - t_first) if done > 1 else (1, elapsed)
+            tok_s = steps * tokens_per_step / max(seconds, 1e-9)
+            log(f"iter {it + 1}/{cfg.max_iters} | loss {loss_all:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | "
+                f"{tok_s * model.flops_per_token() / 1e12:.3g} TFLOP/s | ETA {fmt_time(eta)}")
         if out_of_time:
             if it + 1 < cfg.max_iters:
                 log(f"--lm_minutes={cfg.lm_minutes:g} used up: stopping at iter {it + 1} of {cfg.max_iters}")
