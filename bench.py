@@ -16,13 +16,14 @@ work, as a fraction of the fp32 ceiling (or bf16's, for bf16 autocast):
   othello  vectorised bitboard generator vs a naive per-square Python generator (games/s)
   lm       GPT training tokens/s at nanoGPT's yardstick shape (4 layers, 192 wide, context 255,
            batch 32; SHAPES below): fp32, and bf16 autocast where model.choose_precision's probe does not
-           already show it far slower. FLOP per token: 6 x parameters + 12 x layers x width x
-           context (forward and backward, attention included), as nanoGPT counts them
-           (model.GPT.flops_per_token).
+           already show it far slower. FLOP per token: 6 x parameters (the position embedding
+           left out) + 12 x layers x width x context (forward and backward, attention included),
+           as nanoGPT counts them (model.GPT.flops_per_token).
   sae      SAE training activations/s at d_in 256, d_sae 2048, batch 4096 (SHAPES), one train_step per
            batch, for every architecture. FLOP per activation: 10 x d_in x d_sae, the dense
            minimum (the encoder and decoder matmuls forward, and the three backward products
-           that give the weights' gradients; sae.SAE.flops_per_activation); on the CPU TopK-style
+           that give the two weights' gradients and the features'; x needs none:
+           sae.SAE.flops_per_activation); on the CPU TopK-style
            SAEs skip most of the decoder's share.
   metrics  coverage + board reconstruction, 4096 features x 20,000 positions x 768 elements
 On a GPU (--device=cuda) the LM and the SAEs are timed as the gpu preset trains them, against the
@@ -153,7 +154,8 @@ def processor_name():
 def matmul_ceiling(dtype, seconds, device):
     """GFLOP/s of an n x n @ n x n matmul in `dtype`, n the largest of 256..2048 (8192 on a GPU),
     doubling, whose single call the previous size predicts to take under `seconds` / 4 (bf16 is
-    emulated, tens of times slower, on CPUs without bf16 units). Returns (GFLOP/s, n)."""
+    emulated, tens of times slower, on CPUs without bf16 units): 2 n^3 FLOP over the mean time of
+    back-to-back calls for about `seconds` / 4 (timed). Returns (GFLOP/s, n)."""
     rate, n, n_max = None, 256, 8192 if device.startswith('cuda') else 2048
     while True:
         a = torch.randn(n, n, device=device).to(dtype)
