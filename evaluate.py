@@ -444,7 +444,7 @@ def plot_pareto(path, rows, sets):
     plt.close(fig)
 
 
-RESULTS_VERSION = 1  # results.json: its format name and version, as every file here carries
+RESULTS_VERSION = 1  # results.json carries a format name and version, as every .pt file here does
 
 
 def write_outputs(cfg, rows, sets, text, log=print):
