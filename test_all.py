@@ -3223,12 +3223,16 @@ def test_sae_stage_runs_its_matmuls_in_the_chosen_precision(tmp_path, monkeypatc
     TR.main(['--game=othello', '--preset=tiny', '--stage=lm', '--max_iters=3', '--eval_iters=1', '--legal_games=5', *dirs])
     seen = []
     matmul = S.SAE._matmul
-    monkeypatch.setattr(S.SAE, '_matmul', lambda self, *a: seen.append(self.matmul_dtype) or matmul(self, *a))
+    monkeypatch.setattr(S.SAE, '_matmul', lambda self, *a: seen.append((self.matmul_dtype, torch.is_grad_enabled()))
+                        or matmul(self, *a))
     for dtype in ('float32', 'bfloat16'):
         seen.clear()
         TR.main(['--game=othello', '--preset=tiny', '--stage=sae', '--sae_archs=standard,topk', '--sae_steps=3',
                  '--control=none', f'--dtype={dtype}', *dirs])
-        assert seen and set(seen) == {getattr(torch, dtype)}
+        # the training steps in the chosen precision; the scores saved with each SAE, the last
+        # products, in fp32, as a loaded SAE computes
+        assert {dt for dt, grad in seen if grad} == {getattr(torch, dtype)}
+        assert seen[-1] == (torch.float32, False)
     # the files hold fp32 parameters, and a loaded SAE computes in fp32
     sae = S.load(f"{tmp_path}/out/othello/saes/{tiny_middle_sae('standard')}.pt", 'othello')
     assert sae.matmul_dtype == torch.float32 and all(p.dtype == torch.float32 for p in sae.parameters())
