@@ -323,6 +323,7 @@ def test_random_games_valid_and_cut():
                 assert board.is_game_over()
         # stopping early is the same as cutting a longer game
         assert random_game(seed, 3000)[:256] == random_game(seed, 256)
+    assert ended >= 1  # a game that ended before max_chars was checked to be over (seed 1 at 1024)
     long = [random_game(s, 1024) for s in range(12)]
     assert sum(len(t) == 1024 for t in long) >= 6  # most random games are long
     assert all(re.search(r'[+x]', t) for t in long)
@@ -778,7 +779,7 @@ def test_chess_next_char_counts_match_naive_definition():
 
 
 def test_chess_soft_targets_kept_with_the_data(tmp_path):
-    # made once from train.pt, batched over processes as one game at a time, loaded again when
+    # made once from train.pt, in chunks of games over processes, loaded again when
     # train.pt is unchanged, remade when it changes; refused for games that are not random
     cfg = D.DataConfig(game='chess', n_games=12, n_val=4, max_chars=64, n_label_games=2, workers=1,
                        data_dir=str(tmp_path))
@@ -791,6 +792,8 @@ def test_chess_soft_targets_kept_with_the_data(tmp_path):
         text = D.decode_chess(tokens[g])
         assert torch.equal(counts[g, :len(text)], torch.from_numpy(D.chess_next_char_counts(text)))
         assert not counts[g, len(text):].any()
+    # in chunks over 2 processes (3 chunks: the pool runs) the same counts as in one chunk here
+    assert torch.equal(D.chess_soft_target_counts(tokens, workers=2, progress=lambda _: None, chunk=5), counts)
     assert torch.equal(D.load_chess_soft_targets(str(tmp_path), log=lines.append), counts)
     assert 'made from this' in lines[-1]
     D.prepare(dataclasses.replace(cfg, seed=7), log=lambda s: None)
@@ -1295,7 +1298,7 @@ def test_sweep_coefficients_scale_with_the_width_by_the_penalty_s_rule():
     assert S.ARCHS['standard'].COEF_POWER == 0.5 and S.ARCHS['jumprelu'].COEF_POWER == 1.0
 
 
-def test_the_gpu_preset_on_a_cpu_runs_its_sweep_without_cuda_graphs():
+def test_the_gpu_preset_on_a_cpu_configures_its_sweep_without_cuda_graphs():
     import train as TR
     # the preset turns graphs on for CUDA; on a CPU it drops them where one asked for by name is
     # refused (test_bad_values_are_refused_before_any_work); its grid and compiling stay
@@ -2589,9 +2592,14 @@ def test_unsorted_thresholds():
     shuffled = [0.5, 0.0, 0.9, 0.2]
     assert metrics.coverage(acts_tr, lab_tr, shuffled) == pytest.approx(
         bf_coverage(acts_tr, lab_tr, sorted(shuffled)), abs=1e-9)
-    d = metrics.reconstruction_details(acts_tr, lab_tr, acts_tr, lab_tr, shuffled)
+    acts_te, lab_te = random_case(104, n=90)
+    d = metrics.reconstruction_details(acts_tr, lab_tr, acts_te, lab_te, shuffled)
     assert d["thresholds"] == (0.0, 0.2, 0.5, 0.9)
-    assert d["train_f1"] == d["test_f1"]
+    # each threshold's F1s, the chosen t and its score: those of the sorted thresholds, brute force
+    f1, t, train_f1, test_f1, _ = bf_reconstruction(acts_tr, lab_tr, acts_te, lab_te, sorted(shuffled))
+    assert max(train_f1) > 0 and len(set(train_f1)) > 1  # not a trivial case
+    assert d["train_f1"] == pytest.approx(train_f1, abs=1e-9) and d["test_f1"] == pytest.approx(test_f1, abs=1e-9)
+    assert (d["threshold"], d["f1"]) == (t, pytest.approx(f1, abs=1e-9))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3185,6 +3193,12 @@ def test_lm_cuda_graphs_compile_the_blocks_for_graphs_and_train(tmp_path, monkey
     assert [kw for fn, kw in compiled] == [{'mode': 'reduce-overhead'}] * cfg.n_layer
     model, ckpt = load_checkpoint(path, 'othello')
     assert ckpt['iter'] == 4 and ckpt['train_config']['lm_cuda_graphs'] and math.isfinite(ckpt['val_loss'])
+    # the same run on the plain compiled blocks: the same weights, bit for bit
+    compiled.clear()
+    plain = TR.train_lm(dataclasses.replace(cfg, out_dir=f'{tmp_path}/plain'), log=lambda _: None)
+    assert [kw for fn, kw in compiled] == [{}] * cfg.n_layer
+    want = torch.load(plain, weights_only=True)['model']
+    assert want.keys() == ckpt['model'].keys() and all(torch.equal(ckpt['model'][k], v) for k, v in want.items())
 
 
 def test_the_precompile_process_compiles_the_sweeps_own_saes(tmp_path, monkeypatch, capsys):
