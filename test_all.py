@@ -1401,6 +1401,56 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     assert [step for part, step in saved_steps if part == 'saes_random'] == [30, 90]
 
 
+def test_a_resumed_lm_keeps_its_clock_and_one_that_ran_it_out_is_done(tmp_path, monkeypatch, capsys):
+    import train as TR
+    # a fake clock: a second passes with every optimiser step of the LM. --lm_minutes=0.25 is 15 s.
+    # The run is killed during iter 13, after its checkpoint at iter 10 (10 s trained); resumed, it
+    # counts those 10 s, its lr follows the clock from where it was, and it stops at iter 15 as the
+    # unstopped run would (not at 25, a new 15 s)
+    t, steps = [1000.0], [0]
+
+    class Killed(Exception):
+        pass
+
+    def tick(opt, *_):
+        if type(opt) is torch.optim.AdamW:
+            t[0] += 1.0
+            steps[0] += 1
+            if steps[0] == 13:
+                raise Killed
+    monkeypatch.setattr(TR, 'now', lambda: t[0])
+    dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    args = ['--game=othello', '--preset=tiny', '--stage=lm', '--max_iters=5000', '--lm_minutes=0.25',
+            '--eval_interval=10', '--legal_games=5', '--workers=1', *dirs]
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    handle = register_optimizer_step_post_hook(tick)
+    try:
+        with pytest.raises(Killed):
+            TR.main(args)
+        path = f'{tmp_path}/out/othello/model.pt'
+        assert torch.load(path, weights_only=True)['iter'] == 10
+        capsys.readouterr()
+        TR.main(args + ['--resume'])
+    finally:
+        handle.remove()
+    out = capsys.readouterr().out
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt['iter'] == 15 and ckpt['stopped_by_clock'] and 'stopping at iter 15 of 5000' in out
+    cfg = TR.build_config(args)
+    assert re.search(r'iter 15/5000 \| loss [0-9.]+ \| lr ' + re.escape(f'{TR.lr_at(14, cfg, clock=14 / 15):.2e}'), out)
+    # resumed again: the LM is done. --stage=lm has nothing to train unless --lm_minutes is raised;
+    # --stage=all goes on to the SAEs, model.pt untouched
+    before = D.file_digest(path)
+    code, err = run_main(TR.main, args + ['--resume'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, 'model.pt stopped at iter 15 after its --lm_minutes=0.25', 'raise --lm_minutes')
+    called = []
+    monkeypatch.setattr(TR, 'train_saes', lambda cfg, log=print: called.append(cfg.stage))
+    TR.main([a for a in args if a != '--stage=lm'] + ['--resume'])
+    assert called == ['all'] and 'is at iter 15 stopped by --lm_minutes=0.25: the LM is done' in capsys.readouterr().out
+    assert D.file_digest(path) == before
+
+
 @pytest.mark.parametrize('args, message', [
     (['train.py', '--bogus=1'], 'unknown option --bogus'),
     (['train.py', '--game=go'], 'unknown game'),

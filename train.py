@@ -384,11 +384,19 @@ def train_lm(cfg, log=print, precision=''):
                               f"not {cfg.block_size}: pass --block_size={ckpt['model_config']['block_size']}")
         if cfg.stage == 'all':
             check_layer(cfg, model.config.n_layer, f"{ckpt_path} has {model.config.n_layer} layers")
-        if ckpt['iter'] >= cfg.max_iters and cfg.stage == 'all':  # killed after the LM: on to the SAEs
-            log(f"{ckpt_path} is at iter {ckpt['iter']} of --max_iters={cfg.max_iters}: the LM is done")
+        # an LM that ran its --lm_minutes stopped short of max_iters: done unless the budget is
+        # raised (or lifted: --lm_minutes=0 trains on to max_iters)
+        ran_out = ckpt.get('stopped_by_clock', False) and 0 < cfg.lm_minutes <= ckpt['train_config']['lm_minutes']
+        if (ckpt['iter'] >= cfg.max_iters or ran_out) and cfg.stage == 'all':  # killed after the LM: on to the SAEs
+            why = (f"stopped by --lm_minutes={ckpt['train_config']['lm_minutes']:g}" if ran_out
+                   else f"of --max_iters={cfg.max_iters}")
+            log(f"{ckpt_path} is at iter {ckpt['iter']} {why}: the LM is done")
             return ckpt_path
         if ckpt['iter'] >= cfg.max_iters:
             raise D.UserError(f"{ckpt_path} is at iter {ckpt['iter']}: --max_iters must be above it to continue")
+        if ran_out:
+            raise D.UserError(f"{ckpt_path} stopped at iter {ckpt['iter']} after its --lm_minutes="
+                              f"{ckpt['train_config']['lm_minutes']:g}: raise --lm_minutes to continue")
         trained_with = ckpt.get('train_config', {}).get('optimizer', 'adamw')
         if trained_with != cfg.optimizer:
             raise D.UserError(f"{ckpt_path} was trained with --optimizer={trained_with}: resume with it")
@@ -467,7 +475,8 @@ def train_lm(cfg, log=print, precision=''):
         save_checkpoint(ckpt_path, model, cfg.game, {
             'iter': it, 'train_config': dataclasses.asdict(cfg), 'optimizer': optimizer.state_dict(),
             'data_config': train['config'], 'precision': {'dtype': cfg.dtype, 'reason': precision},
-            'batch_rng': gen.get_state(), 'rng': torch.get_rng_state(), **extra})
+            'batch_rng': gen.get_state(), 'rng': torch.get_rng_state(),
+            'clock_seconds': clock_before + now() - t0, **extra})
 
     model.train()
     # tokens per step (the whole batch, every process's rows; every position, pads included, as
@@ -475,13 +484,16 @@ def train_lm(cfg, log=print, precision=''):
     # machine's matmul ceiling (python bench.py --only=machine) is the model-FLOPs utilisation
     tokens_per_step = cfg.batch_size * model.config.block_size
     t0 = now()
+    # the seconds trained before a resume (the run's checkpoints keep them): --lm_minutes and the
+    # lr schedule that follows it count the whole run's training, not this process's alone
+    clock_before = ckpt.get('clock_seconds', 0.0) if cfg.resume else 0.0
     loss = None
     budget = cfg.lm_minutes * 60  # seconds; 0: no time limit
     # the fraction of the budget used; under torchrun the largest of the processes', so that all
     # take the same lr and stop together. Agreeing is an all-reduce read back on the host, which
     # waits for the GPU: under torchrun the clock is read every CLOCK_EVERY steps only (the same
     # steps on every process), so that most steps queue without waiting
-    used = 0.0
+    used = clock_before / budget if budget > 0 else 0.0
     last_iter = start_iter
     for it in range(start_iter, cfg.max_iters):
         lr = lr_at(it, cfg, used)
@@ -496,7 +508,7 @@ def train_lm(cfg, log=print, precision=''):
         loss = lm_step(fwd, optimizer, scaler, autocast, x, y, cfg.grad_clip, weight)
         done, last_iter = it + 1 - start_iter, it + 1
         if budget > 0 and (world == 1 or done % CLOCK_EVERY == 0):
-            used = agree((now() - t0) / budget, dist.ReduceOp.MAX)
+            used = agree((clock_before + now() - t0) / budget, dist.ReduceOp.MAX)
         out_of_time = used >= 1
         if done == 1:
             wait_for(cfg.device)
@@ -506,14 +518,14 @@ def train_lm(cfg, log=print, precision=''):
         if done == 20 and it + 1 < cfg.max_iters:  # a first estimate, before the first log line
             wait_for(cfg.device)
             total = (t_first - t0) + (now() - t_first) / (done - 1) * (cfg.max_iters - start_iter - 1)
-            log(f"LM: about {fmt_time(min(total, budget) if budget > 0 else total)} of training "
+            log(f"LM: about {fmt_time(min(total, budget - clock_before) if budget > 0 else total)} of training "
                 f"(timed on the first 20 steps)")
         if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters or out_of_time:
             loss_all = agree(loss.item(), dist.ReduceOp.SUM) / world  # the whole batch's mean loss (waits for the step)
             elapsed = now() - t0
             eta = elapsed / done * (cfg.max_iters - it - 1)
             if budget > 0:
-                eta = min(eta, max(0.0, budget - elapsed))
+                eta = min(eta, max(0.0, budget - clock_before - elapsed))
             # tokens and model FLOP a second over the steps after the first (which compiles, under
             # --compile), the evals and checkpoints between them included; the first step alone
             # while it is the only one
@@ -540,7 +552,9 @@ def train_lm(cfg, log=print, precision=''):
         rate = metrics.legal_move_rate(model, cfg.game, val_tok[:cfg.legal_games], cfg.device)
     log(f"legal-move rate on {min(cfg.legal_games, len(val_tok))} val games: {rate:.4f} "
         f"({time.time() - t1:.1f}s to measure)")
-    save(last_iter, val_loss=vl, legal_move_rate=rate, train_seconds=train_seconds)
+    # stopped_by_clock: a --resume of this checkpoint finds the LM done (train_lm's start)
+    save(last_iter, val_loss=vl, legal_move_rate=rate, train_seconds=train_seconds,
+         stopped_by_clock=out_of_time and last_iter < cfg.max_iters)
     log(f"wrote {ckpt_path}")
     return ckpt_path
 
