@@ -19,6 +19,7 @@ as a dictionary, the linear probe (the ceiling), and the probes used as a dictio
 import dataclasses
 import glob
 import json
+import math
 import os
 import textwrap
 import time
@@ -305,10 +306,11 @@ def evaluate(cfg, log=print):
         # the game, so no counted target sees them)
         replaced = resid.clone()
         replaced[ev.unsup_real] = x_hat
+        ce_score = metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), layer_i, replaced,
+                                          cfg.batch_size, clean_and_zero, resid)
         row = {'name': sae.meta['name'], 'arch': sae.cfg['arch'], 'model': kind, 'layer': layer_i,
                'd_sae': sae.cfg['d_sae'], 'l0': unsup['l0'], 'explained_variance': unsup['explained_variance'],
-               'ce_loss_score': metrics.loss_recovered(ev.models[kind], ev.unsup_tokens.long(), layer_i, replaced,
-                                                       cfg.batch_size, clean_and_zero, resid),
+               'ce_loss_score': None if math.isnan(ce_score) else ce_score,  # None: no loss to recover
                'dead_fraction': unsup['dead_fraction']}
         t_features = time.time()
         spent['L0 / variance / loss recovered'] += t_features - t_scores
@@ -374,7 +376,8 @@ def report(cfg, rows, sets, seconds):
         f'numbers are lower). linear_probe rows: micro-F1 of a linear probe in the reconstruction columns; '
         f'probe_dictionary rows: those probes used as a dictionary (one feature per element, its probability) '
         f'and scored like an SAE: a reference for what linear one-element features score on this residual stream. '
-        f'{seconds:.0f}s to evaluate.',
+        f'CE loss score blank where zeroing the layer does not raise the loss (as on a random-init model): '
+        f'there is no loss to recover. {seconds:.0f}s to evaluate.',
         '',
         '## Best per architecture (by mean reconstruction)',
         '',

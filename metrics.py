@@ -556,10 +556,13 @@ def loss_recovered(model, tokens, layer, reconstruct, batch_size=64, reference=N
     """Loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), with the CEs of
     `cross_entropies` (1 = reconstruction as good as the clean model, 0 = as bad as zeros;
     reference, resid: as there). SAELens calls it ce_loss_score, the name results.json uses.
+    nan where zeroing the stream does not raise the loss (CE_zero <= CE_clean, as on a
+    random-init model): there is no loss to recover, and the ratio of two small differences
+    would read as a score (above 1 for an SAE worse than the clean model).
     (test_loss_recovered_identity_and_zero)"""
     ce = cross_entropies(model, tokens, layer, reconstruct, batch_size, reference, resid)
     gap = ce["zero"] - ce["clean"]
-    return (ce["zero"] - ce["sae"]) / gap if gap != 0 else float("nan")
+    return (ce["zero"] - ce["sae"]) / gap if gap > 0 else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2860,7 +2860,16 @@ def fake_tokens(n=10, t=12):
 
 def test_loss_recovered_identity_and_zero():
     model, tokens = FakeModel(), fake_tokens()
+    # fitted a little to its tokens, so that zeroing a layer's stream costs loss (untrained, it
+    # may cost none, and then there is no score: below)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(50):
+        optimizer.zero_grad()
+        model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        optimizer.step()
     for layer in (0, 1):
+        ce = metrics.cross_entropies(model, tokens, layer, batch_size=4)
+        assert ce['zero'] > ce['clean'] + 0.5
         assert metrics.loss_recovered(model, tokens, layer, lambda r: r, batch_size=4) \
             == pytest.approx(1.0, abs=1e-9)
         assert metrics.loss_recovered(model, tokens, layer, torch.zeros_like, batch_size=4) \
@@ -2878,6 +2887,11 @@ def test_loss_recovered_identity_and_zero():
                                       torch.zeros_like(resid)) == pytest.approx(0.0, abs=1e-9)  # it is the one used
         # the replaced stream handed in as a tensor: the same score as the function
         assert metrics.loss_recovered(model, tokens, layer, 0.5 * resid, 4, reference) == pytest.approx(half, abs=1e-12)
+        # zeroing the stream costs nothing (or less than nothing, as on a random-init model): no
+        # loss to recover, so no score, even for a perfect reconstruction
+        for zero in (reference['clean'], reference['clean'] - 0.1):
+            assert math.isnan(metrics.loss_recovered(model, tokens, layer, lambda r: r, 4,
+                                                     {'clean': reference['clean'], 'zero': zero}))
 
 
 def test_cross_entropy_is_token_weighted_over_non_pad():
