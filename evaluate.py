@@ -49,7 +49,7 @@ class EvalConfig:
                                # micro-F1 within 0.002 of 1000 steps' on both games' cpu models (README)
     saes: str = 'all'          # all | none: none scores only the baselines (MLP neurons, probes), e.g. an LM
                                # trained with --stage lm, at the SAE stage's default layer
-    feature: str = ''          # NAME:INDEX -> explain one feature instead of the table
+    feature: str = ''          # NAME:INDEX -> explain one feature instead of the table (random/NAME: the control's)
     top_boards: int = 3        # boards shown for --feature
 
 
@@ -584,14 +584,15 @@ def explain_feature(cfg, log=print):
         raise D.UserError(f"--feature wants NAME:INDEX, e.g. --feature=p_anneal_coef0.72:17 (got {cfg.feature!r})")
     ev = Evaluation(cfg, log)
     index = int(index)
-    for sub, kind in (('saes', 'trained'), ('saes_random', 'random')):
-        path = os.path.join(ev.dir, sub, f'{name}.pt')
-        if os.path.exists(path):
-            break
-    else:
-        paths = glob.glob(os.path.join(ev.dir, 'saes*', '*.pt'))
-        names = sorted({os.path.basename(p)[:-3] for p in paths})  # once each: a name is in saes/ and saes_random/
-        raise D.UserError(f"no SAE named {name!r} under {ev.dir}/saes*/; have: {', '.join(names) or 'none'}")
+    # the trained model's SAE, or with random/ before its name the random-init control's (the
+    # control reuses the sweep's names)
+    kind, name = ('random', name[len('random/'):]) if name.startswith('random/') else ('trained', name)
+    sub = {'trained': 'saes', 'random': 'saes_random'}[kind]
+    path = os.path.join(ev.dir, sub, f'{name}.pt')
+    if not os.path.exists(path):
+        names = [prefix + os.path.basename(p)[:-3] for d, prefix in (('saes', ''), ('saes_random', 'random/'))
+                 for p in sorted(glob.glob(os.path.join(ev.dir, d, '*.pt')))]
+        raise D.UserError(f"no SAE named {name!r} under {ev.dir}/{sub}/; have: {', '.join(names) or 'none'}")
     sae = S.load(path, cfg.game, ev.dirs)
     stale = stale_sae(ev, sae, kind, path)
     if stale:
@@ -623,7 +624,7 @@ def explain_feature(cfg, log=print):
     for i in top:
         print(f'activation {acts[i].item():.3f}, ' + board_diagram(ev, 'train', i) + '\n')
     # the picture: heat maps of the planes that hold the best-matching elements, then the top boards
-    path = os.path.join(ev.dir, f'feature_{name}_{index}.png')
+    path = os.path.join(ev.dir, f"feature_{'random_' if kind == 'random' else ''}{name}_{index}.png")
     try:
         planes = square_planes(ev)
         ranked = [el.split('/', 1)[1].rpartition('@')[0] for *_, el in sorted(best, reverse=True)]

@@ -3132,11 +3132,16 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     EV.main(['--game=othello', '--feature=topk_k160:3', *dirs])  # k 160 of 256: it fires
     assert 'best-matching board-state elements' in capsys.readouterr().out
     assert os.path.getsize(f'{tmp_path}/out/othello/feature_topk_k160_3.png') > 0
+    # the random-init control's SAE of the same name, through random/
+    control = tiny_middle_sae('topk')
+    EV.main(['--game=othello', f'--feature=random/{control}:3', *dirs])
+    assert f'{control}:3 (random model)' in capsys.readouterr().out
+    assert os.path.getsize(f'{tmp_path}/out/othello/feature_random_{control}_3.png') > 0
     code, err = run_main(EV.main, ['--game=othello', '--feature=nosuch:3', *dirs], monkeypatch, capsys)
     assert code == 2
     assert_one_line(err, "no SAE named 'nosuch'", 'have: batch_topk_k10, ')
     names = err.split('have: ')[1].strip().split(', ')
-    assert names.count('topk_k40') == 1  # named once, though in both saes/ and saes_random/
+    assert names.count('topk_k40') == 1 and names.count('random/topk_k40') == 1  # saes/, then saes_random/
     # a later sweep of one architecture keeps the other SAEs, and says so
     TR.main(['--game=othello', '--preset=tiny', '--stage=sae', '--sae_archs=topk', '--control=none', *dirs])
     out = capsys.readouterr().out
