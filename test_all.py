@@ -1449,6 +1449,13 @@ def test_a_resumed_lm_keeps_its_clock_and_one_that_ran_it_out_is_done(tmp_path, 
     TR.main([a for a in args if a != '--stage=lm'] + ['--resume'])
     assert called == ['all'] and 'is at iter 15 stopped by --lm_minutes=0.25: the LM is done' in capsys.readouterr().out
     assert D.file_digest(path) == before
+    # a final checkpoint from before stopped_by_clock was saved: known by its legal-move rate at an
+    # iteration short of its own max_iters
+    old = torch.load(path, weights_only=True)
+    del old['stopped_by_clock']
+    torch.save(old, path)
+    code, err = run_main(TR.main, args + ['--resume'], monkeypatch, capsys)
+    assert code == 2 and 'raise --lm_minutes' in err
 
 
 @pytest.mark.parametrize('args, message', [

@@ -385,10 +385,14 @@ def train_lm(cfg, log=print, precision=''):
         if cfg.stage == 'all':
             check_layer(cfg, model.config.n_layer, f"{ckpt_path} has {model.config.n_layer} layers")
         # an LM that ran its --lm_minutes stopped short of max_iters: done unless the budget is
-        # raised (or lifted: --lm_minutes=0 trains on to max_iters)
-        ran_out = ckpt.get('stopped_by_clock', False) and 0 < cfg.lm_minutes <= ckpt['train_config']['lm_minutes']
+        # raised (or lifted: --lm_minutes=0 trains on to max_iters). A checkpoint from before
+        # stopped_by_clock was saved: its final one (the one with a legal-move rate) short of its
+        # own max_iters
+        saved = ckpt.get('train_config', {})
+        stopped_by_clock = ckpt.get('stopped_by_clock', 'legal_move_rate' in ckpt and ckpt['iter'] < saved.get('max_iters', 0))
+        ran_out = stopped_by_clock and 0 < cfg.lm_minutes <= saved.get('lm_minutes', 0.0)
         if (ckpt['iter'] >= cfg.max_iters or ran_out) and cfg.stage == 'all':  # killed after the LM: on to the SAEs
-            why = (f"stopped by --lm_minutes={ckpt['train_config']['lm_minutes']:g}" if ran_out
+            why = (f"stopped by --lm_minutes={saved['lm_minutes']:g}" if ran_out
                    else f"of --max_iters={cfg.max_iters}")
             log(f"{ckpt_path} is at iter {ckpt['iter']} {why}: the LM is done")
             return ckpt_path
@@ -396,8 +400,8 @@ def train_lm(cfg, log=print, precision=''):
             raise D.UserError(f"{ckpt_path} is at iter {ckpt['iter']}: --max_iters must be above it to continue")
         if ran_out:
             raise D.UserError(f"{ckpt_path} stopped at iter {ckpt['iter']} after its --lm_minutes="
-                              f"{ckpt['train_config']['lm_minutes']:g}: raise --lm_minutes to continue")
-        trained_with = ckpt.get('train_config', {}).get('optimizer', 'adamw')
+                              f"{saved['lm_minutes']:g}: raise --lm_minutes to continue")
+        trained_with = saved.get('optimizer', 'adamw')
         if trained_with != cfg.optimizer:
             raise D.UserError(f"{ckpt_path} was trained with --optimizer={trained_with}: resume with it")
     train, val = ensure_data(cfg)
