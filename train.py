@@ -384,12 +384,11 @@ def train_lm(cfg, log=print, precision=''):
                               f"not {cfg.block_size}: pass --block_size={ckpt['model_config']['block_size']}")
         if cfg.stage == 'all':
             check_layer(cfg, model.config.n_layer, f"{ckpt_path} has {model.config.n_layer} layers")
-        # an LM that ran its --lm_minutes stopped short of max_iters: done unless the budget is
-        # raised (or lifted: --lm_minutes=0 trains on to max_iters). A checkpoint from before
-        # stopped_by_clock was saved: its final one (the one with a legal-move rate) short of its
-        # own max_iters
+        # an LM that ran its --lm_minutes out: its final checkpoint (the one with a legal-move
+        # rate) short of its own max_iters, as only the clock ends the loop early. Done unless the
+        # budget is raised (or lifted: --lm_minutes=0 trains on to max_iters)
         saved = ckpt.get('train_config', {})
-        stopped_by_clock = ckpt.get('stopped_by_clock', 'legal_move_rate' in ckpt and ckpt['iter'] < saved.get('max_iters', 0))
+        stopped_by_clock = 'legal_move_rate' in ckpt and ckpt['iter'] < saved.get('max_iters', 0)
         ran_out = stopped_by_clock and 0 < cfg.lm_minutes <= saved.get('lm_minutes', 0.0)
         if (ckpt['iter'] >= cfg.max_iters or ran_out) and cfg.stage == 'all':  # killed after the LM: on to the SAEs
             why = (f"stopped by --lm_minutes={saved['lm_minutes']:g}" if ran_out
@@ -556,9 +555,7 @@ def train_lm(cfg, log=print, precision=''):
         rate = metrics.legal_move_rate(model, cfg.game, val_tok[:cfg.legal_games], cfg.device)
     log(f"legal-move rate on {min(cfg.legal_games, len(val_tok))} val games: {rate:.4f} "
         f"({time.time() - t1:.1f}s to measure)")
-    # stopped_by_clock: a --resume of this checkpoint finds the LM done (train_lm's start)
-    save(last_iter, val_loss=vl, legal_move_rate=rate, train_seconds=train_seconds,
-         stopped_by_clock=out_of_time and last_iter < cfg.max_iters)
+    save(last_iter, val_loss=vl, legal_move_rate=rate, train_seconds=train_seconds)
     log(f"wrote {ckpt_path}")
     return ckpt_path
 
