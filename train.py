@@ -483,9 +483,9 @@ def train_lm(cfg, log=print, precision=''):
 
     model.train()
     # tokens per step (the whole batch, every process's rows; every position, pads included, as
-    # the FLOP count): the log's tok/s, and times GPT.flops_per_token its TFLOP/s, which over the
+    # the FLOP count): the log's tok/s, and times the model FLOP a token its TFLOP/s, which over the
     # machine's matmul ceiling (python bench.py --only=machine) is the model-FLOPs utilisation
-    tokens_per_step = cfg.batch_size * model.config.block_size
+    tokens_per_step, flop_per_token = cfg.batch_size * model.config.block_size, model.flops_per_token()
     t0 = now()
     # the seconds trained before a resume (the run's checkpoints keep them): --lm_minutes and the
     # lr schedule that follows it count the whole run's training, not this process's alone
@@ -535,7 +535,7 @@ def train_lm(cfg, log=print, precision=''):
             steps, seconds = (done - 1, now() - t_first) if done > 1 else (1, elapsed)
             tok_s = steps * tokens_per_step / max(seconds, 1e-9)
             log(f"iter {it + 1}/{cfg.max_iters} | loss {loss_all:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | "
-                f"{tok_s * model.flops_per_token() / 1e12:.3g} TFLOP/s | ETA {fmt_time(eta)}")
+                f"{tok_s * flop_per_token / 1e12:.3g} TFLOP/s | ETA {fmt_time(eta)}")
         if out_of_time:
             if it + 1 < cfg.max_iters:
                 log(f"--lm_minutes={cfg.lm_minutes:g} used up: stopping at iter {it + 1} of {cfg.max_iters}")
