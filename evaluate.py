@@ -215,10 +215,13 @@ def stale_sae(ev, sae, kind, path):
     return None
 
 
+SAE_DIRS = {'trained': 'saes', 'random': 'saes_random'}  # each model's SAEs under out/<game>/ (train.py)
+
+
 def load_saes(ev):
     """Every SAE under out/<game>/saes*/ that was trained on the current model files."""
     found = []
-    for sub, kind in (('saes', 'trained'), ('saes_random', 'random')):
+    for kind, sub in SAE_DIRS.items():
         for path in sorted(glob.glob(os.path.join(ev.dir, sub, '*.pt'))):
             sae = S.load(path, ev.cfg.game, ev.dirs)
             stale = stale_sae(ev, sae, kind, path)
@@ -587,12 +590,11 @@ def explain_feature(cfg, log=print):
     # the trained model's SAE, or with random/ before its name the random-init control's (the
     # control reuses the sweep's names)
     kind, name = ('random', name[len('random/'):]) if name.startswith('random/') else ('trained', name)
-    sub = {'trained': 'saes', 'random': 'saes_random'}[kind]
-    path = os.path.join(ev.dir, sub, f'{name}.pt')
+    path = os.path.join(ev.dir, SAE_DIRS[kind], f'{name}.pt')
     if not os.path.exists(path):
-        names = [prefix + os.path.basename(p)[:-3] for d, prefix in (('saes', ''), ('saes_random', 'random/'))
+        names = [('random/' if k == 'random' else '') + os.path.basename(p)[:-3] for k, d in SAE_DIRS.items()
                  for p in sorted(glob.glob(os.path.join(ev.dir, d, '*.pt')))]
-        raise D.UserError(f"no SAE named {name!r} under {ev.dir}/{sub}/; have: {', '.join(names) or 'none'}")
+        raise D.UserError(f"no SAE named {name!r} under {ev.dir}/{SAE_DIRS[kind]}/; have: {', '.join(names) or 'none'}")
     sae = S.load(path, cfg.game, ev.dirs)
     stale = stale_sae(ev, sae, kind, path)
     if stale:
