@@ -1325,14 +1325,38 @@ def test_data_of_another_size_are_used_and_said(tmp_path):
         assert len(train['tokens']) == 30 and [line for line in logged if 'holds' in line] == want
 
 
+def fake_lm_clock(monkeypatch, after_step=None):
+    """train.py's clock made fake, whatever the machine: t[0] seconds (from 1000; a test may add to
+    it), one more with every optimiser step of the LM (AdamW: the SAEs' Adam leaves it) taken
+    inside `with ticking():`, after which after_step() runs. Returns (t, ticking)."""
+    import train as TR
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    t = [1000.0]
+    monkeypatch.setattr(TR, 'now', lambda: t[0])
+
+    def tick(opt, *_):
+        if type(opt) is torch.optim.AdamW:
+            t[0] += 1.0
+            if after_step:
+                after_step()
+
+    @contextlib.contextmanager
+    def ticking():
+        handle = register_optimizer_step_post_hook(tick)
+        try:
+            yield
+        finally:
+            handle.remove()
+    return t, ticking
+
+
 def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, capsys):
     import train as TR
     # a fake clock: one second passes with every optimiser step of the LM and every SAE's loss
     # (the sweep's SAEs share one optimiser step), none otherwise, whatever the machine; and the
     # SAEs' losses "compile" for 20 s an SAE at their first call, and "record CUDA graphs" for
     # 10 s at their second
-    t = [1000.0]
-    monkeypatch.setattr(TR, 'now', lambda: t[0])
+    t, ticking = fake_lm_clock(monkeypatch)
 
     def slow_to_compile(saes, **options):
         losses, calls = S.compile_losses(saes, backend='eager'), [0]
@@ -1354,12 +1378,8 @@ def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, c
     args = ['--game=othello', '--preset=tiny', '--max_iters=5000', '--lm_minutes=0.5', '--sae_steps=400',
             '--sae_minutes=8', '--sae_archs=p_anneal', '--sae_compile', '--workers=1', '--sae_ckpt_minutes=1',
             f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-    handle = register_optimizer_step_post_hook(lambda opt, *_: type(opt) is torch.optim.AdamW and t.__setitem__(0, t[0] + 1.0))
-    try:
+    with ticking():
         TR.main(args)
-    finally:
-        handle.remove()
     out = capsys.readouterr().out
     # the LM: 30 s of budget at a second an iteration stops it after iteration 30
     ckpt = torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)
@@ -1407,32 +1427,23 @@ def test_a_resumed_lm_keeps_its_clock_and_one_that_ran_it_out_is_done(tmp_path, 
     # The run is killed during iter 13, after its checkpoint at iter 10 (10 s trained); resumed, it
     # counts those 10 s, its lr follows the clock from where it was, and it stops at iter 15 as the
     # unstopped run would (not at 25, a new 15 s)
-    t, steps = [1000.0], [0]
-
     class Killed(Exception):
         pass
 
-    def tick(opt, *_):
-        if type(opt) is torch.optim.AdamW:
-            t[0] += 1.0
-            steps[0] += 1
-            if steps[0] == 13:
-                raise Killed
-    monkeypatch.setattr(TR, 'now', lambda: t[0])
+    def kill_at_13():
+        if t[0] == 1013.0:
+            raise Killed
+    t, ticking = fake_lm_clock(monkeypatch, after_step=kill_at_13)
     dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
     args = ['--game=othello', '--preset=tiny', '--stage=lm', '--max_iters=5000', '--lm_minutes=0.25',
             '--eval_interval=10', '--legal_games=5', '--workers=1', *dirs]
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-    handle = register_optimizer_step_post_hook(tick)
-    try:
+    with ticking():
         with pytest.raises(Killed):
             TR.main(args)
         path = f'{tmp_path}/out/othello/model.pt'
         assert torch.load(path, weights_only=True)['iter'] == 10
         capsys.readouterr()
         TR.main(args + ['--resume'])
-    finally:
-        handle.remove()
     out = capsys.readouterr().out
     ckpt = torch.load(path, weights_only=True)
     assert ckpt['iter'] == 15 and 'legal_move_rate' in ckpt and 'stopping at iter 15 of 5000' in out  # the final one
