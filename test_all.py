@@ -1462,6 +1462,34 @@ def test_a_resumed_lm_keeps_its_clock_and_one_that_ran_it_out_is_done(tmp_path, 
     assert D.file_digest(path) == before
 
 
+def test_a_resumed_lm_keeps_its_loss_scale(tmp_path, monkeypatch):
+    import train as TR
+    # under fp16 (CUDA) a gradient scaler doubles the loss scale after each run of growth_interval
+    # steps without an overflow. Here a CPU scaler from 2**8, doubling every 3 steps (the
+    # gradients are fp32: none overflows), over a run killed during iter 13 after its iter-10
+    # checkpoint and resumed to iter 15: 15 steps double it 5 times, as in the unstopped run (a
+    # new scaler at the resume would stand at 2**9, 2 steps into its next 3)
+    class Killed(Exception):
+        pass
+
+    def kill_at_13():
+        if t[0] == 1013.0:
+            raise Killed
+    t, ticking = fake_lm_clock(monkeypatch, after_step=kill_at_13)
+    monkeypatch.setattr(TR, 'scaler_for', lambda cfg: torch.amp.GradScaler('cpu', init_scale=2.0 ** 8, growth_interval=3))
+    args = ['--game=othello', '--preset=tiny', '--stage=lm', '--max_iters=15', '--eval_interval=10',
+            '--legal_games=5', '--workers=1', '--dtype=float32', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    path = f'{tmp_path}/out/othello/model.pt'
+    with ticking():
+        with pytest.raises(Killed):
+            TR.main(args)
+        assert torch.load(path, weights_only=True)['scaler'] == {
+            'scale': 2.0 ** 11, 'growth_factor': 2.0, 'backoff_factor': 0.5, 'growth_interval': 3, '_growth_tracker': 1}
+        TR.main(args + ['--resume'])
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt['iter'] == 15 and ckpt['scaler']['scale'] == 2.0 ** 13 and ckpt['scaler']['_growth_tracker'] == 0
+
+
 @pytest.mark.parametrize('args, message', [
     (['train.py', '--bogus=1'], 'unknown option --bogus'),
     (['train.py', '--game=go'], 'unknown game'),

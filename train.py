@@ -458,9 +458,13 @@ def train_lm(cfg, log=print, precision=''):
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.resume and 'batch_rng' in ckpt:
         gen.set_state(ckpt['batch_rng'])
-        torch.set_rng_state(ckpt['rng'])  # dropout's draws
+        torch.set_rng_state(ckpt['rng'])  # dropout's draws (on the CPU; on a GPU, 'cuda_rng')
+        if 'cuda_rng' in ckpt and cfg.device.startswith('cuda'):
+            torch.cuda.set_rng_state(ckpt['cuda_rng'], cfg.device)
     elif cfg.resume:  # a checkpoint from before the generator was saved: other batches from here
         gen.manual_seed(cfg.seed + start_iter)
+    if cfg.resume and ckpt.get('scaler'):  # fp16: the loss scale it had reached, not a new one
+        scaler.load_state_dict(ckpt['scaler'])
 
     @torch.no_grad()
     def val_loss():
@@ -478,7 +482,8 @@ def train_lm(cfg, log=print, precision=''):
         save_checkpoint(ckpt_path, model, cfg.game, {
             'iter': it, 'train_config': dataclasses.asdict(cfg), 'optimizer': optimizer.state_dict(),
             'data_config': train['config'], 'precision': {'dtype': cfg.dtype, 'reason': precision},
-            'batch_rng': gen.get_state(), 'rng': torch.get_rng_state(),
+            'batch_rng': gen.get_state(), 'rng': torch.get_rng_state(), 'scaler': scaler.state_dict(),
+            **({'cuda_rng': torch.cuda.get_rng_state(cfg.device)} if cfg.device.startswith('cuda') else {}),
             'clock_seconds': clock_before + now() - t0, **extra})
 
     model.train()
