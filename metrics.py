@@ -669,7 +669,8 @@ def legal_move_rate(model, game, tokens, device='cpu', batch_size=64, max_move_c
         legal = D.othello_states(x)['legal']  # (N, T, 64) for the player to move next
         n_legal = n_total = 0
         for i in range(0, len(x), batch_size):
-            pred = model(x[i:i + batch_size].to(device))[0].argmax(-1).cpu()  # (b, T)
+            # the plain blocks: under no_grad, a compiled model's blocks would compile again
+            pred = model(x[i:i + batch_size].to(device), compiled=False)[0].argmax(-1).cpu()  # (b, T)
             has_next = y[i:i + batch_size] != D.OTHELLO_PAD
             square = torch.as_tensor(D.OTHELLO_SQUARES + [0])[pred]  # pad -> a dummy square
             ok = legal[i:i + batch_size].gather(-1, square[..., None])[..., 0] & (pred != D.OTHELLO_PAD)

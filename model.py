@@ -178,7 +178,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, compiled=True):
         """idx (B, T) -> (logits (B, T, vocab), loss or None): head() gives the loss. compiled=False
-        runs the plain blocks even after compile_blocks: train.py's evals, a few batches under
+        runs the plain blocks even after compile_blocks: train.py's evals and legal-move rate, under
         no_grad in eval mode, for which the compiled blocks would first trace and compile again
         (a graph without a backward), out of the LM's time budget."""
         x = self.embed(idx)

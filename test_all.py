@@ -2855,7 +2855,7 @@ class FakeModel(nn.Module):
         logits = self.head(h)
         return logits, self._loss(logits, targets)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, compiled=True):  # compiled: as model.GPT's; none here
         if self.pick is not None:
             logits = F.one_hot(self.pick(idx), self.config.vocab_size).float()
             return logits, self._loss(logits, targets)
@@ -3046,6 +3046,24 @@ def test_legal_move_rate_chess_known_answers():
     assert metrics.legal_move_rate(NaiveDecoding(oracle), 'chess', tokens) == 1.0
     spaces = FakeModel(33, block_size=120, pad_id=CHESS_PAD_ID, pick=torch.zeros_like)  # ' ' is id 0
     assert CHESS_CHARS[0] == ' ' and metrics.legal_move_rate(NaiveDecoding(spaces), 'chess', tokens) == 0.0
+
+
+def test_the_legal_move_rate_of_a_compiled_lm_runs_its_plain_blocks():
+    # under no_grad in eval mode, compiled blocks (trained with gradients) would trace and compile
+    # again: the rate runs the plain ones. Here "compiled" blocks that fail if called
+    torch.manual_seed(0)
+    cases = [('othello', GPTConfig(vocab_size=61, block_size=59, n_layer=2, n_head=2, n_embd=16, pad_id=60),
+              torch.from_numpy(D.othello_games(6, seed=3)).long()),
+             ('chess', GPTConfig(vocab_size=33, block_size=60, n_layer=2, n_head=2, n_embd=16, pad_id=CHESS_PAD_ID),
+              encode_chess([random_game(s, 60) for s in range(3)], 61))]
+    for game, config, tokens in cases:
+        model = GPT(config)
+        want = metrics.legal_move_rate(model, game, tokens)
+
+        def compiled_block(x):
+            raise AssertionError(f'{game}: a compiled block ran')
+        model.compiled_blocks = [compiled_block] * config.n_layer
+        assert metrics.legal_move_rate(model, game, tokens) == want
 
 
 def test_decode_step_matches_forward():
