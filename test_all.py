@@ -1499,6 +1499,8 @@ def test_a_resumed_lm_keeps_its_loss_scale(tmp_path, monkeypatch):
     (['train.py', '--game=othello', '--block_size=60'], 'at most 59'),
     (['train.py', '--preset=huge'], 'unknown preset'),
     (['train.py', '--optimizer=sgd'], 'unknown --optimizer'),
+    # p-annealing from step 5 of at least 100 (the fit's floor): begun before the fit at step 20
+    (['train.py', '--sae_minutes=5', '--anneal_start=0.05', '--sae_archs=topk,gated_anneal'], 'use --anneal_start of at least 0.2'),
 ])
 def test_bad_options_give_one_clear_line(args, message, tmp_path, monkeypatch, capsys):
     # in this process, through the scripts' own run_cli (test_bad_value_on_the_command_line runs

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as D
 import metrics
 from model import GPT, GPTConfig, choose_device, choose_precision, load_checkpoint, save_checkpoint, wait_for
-from sae import (ARCHS, SAE, compile_losses, from_dict as sae_from_dict, make_optimizer, make_sae,
+from sae import (ARCHS, SAE, PAnnealing, compile_losses, from_dict as sae_from_dict, make_optimizer, make_sae,
                  save as save_sae, to_dict as sae_to_dict, train_step)
 
 
@@ -232,6 +232,14 @@ def build_config(argv):
         'sae_batch': positive, 'sae_lr': D.POSITIVE_REAL, 'sae_warmup': positive, 'anneal_start': D.FRACTION,
         'sae_buffer': (lambda v: v >= cfg.sae_batch, f'at least --sae_batch={cfg.sae_batch}'),
         'sae_log_interval': positive, 'sae_ckpt_minutes': D.NON_NEGATIVE_REAL})
+    # --sae_minutes fits the number of steps after step SAE_TIMING_STEPS, to at least 5 times that
+    # many, and a p schedule can be refitted only before its first update (sae.PAnnealing)
+    annealing = [a for a in sae_archs(cfg) if issubclass(ARCHS[a], PAnnealing)]
+    if (annealing and cfg.sae_minutes > 0 and cfg.sae_steps > 5 * SAE_TIMING_STEPS
+            and round(cfg.anneal_start * 5 * SAE_TIMING_STEPS) < SAE_TIMING_STEPS):
+        raise D.UserError(f"--anneal_start={cfg.anneal_start:g} can start p-annealing ({','.join(annealing)}) "
+                          f"before step {SAE_TIMING_STEPS}, at which --sae_minutes fits the number of steps to its "
+                          f"budget: use --anneal_start of at least 0.2, or --sae_minutes=0 with --sae_steps")
     if cfg.stage != 'sae' and not cfg.resume:  # else the checkpoint's n_layer decides, once loaded
         check_layer(cfg, cfg.n_layer, f'--n_layer={cfg.n_layer}')
     return cfg
@@ -907,15 +915,20 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
                 # steps agree
                 per_step *= 1.1
                 left = cfg.sae_minutes * 60 - (now() - t0)
-                n_steps = max(5 * SAE_TIMING_STEPS, min(n_steps, step + 1 + int(left / per_step)))
-                n_steps = agree(n_steps, dist.ReduceOp.MIN)
+                fits = step + 1 + int(left / per_step)
+                n_steps = agree(max(5 * SAE_TIMING_STEPS, min(n_steps, fits)), dist.ReduceOp.MIN)
                 for sae in saes.values():
                     sae.set_total_steps(n_steps)
                 fit_to_budget = False
-                log(f"sae: {per_step:.3f}s a step: {n_steps} steps fit in --sae_minutes={cfg.sae_minutes:g}")
-            else:  # no budget: an estimate (e.g. --preset paper)
-                log(f"sae: about {fmt_time(now() - t0 + per_step * (n_steps - step - 1))} for {n_steps} steps "
-                    f"(timed on steps {SAE_SETTLING_STEPS + 1}-{SAE_TIMING_STEPS}; buffer refills not counted)")
+                log(f"sae: {per_step:.3f}s a step: " + (
+                    f"{n_steps} steps fit in --sae_minutes={cfg.sae_minutes:g}" if n_steps <= fits else
+                    f"{max(fits, step + 1)} steps fit in --sae_minutes={cfg.sae_minutes:g}, fewer than a budgeted "
+                    f"sweep's least, {n_steps}: it will take longer"))
+            else:  # no budget: an estimate (e.g. --preset paper); after a resume, of this process's steps
+                log(f"sae: about {fmt_time(now() - t0 + per_step * (n_steps - step - 1))} for "
+                    + (f"{n_steps} steps" if start == 0 else f"the {n_steps - start} steps after step {start}")
+                    + f" (timed on steps {start + SAE_SETTLING_STEPS + 1}-{start + SAE_TIMING_STEPS}; "
+                    "buffer refills not counted)")
         if (step + 1) % cfg.sae_log_interval == 0 or step + 1 == n_steps:
             wait_for(cfg.device)
             # activations through the whole sweep per second, over the steps after the first (which
@@ -925,7 +938,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
             flops = rate * len(saes) * SAE.flops_per_activation(d_in, d_sae)  # the dense count
             log(f"sae step {step + 1}/{n_steps} | {rate / 1e3:.1f}k act/s through all {len(saes)} SAEs "
                 f"({rate * len(saes) / 1e3:.0f}k SAE-act/s = {flops / 1e12:.3g} TFLOP/s) | "
-                f"ETA {fmt_time(elapsed / timed * (n_steps - step - 1))}")
+                + (f"ETA {fmt_time(elapsed / timed * (n_steps - step - 1))}" if not fit_to_budget else
+                   f"ETA after step {SAE_TIMING_STEPS}, when the steps are fitted to --sae_minutes"))
             for name, sae in saes.items():
                 mse = sum(float(v) for v in window[name]) / len(window[name])
                 ev = metrics.sae_scores(sae, held_out)
