@@ -3633,6 +3633,36 @@ def test_a_bf16_sweep_scores_its_saes_as_evaluate_does_in_fp32(tiny_out, tmp_pat
         assert sae.meta['final'] == pytest.approx(metrics.sae_scores(sae, held_out), rel=1e-6, abs=1e-9)
 
 
+def test_a_kill_in_the_control_resumes_at_the_control(tmp_path, monkeypatch, capsys):
+    # the sweep, shorter than --sae_ckpt_minutes, is done; the run is killed as the control
+    # begins: --resume trains the control, not the sweep again
+    D.prepare(D.DataConfig(game='othello', n_games=30, n_val=20, n_label_games=10, workers=1,
+                           data_dir=str(tmp_path / 'data')), log=lambda _: None)
+    out = tmp_path / 'out' / 'othello'
+    save_checkpoint(str(out / 'model.pt'), GPT(GPTConfig(vocab_size=61, block_size=59, n_layer=2, n_head=2,
+                                                          n_embd=32, pad_id=60)), 'othello', {'iter': 5})
+    args = ['--preset=tiny', '--stage=sae', '--sae_archs=topk', '--sae_steps=30', '--dtype=float32',
+            f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+
+    class Killed(Exception):
+        pass
+
+    def killed(*_):
+        raise Killed
+    with monkeypatch.context() as m:
+        m.setattr(TR, 'control_grid', killed)
+        with pytest.raises(Killed):
+            TR.main(args)
+    saved = torch.load(out / 'sae_sweep.pt', weights_only=True)
+    assert saved['part'] == 'saes_random' and saved['state'] is None and saved['done'][1] == 30
+    assert sorted(f"{r['name']}.pt" for r in saved['done'][0]) == files_under(out / 'saes') and len(saved['done'][0]) == 3
+    capsys.readouterr()
+    TR.main(args + ['--resume'])
+    log = capsys.readouterr().out
+    assert '(saes_random)' in log and f'into {out}/saes/' not in log and f'into {out}/saes_random/' in log
+    assert len(files_under(out / 'saes_random')) == 1 and not os.path.exists(out / 'sae_sweep.pt')
+
+
 def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
     dirs = [f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
     out = tiny_out / 'out' / 'othello'

@@ -1043,6 +1043,8 @@ def train_saes(cfg, log=print):
                                os.path.join(cfg.out_dir, cfg.game, 'saes'), log,
                                resume=saved['state'], checkpoint=checkpointer('saes'))
         saved = {'part': 'saes_random', 'state': None}
+        if cfg.control != 'none':  # a kill in the control, before its first checkpoint, keeps the sweep done
+            checkpointer('saes_random', done)(None)
     else:
         done = saved['done']
     results, n_steps = done
