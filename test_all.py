@@ -3633,6 +3633,19 @@ def test_a_bf16_sweep_scores_its_saes_as_evaluate_does_in_fp32(tiny_out, tmp_pat
         assert sae.meta['final'] == pytest.approx(metrics.sae_scores(sae, held_out), rel=1e-6, abs=1e-9)
 
 
+def test_an_sae_starts_from_the_init_of_its_name_in_any_sweep():
+    # its seed comes from its name: the control's SAE starts as the sweep's of the same name (a
+    # paired comparison of the trained and random-init models), whatever else either trains
+    cfg = TR.build_config(['--preset=tiny', '--dtype=float32'])
+    first = torch.randn(256, 32)
+    sweep = TR.new_sweep_saes(cfg, [('topk', {'k': 10}), ('standard', {'coef': 0.85}), ('topk', {'k': 40})], 256, 40, first)
+    control = TR.new_sweep_saes(cfg, [('topk', {'k': 40})], 256, 40, first)
+    for name in control['topk_k40'].state_dict():
+        assert torch.equal(control['topk_k40'].state_dict()[name], sweep['topk_k40'].state_dict()[name]), name
+    assert not torch.equal(sweep['topk_k10'].W_dec, sweep['topk_k40'].W_dec)
+    assert not torch.equal(sweep['topk_k10'].W_dec, sweep['standard_coef0.85'].W_dec)
+
+
 def test_a_kill_in_the_control_resumes_at_the_control(tmp_path, monkeypatch, capsys):
     # the sweep, shorter than --sae_ckpt_minutes, is done; the run is killed as the control
     # begins: --resume trains the control, not the sweep again

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from contextlib import nullcontext
 from datetime import timedelta
 from dataclasses import dataclass
@@ -722,21 +723,24 @@ SAE_SETTLING_STEPS = 2  # the first untimed, as slower than the rest: under --sa
 
 
 def new_sweep_saes(cfg, mine, d_sae, n_steps, first):
-    """{name: SAE} for `mine` [(index in the sweep, (arch, setting))], new, on cfg.device, in
+    """{name: SAE} for `mine` [(arch, setting)], new, on cfg.device, in
     train mode, normalised and centred on the first batch `first` (B, d_in). train_sae_sweep's,
     and warm_sae_compile's, so that the second process compiles the very SAEs the sweep trains."""
     saes = {}
-    for i, (arch, setting) in mine:
+    for arch, setting in mine:
+        name = sae_name(arch, setting)
         kwargs = dict(setting, total_steps=n_steps)
         # the config's SAE options go to the architectures whose constructor takes them
         # (p-annealing's anneal_start), read from the signature rather than from arch names
         takes = inspect.signature(ARCHS[arch]).parameters
         kwargs.update({key: getattr(cfg, key) for key in SAE_OPTIONS if key in takes})
-        torch.manual_seed(cfg.seed * 1000 + i)  # its own seed: the same init in any process
+        # its own seed, from its name: the same init in any process and any sweep, and in the control
+        # as in the sweep (the trained and the random-init model's SAEs of a name start alike)
+        torch.manual_seed(cfg.seed * 2 ** 32 + zlib.crc32(name.encode()))
         sae = make_sae(arch, first.shape[1], d_sae, **kwargs).to(cfg.device)
         sae.set_act_scale(first)
         sae.init_b_dec(first)
-        saes[sae_name(arch, setting)] = sae.train()
+        saes[name] = sae.train()
     return saes
 
 
@@ -781,8 +785,7 @@ def warm_sae_compile(cfg_json):
     first = torch.randn(cfg.sae_batch, cfg.n_embd, device=cfg.device)  # (B, d_in), as a batch of the sweep
     settings, sweep = sweep_grid(cfg, cfg.n_embd)
     for part in [sweep] + ([control_grid(cfg, settings, sweep)] if cfg.control != 'none' else []):
-        saes = list(new_sweep_saes(cfg, list(enumerate(part)), cfg.sae_expansion * cfg.n_embd, cfg.sae_steps,
-                                   first).values())
+        saes = list(new_sweep_saes(cfg, part, cfg.sae_expansion * cfg.n_embd, cfg.sae_steps, first).values())
         train_step(saes, make_optimizer(saes, cfg.sae_lr), first, 0, cfg.sae_lr, losses=ready_to_train(saes, cfg))
     wait_for(cfg.device)
     print(f"{time.time() - t0:.1f}")
@@ -848,7 +851,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     held_out = next(ActivationStream(model, val_tokens, layer, pad_id,
                                      dataclasses.replace(cfg, sae_batch=8192, sae_buffer=8192), cfg.seed + 1))
     saes = {}
-    mine = list(enumerate(sweep))[rank::world]
+    mine = sweep[rank::world]
     if resume is None:
         stream = ActivationStream(model, tokens, layer, pad_id, cfg, cfg.seed)
         first = next(stream)  # normalisation and b_dec come from the first training batch
