@@ -349,6 +349,8 @@ def wait_for(device):
     host runs ahead of the GPU by up to a queue of kernels); nothing on a CPU."""
     if device.startswith('cuda'):
         torch.cuda.synchronize(device)
+    elif device.startswith('mps'):  # Apple's GPU queues its kernels too
+        torch.mps.synchronize()
 
 
 def matmul_seconds(dtype, rows, width, reps=3):

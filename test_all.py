@@ -1245,6 +1245,18 @@ def test_choose_precision_on_cuda_reads_the_bf16_units(bf16_units, auto, forced_
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+def test_wait_for_waits_for_the_gpu_it_names(monkeypatch):
+    # a clock read after wait_for counts a GPU's queued work: CUDA's of that device, MPS's; a CPU
+    # has no queue
+    import model as M
+    waited = []
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda device=None: waited.append(('cuda', device)))
+    monkeypatch.setattr(torch.mps, 'synchronize', lambda: waited.append(('mps', None)))
+    for device in ('cpu', 'cuda:1', 'mps'):
+        M.wait_for(device)
+    assert waited == [('cuda', 'cuda:1'), ('mps', None)]
+
+
 @pytest.mark.parametrize('speedup, want', [(0.05, 'float32'), (2.0, 'bfloat16')])
 def test_train_saves_the_measured_precision_in_the_checkpoint(speedup, want, tmp_path, monkeypatch):
     import model as M

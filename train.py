@@ -964,7 +964,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     # on a CPU `seconds` sums the steps' own times (buffer refills and the log lines' scoring left
     # out); a GPU ran the steps queued, unseen by the clock around them: there the wall time after
     # the first step (which compiles, under --sae_compile), refills and scoring included
-    if cfg.device.startswith('cuda') and n_steps - start > 1:
+    if cfg.device != 'cpu' and n_steps - start > 1:
         wait_for(cfg.device)
         seconds, timed_steps = now() - t_timing, n_steps - start - 1
     # the SAEs train in one step, sharing its optimiser: each gets an equal share of its time
