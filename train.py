@@ -981,7 +981,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     if not results:  # more processes than SAEs: this one had none
         return results, n_steps
     log(f"sae: wrote {len(saes)} SAEs to {out_dir}/ in {fmt_time(now() - t0)}; {acts_per_s / len(saes) / 1e3:.1f}k "
-        f"act/s through all {len(saes)}, {acts_per_s / 1e3:.1f}k act/s an SAE")
+        f"act/s through all {len(saes)}, {acts_per_s / 1e3:.1f}k act/s an SAE"
+        + (" (the steps' own time: buffer refills and scoring left out)" if cfg.device == 'cpu' else ""))
     for r in results:
         log(f"  {r['name']:24s} expl. var. {r['explained_variance']:.3f} | L0 {r['l0']:6.1f} | dead {r['dead_fraction']:.3f}")
     others = sorted({os.path.basename(p)[:-3] for p in glob.glob(os.path.join(out_dir, '*.pt'))} - {sae_name(*s) for s in sweep})
