@@ -58,7 +58,8 @@ class DataError(UserError):
 
 def parse_config(cfg, argv, script):
     """Override dataclass `cfg` in place from ['--key=value' | '--key', 'value', ...].
-    Values are converted to the type of the default; unknown keys are an error."""
+    Values are converted to the type of the field's own default (not of the value a preset set:
+    a preset's 12 minutes leaves --lm_minutes=0.5 a float); unknown keys are an error."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     i = 0
     while i < len(argv):
@@ -69,7 +70,7 @@ def parse_config(cfg, argv, script):
         key = key.replace('-', '_')
         if key not in fields:
             raise UserError(f"{script}: unknown option --{key}; known: " + ' '.join(f'--{k}' for k in fields))
-        default = getattr(cfg, key)
+        default = fields[key].default
         if not eq:  # --key value, or a bare --flag for booleans
             if isinstance(default, bool) and (i + 1 == len(argv) or argv[i + 1].startswith('--')):
                 val = 'true'

@@ -1502,6 +1502,13 @@ def test_a_resumed_lm_keeps_its_loss_scale(tmp_path, monkeypatch):
     assert ckpt['iter'] == 15 and ckpt['scaler']['scale'] == 2.0 ** 13 and ckpt['scaler']['_growth_tracker'] == 0
 
 
+def test_an_option_takes_its_fields_type_whatever_a_preset_set():
+    # the chess cpu preset sets 12 and 5 minutes: a float option still takes 0.5 and 2.5
+    cfg = TR.build_config(['--game=chess', '--preset=cpu', '--lm_minutes=0.5', '--sae_minutes=2.5'])
+    assert (cfg.lm_minutes, cfg.sae_minutes) == (0.5, 2.5)
+    assert TR.build_config(['--game=chess', '--preset=cpu']).lm_minutes == 12
+
+
 @pytest.mark.parametrize('args, message', [
     (['train.py', '--bogus=1'], 'unknown option --bogus'),
     (['train.py', '--game=go'], 'unknown game'),
