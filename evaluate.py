@@ -139,9 +139,15 @@ class Evaluation:
         n_train = min(cfg.n_train, n_labelled // 2)
         n_test = min(cfg.n_test, n_labelled - n_train)
         if n_train < cfg.n_train or n_test < cfg.n_test:
+            # the command that makes the data again as it was made (its options), with more games
+            # labelled: they are val games, so --n_val grows to hold them where it must
+            made, wanted = val['config'], cfg.n_train + cfg.n_test
+            remake = {k: made[k] for k in ('n_games', 'source', 'max_chars', 'seed')
+                      if made[k] != getattr(D.DataConfig(), k) and (game == 'chess' or k in ('n_games', 'seed'))}
+            remake['n_val'] = max(len(val['tokens']), wanted)
             log(f"note: {D.data_paths(game, cfg.data_dir)['labels']} labels {n_labelled} games; using {n_train} "
                 f"train + {n_test} test (more: python data.py --game {game}{D.dir_args(cfg.data_dir)} "
-                f"--n_label_games={cfg.n_train + cfg.n_test})")
+                + ''.join(f"--{k}={v} " for k, v in remake.items()) + f"--n_label_games={wanted}: it makes the games again)")
         self.n_train, self.n_test = n_train, n_test
         in_context = labels['pos'] < T - 1
         g = labels['game_idx']

@@ -3665,6 +3665,23 @@ def test_an_sae_starts_from_the_init_of_its_name_in_any_sweep():
     assert not torch.equal(sweep['topk_k10'].W_dec, sweep['standard_coef0.85'].W_dec)
 
 
+def test_evaluates_hint_for_more_labels_makes_these_games_again(tmp_path, capsys):
+    # 30 + 20 games, 10 labelled: the note's data.py command keeps the 30 training games (not
+    # data.py's default 500k) and labels the 40 evaluate.py asks for, in 40 val games
+    import evaluate as EV
+    D.prepare(D.DataConfig(game='othello', n_games=30, n_val=20, n_label_games=10, seed=5, workers=1,
+                           data_dir=str(tmp_path / 'data')), log=lambda _: None)
+    save_checkpoint(str(tmp_path / 'out' / 'othello' / 'model.pt'), GPT(GPTConfig(
+        vocab_size=61, block_size=59, n_layer=2, n_head=2, n_embd=16, pad_id=60)), 'othello', {'iter': 5})
+    EV.main(['--game=othello', '--saes=none', '--n_train=20', '--n_test=20', '--probe_steps=5',
+             f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out'])
+    hint = re.search(r'\(more: python data\.py (.*): it makes the games again\)', capsys.readouterr().out).group(1)
+    assert hint == f'--game othello --data_dir={tmp_path}/data --n_games=30 --seed=5 --n_val=40 --n_label_games=40'
+    D.main(hint.split() + ['--workers=1'])
+    train, labels = D.load_data('othello', 'train', str(tmp_path / 'data')), D.load_data('othello', 'labels', str(tmp_path / 'data'))
+    assert len(train['tokens']) == 30 and int(labels['game_idx'].max()) + 1 == 40
+
+
 def test_a_kill_in_the_control_resumes_at_the_control(tmp_path, monkeypatch, capsys):
     # the sweep, shorter than --sae_ckpt_minutes, is done; the run is killed as the control
     # begins: --resume trains the control, not the sweep again
