@@ -1201,7 +1201,7 @@ class DataConfig:
     data_dir: str = 'data'
 
 
-DEFAULT_GAMES = {'othello': (500_000, 4000), 'chess': (20_000, 3000)}  # (train, val)
+DEFAULT_GAMES = {'othello': (500_000, 4000), 'chess': (30_000, 3000)}  # (train, val): the cpu preset's
 
 
 def data_paths(game, data_dir='data'):
