@@ -3167,6 +3167,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
     rc, out = run_script('train.py', '--game=othello', '--preset=tiny', *dirs)
     assert rc == 0, out
+    assert out.rstrip().endswith(f'next: python evaluate.py --game othello {" ".join(dirs)}')  # where this run wrote
     saes = sorted(os.listdir(f'{tmp_path}/out/othello/saes'))
     assert len(saes) == sum(len(v) for v in __import__('train').SWEEP.values())
     assert len(os.listdir(f'{tmp_path}/out/othello/saes_random')) == len(S.ARCHS)

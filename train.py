@@ -1124,7 +1124,8 @@ def main(argv):
             train_saes(cfg, log)
             log(f"SAE stage done in {fmt_time(time.time() - t1)}")
         barrier()  # rank 0 keeps the lock until every process has written its files
-    log(f"train.py done in {fmt_time(time.time() - t0)}; next: python evaluate.py --game {cfg.game}")
+    log(f"train.py done in {fmt_time(time.time() - t0)}; next: python evaluate.py --game {cfg.game}"
+        f"{D.dir_args(cfg.data_dir, cfg.out_dir)}")
     if ddp:
         dist.destroy_process_group()
 
