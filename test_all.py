@@ -3242,6 +3242,25 @@ def saes_of(losses):
     return dict(zip(losses.__code__.co_freevars, (c.cell_contents for c in losses.__closure__)))['saes']
 
 
+@pytest.mark.parametrize('gflops, want', [
+    # a machine at about 100 GFLOP/s whose 256^3 timing came while it was busy (10): on to 2048
+    ({256: 10, 512: 90, 1024: 100, 2048: 95}, (100, 1024)),
+    # bf16 emulated at about 1 GFLOP/s: 1024^3 would take 1.95 s a call, over the 0.5 s allowed
+    ({256: 1, 512: 1.1}, (1.1, 512)),
+])
+def test_the_bench_ceiling_is_the_best_size(gflops, want, monkeypatch):
+    import bench
+    tried = []
+
+    def fake_timed(fn, seconds, min_reps=2, device='cpu', warm_up=True):
+        n = len(fn.__closure__[0].cell_contents)  # the a of `a @ a`
+        tried.append(n)
+        return 2 * n ** 3 / (gflops[n] * 1e9)
+    monkeypatch.setattr(bench, 'timed', fake_timed)
+    assert bench.matmul_ceiling(torch.float32, 2.0, 'cpu') == pytest.approx(want)
+    assert tried == sorted(gflops)  # each size up to the last the budget allows, none beyond
+
+
 def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     # bench.py --device=cuda's branches (the compiled LM, the whole compiled sweep), run here on
     # the CPU at small shapes with dynamo's plain 'eager' backend standing in for the GPU's
