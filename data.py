@@ -161,13 +161,22 @@ def atomic_write(writers):
     (data.py's labels.pt) shows as incomplete, never as a mix of old and new files.
     A failed write (disk full, permissions) is a UserError; the previous files are unchanged."""
     tmps = {path: f"{path}.tmp{os.getpid()}" for path in writers}
+    for path in writers:  # before anything is written or removed
+        if os.path.isdir(path):
+            raise UserError(f"could not write {path}: a directory is there, not a file: remove it (nothing was written)")
     try:
         try:
             for path, write in writers.items():
                 os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
                 write(tmps[path])
-        except OSError as e:
-            raise UserError(f"could not write {path}: {e.strerror or e} (the previous file, if any, is unchanged)") from None
+        except (OSError, RuntimeError) as e:
+            # torch.save on a full disk: its zip writer raises a RuntimeError while the OSError
+            # (ENOSPC) that caused it is handled; any other RuntimeError is not ours to explain
+            cause = e if isinstance(e, OSError) else e.__context__
+            if not isinstance(cause, OSError):
+                raise
+            raise UserError(f"could not write {path}: {cause.strerror or cause} "
+                            "(the previous file, if any, is unchanged)") from None
         if len(writers) > 1 and os.path.exists(path):
             os.remove(path)  # `path` is the last file here
         for path, tmp in tmps.items():

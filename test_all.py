@@ -3807,8 +3807,17 @@ def test_evaluate_hints_carry_the_directories_it_was_given(tmp_path, monkeypatch
     assert_one_line(err, f'`python train.py --game othello --data_dir={tmp_path}/d --out_dir={tmp_path}/out` first')
 
 
+def zip_writer_failure():
+    """What torch.save raises on a full disk (a small tmpfs): its zip writer's RuntimeError, raised
+    while the OSError (ENOSPC) that caused it was being handled."""
+    e = RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+    e.__context__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return e
+
+
 @pytest.mark.parametrize('failure, code, message', [
     (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 2, 'No space left on device'),
+    (zip_writer_failure(), 2, 'No space left on device'),
     (KeyboardInterrupt(), 130, 'interrupted'),
 ])
 def test_full_disk_or_ctrl_c_while_saving_keeps_the_previous_data(failure, code, message, tmp_path, monkeypatch, capsys):
@@ -3831,6 +3840,18 @@ def test_full_disk_or_ctrl_c_while_saving_keeps_the_previous_data(failure, code,
     assert got == code and len(calls) == 2
     assert_one_line(err, message)
     assert {f: (tmp_path / f).read_bytes() for f in files_under(tmp_path)} == before  # no temp or lock file either
+
+
+def test_a_directory_where_a_file_goes_is_one_line_and_keeps_the_other_files(tmp_path, monkeypatch, capsys):
+    argv = ['--n_games=30', '--n_val=20', '--n_label_games=10', '--workers=1', f'--data_dir={tmp_path}']
+    D.prepare(D.parse_config(D.DataConfig(), argv, 'data.py'), log=lambda _: None)
+    os.remove(tmp_path / 'othello' / 'val.pt')
+    os.makedirs(tmp_path / 'othello' / 'val.pt' / 'x')
+    before = {f: (tmp_path / f).read_bytes() for f in files_under(tmp_path)}
+    got, err = run_main(D.main, argv + ['--seed=7'], monkeypatch, capsys)
+    assert got == 2
+    assert_one_line(err, 'val.pt: a directory is there', 'remove it')
+    assert {f: (tmp_path / f).read_bytes() for f in files_under(tmp_path)} == before  # labels.pt kept, no temp file
 
 
 def test_a_file_that_would_not_load_safely_is_refused_as_it_is_saved(tmp_path):
