@@ -241,8 +241,9 @@ def build_config(argv):
         raise D.UserError(f"--anneal_start={cfg.anneal_start:g} can start p-annealing ({','.join(annealing)}) "
                           f"before step {SAE_TIMING_STEPS}, at which --sae_minutes fits the number of steps to its "
                           f"budget: use --anneal_start of at least 0.2, or --sae_minutes=0 with --sae_steps")
-    if cfg.stage != 'sae' and not cfg.resume:  # else the checkpoint's n_layer decides, once loaded
+    if cfg.stage != 'sae' and not cfg.resume:  # else the checkpoint's n_layer and n_embd decide, once loaded
         check_layer(cfg, cfg.n_layer, f'--n_layer={cfg.n_layer}')
+        check_width(cfg, cfg.n_embd, f'--n_embd={cfg.n_embd}')
     return cfg
 
 
@@ -250,6 +251,18 @@ def check_layer(cfg, n_layer, source):
     """--layer must name a block of the model the SAEs read: -1 or 0..n_layer-1."""
     if cfg.layer >= n_layer:
         raise D.UserError(f"train.py: --layer={cfg.layer} is not allowed: use -1 or 0..{n_layer - 1} ({source})")
+
+
+def check_width(cfg, n_embd, source):
+    """A TopK-like SAE keeps k of its d_sae = sae_expansion x n_embd features: each k of the
+    sweep must fit, checked before any work (not when the SAEs first run, after the LM)."""
+    d_sae = cfg.sae_expansion * n_embd
+    too_big = [(s['k'], a) for a, s in sweep_grid(cfg, n_embd)[1] if s.get('k', 0) > d_sae]
+    if too_big:
+        k = max(too_big)[0]
+        raise D.UserError(f"train.py: --sae_expansion={cfg.sae_expansion} gives {d_sae} features at width {n_embd} "
+                          f"({source}), fewer than the sweep's k of {k}: use --sae_expansion of at least "
+                          f"{-(-k // n_embd)}, or --sae_archs without {','.join(sorted({a for _, a in too_big}))}")
 
 
 def sae_archs(cfg):
@@ -393,6 +406,7 @@ def train_lm(cfg, log=print, precision=''):
                               f"not {cfg.block_size}: pass --block_size={ckpt['model_config']['block_size']}")
         if cfg.stage == 'all':
             check_layer(cfg, model.config.n_layer, f"{ckpt_path} has {model.config.n_layer} layers")
+            check_width(cfg, model.config.n_embd, f"{ckpt_path} has width {model.config.n_embd}")
         # an LM that ran its --lm_minutes out: its final checkpoint (the one with a legal-move
         # rate) short of its own max_iters, as only the clock ends the loop early. Done unless the
         # budget is raised (or lifted: --lm_minutes=0 trains on to max_iters)
@@ -1017,6 +1031,7 @@ def train_saes(cfg, log=print):
     ckpt_path = os.path.join(cfg.out_dir, cfg.game, 'model.pt')
     model, ckpt = load_checkpoint(ckpt_path, cfg.game, cfg.device, D.dir_args(cfg.data_dir, cfg.out_dir))
     check_layer(cfg, model.config.n_layer, f"{ckpt_path} has {model.config.n_layer} layers")
+    check_width(cfg, model.config.n_embd, f"{ckpt_path} has width {model.config.n_embd}")
     model_id = {'path': ckpt_path, 'iter': ckpt['iter'], 'sha256': D.file_digest(ckpt_path), 'random_init': False}
     sweep_path = sweep_checkpoint(cfg)
     saved = {'part': 'saes', 'state': None}
