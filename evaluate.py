@@ -135,23 +135,32 @@ class Evaluation:
         T = self.model.config.block_size + 1
         self.tokens = val['tokens'][:, :T]
         self.pad_id = val['pad_id']
-        n_labelled = int(labels['game_idx'].max()) + 1
+        lab_path = D.data_paths(game, cfg.data_dir)['labels']
+        if labels.get('config') != val.get('config'):  # labels index val's games: one data set's
+            raise D.UserError(f"{lab_path} and val.pt beside it were made by different data.py runs: run "
+                              f"`python data.py --game {game}{D.dir_args(cfg.data_dir)}` to make them together")
+        n_labelled = int(labels['game_idx'].max()) + 1 if len(labels['game_idx']) else 0
         n_train = min(cfg.n_train, n_labelled // 2)
         n_test = min(cfg.n_test, n_labelled - n_train)
+        # the command that makes the data again as it was made (its options), with more games
+        # labelled: they are val games, so --n_val grows to hold them where it must
+        made, wanted = val['config'], cfg.n_train + cfg.n_test
+        remake = {k: made[k] for k in ('n_games', 'source', 'max_chars', 'seed')
+                  if made[k] != getattr(D.DataConfig(), k) and (game == 'chess' or k in ('n_games', 'seed'))}
+        remake['n_val'] = max(len(val['tokens']), wanted)
+        more = (f"python data.py --game {game}{D.dir_args(cfg.data_dir)} "
+                + ''.join(f"--{k}={v} " for k, v in remake.items()) + f"--n_label_games={wanted}")
         if n_train < cfg.n_train or n_test < cfg.n_test:
-            # the command that makes the data again as it was made (its options), with more games
-            # labelled: they are val games, so --n_val grows to hold them where it must
-            made, wanted = val['config'], cfg.n_train + cfg.n_test
-            remake = {k: made[k] for k in ('n_games', 'source', 'max_chars', 'seed')
-                      if made[k] != getattr(D.DataConfig(), k) and (game == 'chess' or k in ('n_games', 'seed'))}
-            remake['n_val'] = max(len(val['tokens']), wanted)
-            log(f"note: {D.data_paths(game, cfg.data_dir)['labels']} labels {n_labelled} games; using {n_train} "
-                f"train + {n_test} test (more: python data.py --game {game}{D.dir_args(cfg.data_dir)} "
-                + ''.join(f"--{k}={v} " for k, v in remake.items()) + f"--n_label_games={wanted}: it makes the games again)")
+            log(f"note: {lab_path} labels {n_labelled} games; using {n_train} "
+                f"train + {n_test} test (more: {more}: it makes the games again)")
         self.n_train, self.n_test = n_train, n_test
         in_context = labels['pos'] < T - 1
         g = labels['game_idx']
         masks = {'train': in_context & (g < n_train), 'test': in_context & (g >= n_train) & (g < n_train + n_test)}
+        if n_train < 1 or n_test < 1 or not all(m.any() for m in masks.values()):
+            raise D.UserError(f"{lab_path} has too few labelled positions in the model's context of {T - 1} "
+                              f"({n_labelled} games): at least 2 games are needed, one to label the features and "
+                              f"one to score them: `{more}` makes the data again with more")
         self.where = {k: (g[m], labels['pos'][m]) for k, m in masks.items()}  # (games, positions) per split
         self.labels = {k: select(labels['sets'], m) for k, m in masks.items()}
         flat = {k: side_by_side(v) for k, v in self.labels.items()}  # for metrics.*_by_group

@@ -3704,6 +3704,25 @@ def test_evaluates_hint_for_more_labels_makes_these_games_again(tmp_path, capsys
     assert len(train['tokens']) == 30 and int(labels['game_idx'].max()) + 1 == 40
 
 
+def test_labels_too_few_or_of_another_data_set_are_one_line(tmp_path, monkeypatch, capsys):
+    import evaluate as EV
+    for name, seed, n_label_games in (('one', 5, 1), ('other', 6, 10)):
+        D.prepare(D.DataConfig(game='othello', n_games=30, n_val=20, n_label_games=n_label_games, seed=seed,
+                               workers=1, data_dir=str(tmp_path / name)), log=lambda _: None)
+    save_checkpoint(str(tmp_path / 'out' / 'othello' / 'model.pt'), GPT(GPTConfig(
+        vocab_size=61, block_size=59, n_layer=2, n_head=2, n_embd=16, pad_id=60)), 'othello', {'iter': 5})
+    args = ['--game=othello', '--saes=none', '--probe_steps=5', f'--out_dir={tmp_path}/out']
+    # one labelled game: none left to score the features on
+    code, err = run_main(EV.main, args + [f'--data_dir={tmp_path}/one'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, 'too few labelled positions', '(1 games)', f'python data.py --game othello --data_dir={tmp_path}/one')
+    # another data set's labels (another seed) beside these val games
+    shutil.copy(tmp_path / 'other' / 'othello' / 'labels.pt', tmp_path / 'one' / 'othello' / 'labels.pt')
+    code, err = run_main(EV.main, args + [f'--data_dir={tmp_path}/one'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, 'labels.pt and val.pt beside it were made by different data.py runs')
+
+
 def test_a_kill_in_the_control_resumes_at_the_control(tmp_path, monkeypatch, capsys):
     # the sweep, shorter than --sae_ckpt_minutes, is done; the run is killed as the control
     # begins: --resume trains the control, not the sweep again
