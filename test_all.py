@@ -1518,6 +1518,8 @@ def test_an_option_takes_its_fields_type_whatever_a_preset_set():
     (['train.py', '--game=othello', '--block_size=60'], 'at most 59'),
     (['train.py', '--preset=huge'], 'unknown preset'),
     (['train.py', '--optimizer=sgd'], 'unknown --optimizer'),
+    (['train.py', '--seed=1e30'], '--seed=1000000000000000019884624838656 is not allowed'),
+    (['data.py', '--seed=-1'], '--seed=-1 is not allowed: use an integer in [0, 2^31)'),
     # the tiny preset's width 32 x 4 = 128 features, fewer than TopK's and BatchTopK's k 160
     (['train.py', '--preset=tiny', '--sae_expansion=4'], 'k of 160: use --sae_expansion of at least 5, or --sae_archs without batch_topk,topk'),
     # p-annealing from step 5 of at least 100 (the fit's floor): begun before the fit at step 20
