@@ -243,7 +243,8 @@ def build_config(argv):
                           f"budget: use --anneal_start of at least 0.2, or --sae_minutes=0 with --sae_steps")
     if cfg.stage != 'sae' and not cfg.resume:  # else the checkpoint's n_layer and n_embd decide, once loaded
         check_layer(cfg, cfg.n_layer, f'--n_layer={cfg.n_layer}')
-        check_width(cfg, cfg.n_embd, f'--n_embd={cfg.n_embd}')
+        if cfg.stage == 'all':  # an LM alone may be narrow: its SAEs' width is checked when they train
+            check_width(cfg, cfg.n_embd, f'--n_embd={cfg.n_embd}')
     return cfg
 
 
