@@ -212,10 +212,10 @@ def file_digest(path):
     return h.hexdigest()[:16]
 
 
-def load_file(path, kind, hint, version=FORMAT_VERSION):
+def load_file(path, kind, hint, version=FORMAT_VERSION, keys=()):
     """torch.load a plain-data file (weights_only: no pickled code runs) and check its format tag.
-    `kind` is the expected 'format' field, `version` the 'version' field; `hint` the command that
-    (re)makes the file."""
+    `kind` is the expected 'format' field, `version` the 'version' field, `keys` those it must hold;
+    `hint` the command that (re)makes the file."""
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `{hint}`")
     try:
@@ -226,6 +226,9 @@ def load_file(path, kind, hint, version=FORMAT_VERSION):
         raise UserError(f"{path} is not a {kind} file: run `{hint}`")
     if obj.get('version') != version:
         raise UserError(f"{path} has format version {obj.get('version')}, this code reads {version}: run `{hint}`")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}, which a {kind} file holds: run `{hint}`")
     return obj
 
 
@@ -1281,7 +1284,8 @@ def load_data(game, split, data_dir='data'):
     path = data_paths(game, data_dir)[split]
     hint = f"python data.py --game {game}{dir_args(data_dir)}"
     kind = 'boardgame-saes/labels' if split == 'labels' else 'boardgame-saes/data'
-    obj = load_file(path, kind, hint)
+    keys = ('sets', 'names', 'game_idx', 'pos', 'config') if split == 'labels' else ('tokens', 'pad_id', 'itos', 'config')
+    obj = load_file(path, kind, hint, keys=keys)
     if obj.get('game') != game:
         raise DataError(f"{path} holds {obj.get('game')} data, not {game}: run `{hint}`")
     return obj

@@ -435,9 +435,13 @@ def load_checkpoint(path, game=None, device='cpu', dirs=''):
     """Rebuild the exact model from its checkpoint. Returns (model, checkpoint dict). `dirs`: the
     caller's non-default --data_dir/--out_dir (data.dir_args), for the command an error names."""
     hint = f"python train.py --game {game or '<game>'}{dirs} --stage lm"
-    ckpt = load_file(path, 'boardgame-saes/model', hint)
+    ckpt = load_file(path, 'boardgame-saes/model', hint, keys=('model_config', 'model', 'iter'))
     if game is not None and ckpt.get('game') != game:
         raise UserError(f"{path} is a {ckpt.get('game')} model, not {game}: run `{hint}`")
-    model = GPT(GPTConfig(**ckpt['model_config']))
-    model.load_state_dict(ckpt['model'])
+    try:  # a config or weights this code's GPT does not take (another version's, edited by hand)
+        model = GPT(GPTConfig(**ckpt['model_config']))
+        model.load_state_dict(ckpt['model'])
+    except (TypeError, RuntimeError) as e:
+        why = ' '.join(str(e).split())  # load_state_dict's message spans lines
+        raise UserError(f"{path} does not fit this code's GPT ({why[:200]}): run `{hint}`") from None
     return model.to(device), ckpt

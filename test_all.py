@@ -7,6 +7,7 @@ piece rules written here (checks, forks, pins), brute-force loops for the metric
 closed-form answers for the SAEs, and a fake clock for the time budgets.
 """
 import contextlib
+import copy
 import dataclasses
 import glob
 import io
@@ -1097,6 +1098,17 @@ def test_checkpoint_round_trip(tmp_path):
         load_checkpoint(str(tmp_path / 'bad.pt'), 'othello')
     with pytest.raises(D.UserError, match='not found'):
         load_checkpoint(str(tmp_path / 'missing.pt'), 'othello')
+    # the right format tag over contents this code's GPT does not take (another version's, or
+    # edited by hand): one line each, naming the file
+    good = torch.load(path, weights_only=True)
+    for edit, message in ((lambda c: c.pop('model'), 'lacks model'),
+                          (lambda c: c['model_config'].update(bias=False), "unexpected keyword argument 'bias'"),
+                          (lambda c: c['model'].pop('wte.weight'), 'Missing key')):
+        bad = copy.deepcopy(good)
+        edit(bad)
+        D.atomic_save(bad, str(tmp_path / 'edited.pt'))
+        with pytest.raises(D.UserError, match=f'edited.pt .*{message}.*: run `python train.py --game othello'):
+            load_checkpoint(str(tmp_path / 'edited.pt'), 'othello')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1544,6 +1556,12 @@ def test_missing_and_corrupt_data_files(tmp_path):
     (tmp_path / 'othello' / 'train.pt').write_bytes(b'\x00garbage')
     with pytest.raises(D.UserError, match='corrupt'):
         D.load_data('othello', 'train', str(tmp_path))
+    # the right format tag without what the file holds: one line naming it
+    D.atomic_save({'format': 'boardgame-saes/labels', 'version': D.FORMAT_VERSION, 'game': 'othello',
+                   'names': {}, 'game_idx': torch.zeros(0), 'pos': torch.zeros(0), 'config': {}},
+                  str(tmp_path / 'othello' / 'labels.pt'))
+    with pytest.raises(D.UserError, match=r'labels.pt lacks sets, which a boardgame-saes/labels file holds: run `python data.py'):
+        D.load_data('othello', 'labels', str(tmp_path))
 
 
 def test_resume_without_checkpoint_fails_cleanly(tmp_path, monkeypatch, capsys):
