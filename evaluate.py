@@ -21,6 +21,7 @@ import glob
 import json
 import math
 import os
+import re
 import textwrap
 import time
 from dataclasses import dataclass
@@ -487,7 +488,9 @@ def write_outputs(cfg, rows, sets, text, log=print):
     try:
         plot_pareto(os.path.join(out, 'pareto.png'), rows, sets)
         wrote.append('pareto.png')
-    except Exception as e:
+    except D.UserError:  # the disk's (atomic_write): one line and exit 2, as for every file
+        raise
+    except Exception as e:  # the plot's own (matplotlib): the table stands
         log(f"pareto.png not written ({type(e).__name__}: {e}); the results are in results.json")
     log(f"wrote {', '.join(os.path.join(out, w) for w in wrote)}")
 
@@ -597,9 +600,10 @@ def plot_feature(path, title, maps, boards, game):
 
 
 def explain_feature(cfg, log=print):
-    name, _, index = cfg.feature.rpartition(':')
-    if not name or not index.isdigit():
+    # an SAE's file name under saes/ (random/: saes_random/), not a path; an index in ASCII digits
+    if not re.fullmatch(r'(random/)?[\w.-]+:[0-9]+', cfg.feature, re.ASCII) or '/.' in f'/{cfg.feature}':
         raise D.UserError(f"--feature wants NAME:INDEX, e.g. --feature=p_anneal_coef0.72:17 (got {cfg.feature!r})")
+    name, _, index = cfg.feature.rpartition(':')
     ev = Evaluation(cfg, log)
     index = int(index)
     # the trained model's SAE, or with random/ before its name the random-init control's (the
@@ -650,7 +654,9 @@ def explain_feature(cfg, log=print):
         boards = [(acts[i].item(), *board_grid(ev, 'train', i)) for i in top]
         plot_feature(path, f'{name}:{index} ({kind} model)', maps, boards, cfg.game)
         print(f'wrote {path}')
-    except Exception as e:
+    except D.UserError:  # the disk's (atomic_write): one line and exit 2, as for every file
+        raise
+    except Exception as e:  # the plot's own (matplotlib): the text above stands
         print(f'{path} not written ({type(e).__name__}: {e})')
 
 

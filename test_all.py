@@ -3839,6 +3839,18 @@ def test_a_directory_that_cannot_be_made_is_one_line_naming_the_flag(tmp_path, m
             pass
 
 
+@pytest.mark.parametrize('feature', ['topk_k10:\u00b2', '/abs/path/topk_k10:1', '../saes/topk_k10:1', 'random/..:1',
+                                     'topk_k10', ':3'])
+def test_a_feature_is_a_name_and_an_index_not_a_path(feature, tmp_path, monkeypatch, capsys):
+    # a superscript two passes str.isdigit but not int(); a path would load any file and write
+    # the picture under a folder named after it
+    code, err = run_main(EV.main, [f'--feature={feature}', f'--out_dir={tmp_path}/out', f'--data_dir={tmp_path}/d'],
+                         monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, '--feature wants NAME:INDEX')
+    assert not os.listdir(tmp_path)
+
+
 def test_evaluate_hints_carry_the_directories_it_was_given(tmp_path, monkeypatch, capsys):
     code, err = run_main(EV.main, [f'--out_dir={tmp_path}/out'], monkeypatch, capsys)
     assert code == 2
