@@ -15,6 +15,7 @@ Its optimizers (configure_optimizer): AdamW, or Muon on the blocks' weight matri
 orthogonalize), which the chess cpu preset uses.
 """
 import math
+import os
 import time
 from dataclasses import dataclass, asdict
 
@@ -434,7 +435,9 @@ def save_checkpoint(path, model, game, extra):
 def load_checkpoint(path, game=None, device='cpu', dirs=''):
     """Rebuild the exact model from its checkpoint. Returns (model, checkpoint dict). `dirs`: the
     caller's non-default --data_dir/--out_dir (data.dir_args), for the command an error names."""
-    hint = f"python train.py --game {game or '<game>'}{dirs} --stage lm"
+    # the stage that writes it: the LM, or (model_random.pt, the control's model) the SAE stage
+    stage = 'sae' if os.path.basename(path) == 'model_random.pt' else 'lm'
+    hint = f"python train.py --game {game or '<game>'}{dirs} --stage {stage}"
     ckpt = load_file(path, 'boardgame-saes/model', hint, keys=('model_config', 'model', 'iter'))
     if game is not None and ckpt.get('game') != game:
         raise UserError(f"{path} is a {ckpt.get('game')} model, not {game}: run `{hint}`")

@@ -1098,6 +1098,9 @@ def test_checkpoint_round_trip(tmp_path):
         load_checkpoint(str(tmp_path / 'bad.pt'), 'othello')
     with pytest.raises(D.UserError, match='not found'):
         load_checkpoint(str(tmp_path / 'missing.pt'), 'othello')
+    (tmp_path / 'model_random.pt').write_bytes(b'not a checkpoint')  # the control's model: the SAE stage writes it
+    with pytest.raises(D.UserError, match='model_random.pt is corrupt .*`python train.py --game othello --stage sae`'):
+        load_checkpoint(str(tmp_path / 'model_random.pt'), 'othello')
     # the right format tag over contents this code's GPT does not take (another version's, or
     # edited by hand): one line each, naming the file
     good = torch.load(path, weights_only=True)
