@@ -109,6 +109,8 @@ POSITIVE_REAL = (lambda v: 0 < v < math.inf, 'a finite number > 0')
 NON_NEGATIVE_REAL = (lambda v: 0 <= v < math.inf, 'a finite number >= 0')
 FRACTION = (lambda v: 0 <= v < 1, 'a number in [0, 1)')
 SEED = (lambda v: 0 <= v < 2 ** 31, 'an integer in [0, 2^31)')  # numpy's seeds are >= 0; torch's < 2^64
+# --data_dir and --out_dir: empty would put the game's folder in the current one, data and runs together
+DIRECTORY = (lambda v: v.strip() != '', 'a directory (. for the current one)')
 
 
 def check_options(cfg, script, rules):
@@ -1226,7 +1228,7 @@ def prepare(cfg, log=print):
     """Make train/val token sets and the labels of the first n_label_games val games."""
     if cfg.game not in DEFAULT_GAMES:
         raise UserError(f"unknown game {cfg.game!r}: use --game othello or --game chess")
-    check_options(cfg, 'data.py', {'n_games': NON_NEGATIVE, 'n_val': NON_NEGATIVE, 'seed': SEED,
+    check_options(cfg, 'data.py', {'data_dir': DIRECTORY, 'n_games': NON_NEGATIVE, 'n_val': NON_NEGATIVE, 'seed': SEED,
                                    'max_chars': (lambda v: v >= 2, 'an integer >= 2'),
                                    'n_label_games': POSITIVE, 'workers': POSITIVE})
     check_output_dir(os.path.join(cfg.data_dir, cfg.game), 'data_dir')

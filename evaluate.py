@@ -664,7 +664,8 @@ def main(argv):
     cfg = D.parse_config(EvalConfig(), argv, 'evaluate.py')
     if cfg.game not in ('othello', 'chess'):
         raise D.UserError(f"unknown game {cfg.game!r}: use --game othello or --game chess")
-    D.check_options(cfg, 'evaluate.py', {**{k: D.POSITIVE for k in ('n_train', 'n_test', 'n_unsup_games', 'batch_size',
+    D.check_options(cfg, 'evaluate.py', {'data_dir': D.DIRECTORY, 'out_dir': D.DIRECTORY,
+                                         **{k: D.POSITIVE for k in ('n_train', 'n_test', 'n_unsup_games', 'batch_size',
                                                                     'probe_steps')}, 'top_boards': D.NON_NEGATIVE})
     if cfg.saes not in ('all', 'none'):
         raise D.UserError(f"evaluate.py: --saes={cfg.saes} is not allowed: use all or none")

@@ -1535,6 +1535,8 @@ def test_an_option_takes_its_fields_type_whatever_a_preset_set():
     (['train.py', '--optimizer=sgd'], 'unknown --optimizer'),
     (['train.py', '--seed=1e30'], '--seed=1000000000000000019884624838656 is not allowed'),
     (['data.py', '--seed=-1'], '--seed=-1 is not allowed: use an integer in [0, 2^31)'),
+    (['train.py', '--out_dir='], '--out_dir= is not allowed: use a directory (. for the current one)'),
+    (['data.py', '--data_dir= '], '--data_dir=  is not allowed: use a directory'),
     # the tiny preset's width 32 x 4 = 128 features, fewer than TopK's and BatchTopK's k 160
     (['train.py', '--preset=tiny', '--sae_expansion=4'], 'k of 160: use --sae_expansion of at least 5, or --sae_archs without batch_topk,topk'),
     # p-annealing from step 5 of at least 100 (the fit's floor): begun before the fit at step 20
@@ -1545,7 +1547,8 @@ def test_bad_options_give_one_clear_line(args, message, tmp_path, monkeypatch, c
     # the real command line once): a second each less than a new python per case
     main, dirs = {'train.py': (TR.main, [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']),
                   'data.py': (D.main, [f'--data_dir={tmp_path}/data'])}[args[0]]
-    code, err = run_main(main, [*args[1:], *dirs], monkeypatch, capsys)
+    monkeypatch.chdir(tmp_path)  # an empty --out_dir or --data_dir would write here
+    code, err = run_main(main, [*dirs, *args[1:]], monkeypatch, capsys)  # the case's own options win
     assert code == 2
     assert_one_line(err, message)
     assert not os.listdir(tmp_path)  # nothing half-written
