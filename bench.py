@@ -338,7 +338,7 @@ def bench_sweep(cfg, ceilings):
         The SAEs are made, put in precision and compiled by train.py's own functions."""
         sweep_cfg = TrainConfig(device=cfg.device, dtype=name, sae_compile=mode != 'eager',
                                 sae_cuda_graphs=mode == 'graphs', sae_grid='gpu')
-        mine = [(i, s) for i, s in enumerate(sweep_grid(sweep_cfg, batch.shape[1])[1]) if s[0] in archs]
+        mine = [s for s in sweep_grid(sweep_cfg, batch.shape[1])[1] if s[0] in archs]
         saes = list(new_sweep_saes(sweep_cfg, mine, width, 10**6, batch).values())
         losses = ready_to_train(saes, sweep_cfg)  # None, eager
         opt = make_optimizer(saes, 3e-4)  # one for all, as train.py's sweep

@@ -3780,9 +3780,10 @@ def test_a_kill_in_the_control_resumes_at_the_control(tmp_path, monkeypatch, cap
 
 
 def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
+    # tiny_out's model is 16 wide: 10 x 16 features hold TopK's k 160
     dirs = [f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
     out = tiny_out / 'out' / 'othello'
-    cfg = TR.build_config(['--preset=tiny', '--stage=sae', *dirs])
+    cfg = TR.build_config(['--preset=tiny', '--stage=sae', '--sae_expansion=10', *dirs])
     saved = {'format': TR.SWEEP_FORMAT, 'version': TR.SWEEP_VERSION, 'part': 'saes', 'done': None, 'state': {},
              'model_sha256': D.file_digest(str(out / 'model.pt')), 'options': TR.sweep_options(cfg)}
     D.atomic_save(saved, str(out / 'sae_sweep.pt'))
@@ -3790,21 +3791,21 @@ def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
     try:
         for argv, needles in ((['--sae_steps=7'], ('sae_sweep.pt is a sweep with --sae_steps=40', 'resume with it')),
                               (['--seed=1'], ('--seed=1337',))):
-            code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *argv, *dirs], monkeypatch, capsys)
+            code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--resume', *argv, *dirs], monkeypatch, capsys)
             assert code == 2
             assert_one_line(err, *needles)
         D.atomic_save({**saved, 'model_sha256': 'another'}, str(out / 'sae_sweep.pt'))
-        code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
+        code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--resume', *dirs], monkeypatch, capsys)
         assert code == 2
         assert_one_line(err, 'a sweep on another', 'model.pt')
         # a checkpoint of the code before one optimiser served the whole sweep (an optimizer per SAE)
         D.atomic_save({**saved, 'version': 1}, str(out / 'sae_sweep.pt'))
-        code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
+        code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--resume', *dirs], monkeypatch, capsys)
         assert code == 2
         assert_one_line(err, 'sae_sweep.pt has format version 1, this code reads 2',
                         f'`python train.py --game othello {" ".join(dirs)} --stage sae`')  # the command for these dirs
         os.rename(out / 'sae_sweep.pt', out / 'sae_sweep.0of2.pt')  # the checkpoint of rank 0 of 2
-        code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--resume', *dirs], monkeypatch, capsys)
+        code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--resume', *dirs], monkeypatch, capsys)
         assert code == 2
         assert_one_line(err, 'sae_sweep.0of2.pt', 'another number of processes', '--nproc_per_node')
         assert files_under(tiny_out) == [f.replace('sae_sweep.pt', 'sae_sweep.0of2.pt') for f in before]
