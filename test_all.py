@@ -1377,6 +1377,28 @@ def fake_lm_clock(monkeypatch, after_step=None):
     return t, ticking
 
 
+def test_a_budgeted_sweep_with_early_p_annealing_keeps_its_schedule_after_the_fit(tiny_out, monkeypatch, capsys):
+    # --anneal_start=0.1 of 400 steps starts at step 40; a budget far too short fits the steps to
+    # the floor, which here is 200 (not 100, whose schedule would start at step 10, before the
+    # fit at step 20): p anneals from step 20 on, and --stage=lm is not refused for it
+    args = ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--sae_archs=p_anneal', '--control=none',
+            '--sae_steps=400', '--sae_minutes=0.0001', '--anneal_start=0.1', '--dtype=float32',
+            f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
+    assert TR.least_fitted_steps(TR.build_config(args)) == 200
+    TR.build_config([a for a in args if a != '--stage=sae'] + ['--stage=lm', '--anneal_start=0.01'])
+    try:
+        TR.main(args)
+        assert 'fewer than a budgeted sweep\'s least, 200' in capsys.readouterr().out
+        paths = glob.glob(str(tiny_out / 'out' / 'othello' / 'saes' / 'p_anneal_*.pt'))
+        assert len(paths) == 3
+        for path in paths:
+            sae = S.load(path)
+            assert sae.meta['steps'] == 200 and sae._schedule[0][0] == 20 and sae.p == pytest.approx(0.2)
+    finally:
+        for f in glob.glob(str(tiny_out / 'out' / 'othello' / 'saes' / 'p_anneal_*.pt')):
+            os.remove(f)
+
+
 def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, capsys):
     import train as TR
     # a fake clock: one second passes with every optimiser step of the LM and every SAE's loss
@@ -1539,8 +1561,9 @@ def test_an_option_takes_its_fields_type_whatever_a_preset_set():
     (['data.py', '--data_dir= '], '--data_dir=  is not allowed: use a directory'),
     # the tiny preset's width 32 x 4 = 128 features, fewer than TopK's and BatchTopK's k 160
     (['train.py', '--preset=tiny', '--sae_expansion=4'], 'k of 160: use --sae_expansion of at least 5, or --sae_archs without batch_topk,topk'),
-    # p-annealing from step 5 of at least 100 (the fit's floor): begun before the fit at step 20
-    (['train.py', '--sae_minutes=5', '--anneal_start=0.05', '--sae_archs=topk,gated_anneal'], 'use --anneal_start of at least 0.2'),
+    # p-annealing from step 10 of 1000: begun before the steps are fitted to the budget at step 20
+    (['train.py', '--sae_minutes=5', '--anneal_start=0.01', '--sae_archs=topk,gated_anneal'],
+     'starts p-annealing at step 10 of --sae_steps=1000, before step 20'),
 ])
 def test_bad_options_give_one_clear_line(args, message, tmp_path, monkeypatch, capsys):
     # in this process, through the scripts' own run_cli (test_bad_value_on_the_command_line runs

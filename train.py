@@ -233,14 +233,14 @@ def build_config(argv):
         'sae_batch': positive, 'sae_lr': D.POSITIVE_REAL, 'sae_warmup': positive, 'anneal_start': D.FRACTION,
         'sae_buffer': (lambda v: v >= cfg.sae_batch, f'at least --sae_batch={cfg.sae_batch}'),
         'sae_log_interval': positive, 'sae_ckpt_minutes': D.NON_NEGATIVE_REAL})
-    # --sae_minutes fits the number of steps after step SAE_TIMING_STEPS, to at least 5 times that
-    # many, and a p schedule can be refitted only before its first update (sae.PAnnealing)
-    annealing = [a for a in sae_archs(cfg) if issubclass(ARCHS[a], PAnnealing)]
-    if (annealing and cfg.sae_minutes > 0 and cfg.sae_steps > 5 * SAE_TIMING_STEPS
-            and round(cfg.anneal_start * 5 * SAE_TIMING_STEPS) < SAE_TIMING_STEPS):
-        raise D.UserError(f"--anneal_start={cfg.anneal_start:g} can start p-annealing ({','.join(annealing)}) "
-                          f"before step {SAE_TIMING_STEPS}, at which --sae_minutes fits the number of steps to its "
-                          f"budget: use --anneal_start of at least 0.2, or --sae_minutes=0 with --sae_steps")
+    # --sae_minutes fits the number of steps after step SAE_TIMING_STEPS, and a p schedule can be
+    # refitted only before its first update (sae.PAnnealing): it must not start before
+    if (cfg.stage != 'lm' and cfg.sae_minutes > 0 and cfg.sae_steps > 5 * SAE_TIMING_STEPS
+            and least_fitted_steps(cfg) > cfg.sae_steps):
+        raise D.UserError(f"--anneal_start={cfg.anneal_start:g} starts p-annealing at step "
+                          f"{round(cfg.anneal_start * cfg.sae_steps)} of --sae_steps={cfg.sae_steps}, before step "
+                          f"{SAE_TIMING_STEPS}, at which --sae_minutes fits the number of steps to its budget: use a "
+                          f"larger --anneal_start or --sae_steps, or --sae_minutes=0")
     if cfg.stage != 'sae' and not cfg.resume:  # else the checkpoint's n_layer and n_embd decide, once loaded
         check_layer(cfg, cfg.n_layer, f'--n_layer={cfg.n_layer}')
         if cfg.stage == 'all':  # an LM alone may be narrow: its SAEs' width is checked when they train
@@ -252,6 +252,15 @@ def check_layer(cfg, n_layer, source):
     """--layer must name a block of the model the SAEs read: -1 or 0..n_layer-1."""
     if cfg.layer >= n_layer:
         raise D.UserError(f"train.py: --layer={cfg.layer} is not allowed: use -1 or 0..{n_layer - 1} ({source})")
+
+
+def least_fitted_steps(cfg):
+    """The fewest steps --sae_minutes fits a sweep to: 5 x SAE_TIMING_STEPS, and with a p-annealing
+    architecture enough that its schedule, from --anneal_start of the steps, begins after step
+    SAE_TIMING_STEPS, where the steps are fitted (inf where it never can: --anneal_start=0)."""
+    if not any(issubclass(ARCHS[a], PAnnealing) for a in sae_archs(cfg)):
+        return 5 * SAE_TIMING_STEPS
+    return max(5 * SAE_TIMING_STEPS, math.ceil(SAE_TIMING_STEPS / cfg.anneal_start)) if cfg.anneal_start > 0 else math.inf
 
 
 def check_width(cfg, n_embd, source):
@@ -934,7 +943,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
                 per_step *= 1.1
                 left = cfg.sae_minutes * 60 - (now() - t0)
                 fits = step + 1 + int(left / per_step)
-                n_steps = agree(max(5 * SAE_TIMING_STEPS, min(n_steps, fits)), dist.ReduceOp.MIN)
+                n_steps = agree(max(least_fitted_steps(cfg), min(n_steps, fits)), dist.ReduceOp.MIN)
                 for sae in saes.values():
                     sae.set_total_steps(n_steps)
                 fit_to_budget = False
