@@ -145,15 +145,17 @@ class Evaluation:
         n_test = min(cfg.n_test, n_labelled - n_train)
         # the command that makes the data again as it was made (its options), with more games
         # labelled: they are val games, so --n_val grows to hold them where it must
-        made, wanted = val['config'], cfg.n_train + cfg.n_test
+        made, wanted, defaults = val['config'], cfg.n_train + cfg.n_test, D.DataConfig()
         remake = {k: made[k] for k in ('n_games', 'source', 'max_chars', 'seed')
-                  if made[k] != getattr(D.DataConfig(), k) and (game == 'chess' or k in ('n_games', 'seed'))}
+                  if made.get(k, getattr(defaults, k)) != getattr(defaults, k) and (game == 'chess' or k in ('n_games', 'seed'))}
         remake['n_val'] = max(len(val['tokens']), wanted)
-        more = (f"python data.py --game {game}{D.dir_args(cfg.data_dir)} "
-                + ''.join(f"--{k}={v} " for k, v in remake.items()) + f"--n_label_games={wanted}")
+        more = (f"`python data.py --game {game}{D.dir_args(cfg.data_dir)} "
+                + ''.join(f"--{k}={v} " for k, v in remake.items()) + f"--n_label_games={wanted}` makes the games again")
+        if made.get('source', 'random') not in ('random', 'stockfish'):  # a PGN file holds the games it holds
+            more = (f"{made['source']} gave {len(val['tokens'])} val games (data.py keeps a tenth of a file shorter "
+                    f"than --n_games + --n_val): {more} from a file of at least --n_games + {wanted} games")
         if n_train < cfg.n_train or n_test < cfg.n_test:
-            log(f"note: {lab_path} labels {n_labelled} games; using {n_train} "
-                f"train + {n_test} test (more: {more}: it makes the games again)")
+            log(f"note: {lab_path} labels {n_labelled} games; using {n_train} train + {n_test} test (more: {more})")
         self.n_train, self.n_test = n_train, n_test
         in_context = labels['pos'] < T - 1
         g = labels['game_idx']
@@ -161,7 +163,7 @@ class Evaluation:
         if n_train < 1 or n_test < 1 or not all(m.any() for m in masks.values()):
             raise D.UserError(f"{lab_path} has too few labelled positions in the model's context of {T - 1} "
                               f"({n_labelled} games): at least 2 games are needed, one to label the features and "
-                              f"one to score them: `{more}` makes the data again with more")
+                              f"one to score them: {more}")
         self.where = {k: (g[m], labels['pos'][m]) for k, m in masks.items()}  # (games, positions) per split
         self.labels = {k: select(labels['sets'], m) for k, m in masks.items()}
         flat = {k: side_by_side(v) for k, v in self.labels.items()}  # for metrics.*_by_group

@@ -3746,7 +3746,7 @@ def test_evaluates_hint_for_more_labels_makes_these_games_again(tmp_path, capsys
         vocab_size=61, block_size=59, n_layer=2, n_head=2, n_embd=16, pad_id=60)), 'othello', {'iter': 5})
     EV.main(['--game=othello', '--saes=none', '--n_train=20', '--n_test=20', '--probe_steps=5',
              f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out'])
-    hint = re.search(r'\(more: python data\.py (.*): it makes the games again\)', capsys.readouterr().out).group(1)
+    hint = re.search(r'\(more: `python data\.py (.*)` makes the games again\)', capsys.readouterr().out).group(1)
     assert hint == f'--game othello --data_dir={tmp_path}/data --n_games=30 --seed=5 --n_val=40 --n_label_games=40'
     D.main(hint.split() + ['--workers=1'])
     train, labels = D.load_data('othello', 'train', str(tmp_path / 'data')), D.load_data('othello', 'labels', str(tmp_path / 'data'))
@@ -3770,6 +3770,21 @@ def test_labels_too_few_or_of_another_data_set_are_one_line(tmp_path, monkeypatc
     code, err = run_main(EV.main, args + [f'--data_dir={tmp_path}/one'], monkeypatch, capsys)
     assert code == 2
     assert_one_line(err, 'labels.pt and val.pt beside it were made by different data.py runs')
+
+
+def test_too_few_labels_from_a_short_pgn_ask_for_a_longer_file(tmp_path, monkeypatch, capsys):
+    # 5 games: data.py keeps a tenth, one, for validation, whatever --n_val says: more labelled
+    # games need a longer file, which the line says (not a command that remakes the same one)
+    pgn = tmp_path / 'five.pgn'
+    pgn.write_text('\n'.join([PGN_GOOD_1, PGN_GOOD_2] * 2 + [PGN_GOOD_1]))
+    D.prepare(D.DataConfig(game='chess', source=str(pgn), workers=1, data_dir=str(tmp_path / 'data')), log=lambda _: None)
+    assert len(D.load_data('chess', 'val', str(tmp_path / 'data'))['tokens']) == 1
+    save_checkpoint(str(tmp_path / 'out' / 'chess' / 'model.pt'), GPT(GPTConfig(
+        vocab_size=33, block_size=255, n_layer=1, n_head=2, n_embd=16, pad_id=CHESS_PAD_ID)), 'chess', {'iter': 5})
+    code, err = run_main(EV.main, ['--game=chess', '--saes=none', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out'],
+                         monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, 'too few labelled positions', f'{pgn} gave 1 val games', 'from a file of at least --n_games + 2000 games')
 
 
 def test_a_kill_in_the_control_resumes_at_the_control(tmp_path, monkeypatch, capsys):
