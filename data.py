@@ -141,8 +141,9 @@ def _stop(signum, frame):
 
 def run_cli(main):
     """Every script's entry point: progress lines appear at once (also in a log file), and a
-    UserError is one line on stderr with exit code 2, never a traceback; Ctrl-C or a kill is one
-    line and exit code 130, after every temp file has been removed (atomic_write)."""
+    UserError is one line on stderr with exit code 2, never a traceback, and so is running out of
+    memory (sizes too large for the machine); Ctrl-C or a kill is one line and exit code 130,
+    after every temp file has been removed (atomic_write)."""
     sys.stdout.reconfigure(line_buffering=True)
     signal.signal(signal.SIGTERM, _stop)
     try:
@@ -153,6 +154,13 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("error: interrupted; every file written so far is complete (none is half-written)", file=sys.stderr)
         sys.exit(130)
+    except (RuntimeError, MemoryError) as e:  # torch's out of memory: a CPU's allocator, or a GPU's
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)):
+            raise
+        why = ' '.join(str(e).split())[:200]
+        print(f"error: out of memory ({why}): use smaller sizes (--batch_size, --sae_batch, --sae_buffer, "
+              "--n_embd, ...) or another --device; every file written so far is complete", file=sys.stderr)
+        sys.exit(2)
 
 
 def atomic_write(writers):

@@ -3952,6 +3952,24 @@ def test_a_directory_where_a_file_goes_is_one_line_and_keeps_the_other_files(tmp
     assert {f: (tmp_path / f).read_bytes() for f in files_under(tmp_path)} == before  # labels.pt kept, no temp file
 
 
+def test_out_of_memory_is_one_line_and_other_errors_stay_tracebacks(monkeypatch, capsys):
+    # what torch raises when a size is too large for the machine: the CPU allocator's RuntimeError
+    # (--batch_size=1e9), a GPU's OutOfMemoryError; any other RuntimeError is a bug to show whole
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 472000000000 bytes. Error code 12 (Cannot allocate memory)")
+    for failure in (cpu, torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB'), MemoryError()):
+        def main(argv):
+            raise failure
+        code, err = run_main(main, [], monkeypatch, capsys)
+        assert code == 2
+        assert_one_line(err, 'out of memory', 'use smaller sizes (--batch_size')
+
+    def buggy(argv):
+        raise RuntimeError('shape mismatch')
+    with pytest.raises(RuntimeError, match='shape mismatch'):
+        run_main(buggy, [], monkeypatch, capsys)
+
+
 def test_a_file_that_would_not_load_safely_is_refused_as_it_is_saved(tmp_path):
     # atomic_save loads what it wrote with weights_only (the tensors mapped, not read): an object
     # that weights_only refuses fails the save, the previous file stays, and no temp file is left
