@@ -1352,10 +1352,16 @@ def test_data_of_another_size_are_used_and_said(tmp_path):
         assert len(train['tokens']) == 30 and [line for line in logged if 'holds' in line] == want
 
 
-def fake_lm_clock(monkeypatch, after_step=None):
+class Killed(Exception):
+    """A run killed in a test, in its own process (by fake_lm_clock, or a patched function)."""
+
+
+def fake_lm_clock(monkeypatch, kill_during=None):
     """train.py's clock made fake, whatever the machine: t[0] seconds (from 1000; a test may add to
     it), one more with every optimiser step of the LM (AdamW: the SAEs' Adam leaves it) taken
-    inside `with ticking():`, after which after_step() runs. Returns (t, ticking)."""
+    inside `with ticking():`; with kill_during=N, Killed is raised after the step that takes the
+    clock to 1000 + N, as a kill during iter N (after that step, before its log line and any
+    checkpoint of it). Returns (t, ticking)."""
     import train as TR
     from torch.optim.optimizer import register_optimizer_step_post_hook
     t = [1000.0]
@@ -1364,8 +1370,8 @@ def fake_lm_clock(monkeypatch, after_step=None):
     def tick(opt, *_):
         if type(opt) is torch.optim.AdamW:
             t[0] += 1.0
-            if after_step:
-                after_step()
+            if kill_during is not None and t[0] == 1000.0 + kill_during:
+                raise Killed
 
     @contextlib.contextmanager
     def ticking():
@@ -1375,28 +1381,6 @@ def fake_lm_clock(monkeypatch, after_step=None):
         finally:
             handle.remove()
     return t, ticking
-
-
-def test_a_budgeted_sweep_with_early_p_annealing_keeps_its_schedule_after_the_fit(tiny_out, monkeypatch, capsys):
-    # --anneal_start=0.1 of 400 steps starts at step 40; a budget far too short fits the steps to
-    # the floor, which here is 200 (not 100, whose schedule would start at step 10, before the
-    # fit at step 20): p anneals from step 20 on, and --stage=lm is not refused for it
-    args = ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--sae_archs=p_anneal', '--control=none',
-            '--sae_steps=400', '--sae_minutes=0.0001', '--anneal_start=0.1', '--dtype=float32',
-            f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
-    assert TR.least_fitted_steps(TR.build_config(args)) == 200
-    TR.build_config([a for a in args if a != '--stage=sae'] + ['--stage=lm', '--anneal_start=0.01'])
-    try:
-        TR.main(args)
-        assert 'fewer than a budgeted sweep\'s least, 200' in capsys.readouterr().out
-        paths = glob.glob(str(tiny_out / 'out' / 'othello' / 'saes' / 'p_anneal_*.pt'))
-        assert len(paths) == 3
-        for path in paths:
-            sae = S.load(path)
-            assert sae.meta['steps'] == 200 and sae._schedule[0][0] == 20 and sae.p == pytest.approx(0.2)
-    finally:
-        for f in glob.glob(str(tiny_out / 'out' / 'othello' / 'saes' / 'p_anneal_*.pt')):
-            os.remove(f)
 
 
 def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, capsys):
@@ -1476,13 +1460,7 @@ def test_a_resumed_lm_keeps_its_clock_and_one_that_ran_it_out_is_done(tmp_path, 
     # The run is killed during iter 13, after its checkpoint at iter 10 (10 s trained); resumed, it
     # counts those 10 s, its lr follows the clock from where it was, and it stops at iter 15 as the
     # unstopped run would (not at 25, a new 15 s)
-    class Killed(Exception):
-        pass
-
-    def kill_at_13():
-        if t[0] == 1013.0:
-            raise Killed
-    t, ticking = fake_lm_clock(monkeypatch, after_step=kill_at_13)
+    _, ticking = fake_lm_clock(monkeypatch, kill_during=13)
     dirs = [f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
     args = ['--game=othello', '--preset=tiny', '--stage=lm', '--max_iters=5000', '--lm_minutes=0.25',
             '--eval_interval=10', '--legal_games=5', '--workers=1', *dirs]
@@ -1518,13 +1496,7 @@ def test_a_resumed_lm_keeps_its_loss_scale(tmp_path, monkeypatch):
     # gradients are fp32: none overflows), over a run killed during iter 13 after its iter-10
     # checkpoint and resumed to iter 15: 15 steps double it 5 times, as in the unstopped run (a
     # new scaler at the resume would stand at 2**9, 2 steps into its next 3)
-    class Killed(Exception):
-        pass
-
-    def kill_at_13():
-        if t[0] == 1013.0:
-            raise Killed
-    t, ticking = fake_lm_clock(monkeypatch, after_step=kill_at_13)
+    _, ticking = fake_lm_clock(monkeypatch, kill_during=13)
     monkeypatch.setattr(TR, 'scaler_for', lambda cfg: torch.amp.GradScaler('cpu', init_scale=2.0 ** 8, growth_interval=3))
     args = ['--game=othello', '--preset=tiny', '--stage=lm', '--max_iters=15', '--eval_interval=10',
             '--legal_games=5', '--workers=1', '--dtype=float32', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
@@ -3797,9 +3769,6 @@ def test_a_kill_in_the_control_resumes_at_the_control(tmp_path, monkeypatch, cap
                                                           n_embd=32, pad_id=60)), 'othello', {'iter': 5})
     args = ['--preset=tiny', '--stage=sae', '--sae_archs=topk', '--sae_steps=30', '--dtype=float32',
             f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
-
-    class Killed(Exception):
-        pass
 
     def killed(*_):
         raise Killed
