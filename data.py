@@ -174,7 +174,8 @@ def atomic_write(writers):
     tmps = {path: f"{path}.tmp{os.getpid()}" for path in writers}
     for path in writers:  # before anything is written or removed
         if os.path.isdir(path):
-            raise UserError(f"could not write {path}: a directory is there, not a file: remove it (nothing was written)")
+            raise UserError(f"could not write {path}: a directory is there, not a file: remove it "
+                            "(nothing was written)")
     try:
         try:
             for path, write in writers.items():
@@ -1294,7 +1295,8 @@ def load_data(game, split, data_dir='data'):
     path = data_paths(game, data_dir)[split]
     hint = f"python data.py --game {game}{dir_args(data_dir)}"
     kind = 'boardgame-saes/labels' if split == 'labels' else 'boardgame-saes/data'
-    keys = ('sets', 'names', 'game_idx', 'pos', 'config') if split == 'labels' else ('tokens', 'pad_id', 'itos', 'config')
+    keys = (('sets', 'names', 'game_idx', 'pos', 'config') if split == 'labels'
+            else ('tokens', 'pad_id', 'itos', 'config'))
     obj = load_file(path, kind, hint, keys=keys)
     if obj.get('game') != game:
         raise DataError(f"{path} holds {obj.get('game')} data, not {game}: run `{hint}`")

@@ -147,10 +147,12 @@ class Evaluation:
         # labelled: they are val games, so --n_val grows to hold them where it must
         made, wanted, defaults = val['config'], cfg.n_train + cfg.n_test, D.DataConfig()
         remake = {k: made[k] for k in ('n_games', 'source', 'max_chars', 'seed')
-                  if made.get(k, getattr(defaults, k)) != getattr(defaults, k) and (game == 'chess' or k in ('n_games', 'seed'))}
+                  if made.get(k, getattr(defaults, k)) != getattr(defaults, k)
+                  and (game == 'chess' or k in ('n_games', 'seed'))}
         remake['n_val'] = max(len(val['tokens']), wanted)
         more = (f"`python data.py --game {game}{D.dir_args(cfg.data_dir)} "
-                + ''.join(f"--{k}={v} " for k, v in remake.items()) + f"--n_label_games={wanted}` makes the games again")
+                + ''.join(f"--{k}={v} " for k, v in remake.items())
+                + f"--n_label_games={wanted}` makes the games again")
         if made.get('source', 'random') not in ('random', 'stockfish'):  # a PGN file holds the games it holds
             more = (f"{made['source']} gave {len(val['tokens'])} val games (data.py keeps a tenth of a file shorter "
                     f"than --n_games + --n_val): {more} from a file of at least --n_games + {wanted} games")

@@ -219,7 +219,8 @@ def build_config(argv):
     sae_archs(cfg)
     positive, non_negative = D.POSITIVE, D.NON_NEGATIVE
     D.check_options(cfg, 'train.py', {
-        'data_dir': D.DIRECTORY, 'out_dir': D.DIRECTORY, 'seed': D.SEED, 'n_games': non_negative, 'n_val': non_negative, 'n_label_games': positive, 'workers': positive,
+        'data_dir': D.DIRECTORY, 'out_dir': D.DIRECTORY, 'seed': D.SEED,
+        'n_games': non_negative, 'n_val': non_negative, 'n_label_games': positive, 'workers': positive,
         'n_layer': positive, 'n_head': positive,
         'n_embd': (lambda v: v >= 1 and v % cfg.n_head == 0, f'a multiple of --n_head={cfg.n_head}'),
         'block_size': positive, 'dropout': D.FRACTION, 'batch_size': positive, 'max_iters': positive,
