@@ -1150,6 +1150,36 @@ def test_train_tiny_othello_then_resume(tmp_path, capsys):
     assert {float(s['step']) for s in final['optimizer']['state'].values()} == {60.0}
 
 
+def test_a_run_resumes_only_on_the_data_it_began_on(tmp_path, monkeypatch, capsys):
+    # the LM's checkpoint and the sweep's keep the config of the training data: remade with other
+    # games (--n_games), --resume refuses; remade with the same games and other labels, it goes on
+    common = ['--game=othello', '--preset=tiny', '--workers=1', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
+    TR.main(common + ['--stage=lm', '--max_iters=20', '--eval_interval=10'])
+    remake = lambda **kw: D.prepare(D.DataConfig(**{**dict(game='othello', n_games=2000, n_val=200, n_label_games=100,
+                                                          workers=1, data_dir=str(tmp_path / 'data')), **kw}),
+                                    log=lambda _: None)
+    remake(n_games=1000)
+    before = files_under(tmp_path / 'out')
+    code, err = run_main(TR.main, common + ['--stage=lm', '--max_iters=30', '--resume'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, 'model.pt began on a data set made with --n_games=2000, not the one in', 'without --resume')
+    assert files_under(tmp_path / 'out') == before
+    remake(n_label_games=50)  # the 2000 games again, fewer labelled
+    TR.main(common + ['--stage=lm', '--max_iters=30', '--resume'])
+    assert torch.load(tmp_path / 'out' / 'othello' / 'model.pt', weights_only=True)['iter'] == 30
+    # the sweep: its checkpoint, then the data remade with other games
+    out = tmp_path / 'out' / 'othello'
+    cfg = TR.build_config(common + ['--stage=sae'])
+    D.atomic_save({'format': TR.SWEEP_FORMAT, 'version': TR.SWEEP_VERSION, 'part': 'saes', 'done': None, 'state': {},
+                   'model_sha256': D.file_digest(str(out / 'model.pt')), 'options': TR.sweep_options(cfg),
+                   'data_config': D.load_data('othello', 'train', str(tmp_path / 'data'))['config']},
+                  str(out / 'sae_sweep.pt'))
+    remake(seed=7)
+    code, err = run_main(TR.main, common + ['--stage=sae', '--resume'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, 'sae_sweep.pt began on a data set made with --seed=1337')
+
+
 def test_muon_resumes_only_with_muon(tmp_path):
     import train as TR
     common = ['--game=othello', '--preset=tiny', '--stage=lm', f'--data_dir={tmp_path}/data',

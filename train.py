@@ -287,6 +287,21 @@ def sae_archs(cfg):
     return archs
 
 
+def check_same_data(made, train, path, cfg):
+    """A resumed run goes on with the data set it began on: `made`, the config of the training data
+    its checkpoint `path` saved (None: none saved, or a fresh run), against `train`'s; where the
+    data were made, by how many processes and how many val games were labelled do not change them
+    (nor, for Othello, --max_chars, a chess option)."""
+    now_made = train['config']
+    same_games = {'data_dir', 'workers', 'n_label_games'} | ({'max_chars'} if cfg.game == 'othello' else set())
+    differ = ', '.join(f"--{k}={made.get(k)}" for k in sorted(set(made or {}) | set(now_made))
+                       if k not in same_games and made.get(k) != now_made.get(k)) if made else ''
+    if differ:
+        raise D.UserError(f"{path} began on a data set made with {differ}, not the one in "
+                          f"{os.path.dirname(D.data_paths(cfg.game, cfg.data_dir)['train'])}/: resume on that data "
+                          f"(data.py makes the same games from the same options), or run without --resume")
+
+
 def ensure_data(cfg, log=print):
     """Make the data set if any of its files is missing; load train and val tokens."""
     paths = D.data_paths(cfg.game, cfg.data_dir)
@@ -438,6 +453,8 @@ def train_lm(cfg, log=print, precision=''):
         if trained_with != cfg.optimizer:
             raise D.UserError(f"{ckpt_path} was trained with --optimizer={trained_with}: resume with it")
     train, val = ensure_data(cfg)
+    if cfg.resume:
+        check_same_data(ckpt.get('data_config'), train, ckpt_path, cfg)
     T = cfg.block_size + 1
     train_tok, val_tok = train['tokens'][:, :T], val['tokens'][:, :T]  # (N, T) uint8
     pad_id, vocab = train['pad_id'], len(train['itos'])
@@ -1062,9 +1079,11 @@ def train_saes(cfg, log=print):
     def checkpointer(part, done=None):
         return lambda state: D.atomic_save({'format': SWEEP_FORMAT, 'version': SWEEP_VERSION, 'part': part,
                                             'done': done, 'state': state, 'model_sha256': model_id['sha256'],
-                                            'options': sweep_options(cfg)}, sweep_path)
+                                            'options': sweep_options(cfg), 'data_config': train['config']},
+                                           sweep_path)
 
     train, val = ensure_data(cfg, log)
+    check_same_data(saved.get('data_config'), train, sweep_path, cfg)
     T = model.config.block_size + 1
     tokens, val_tokens = train['tokens'][:, :T], val['tokens'][:, :T]
     settings, sweep = sweep_grid(cfg, model.config.n_embd)
