@@ -1413,6 +1413,36 @@ def fake_lm_clock(monkeypatch, kill_during=None):
     return t, ticking
 
 
+def test_a_budgeted_sweep_with_early_p_annealing_keeps_its_schedule_after_the_fit(tiny_out, monkeypatch, capsys):
+    # --anneal_start=0.1 of 400 steps starts at step 40; a budget far too short fits the steps to
+    # the floor, which here is 195, the fewest whose schedule starts at step 20 (round(19.5); at
+    # 100 it would start at step 10, before the fit at step 20): p anneals from step 20 on, and
+    # --stage=lm is not refused for it
+    args = ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--sae_archs=p_anneal', '--control=none',
+            '--sae_steps=400', '--sae_minutes=0.0001', '--anneal_start=0.1', '--dtype=float32',
+            f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
+    assert TR.least_fitted_steps(TR.build_config(args)) == 195
+    TR.build_config([a for a in args if a != '--stage=sae'] + ['--stage=lm', '--anneal_start=0.01'])
+    # the floor by brute force: the fewest steps from 100 whose schedule (as the SAE rounds its
+    # start) begins at step 20 or later; a sweep is refused only where its own steps are fewer
+    for start in (0.003, 0.05, 0.1, 0.13, 0.195, 0.2, 0.5):
+        cfg = TR.build_config(args[:1] + [f'--anneal_start={start}', '--sae_minutes=0'])
+        want = next(n for n in range(100, 10_000) if S.make_sae('p_anneal', 4, 8, total_steps=n,
+                                                                anneal_start=start).anneal_start_step() >= 20)
+        assert TR.least_fitted_steps(cfg) == want, start
+    try:
+        TR.main(args)
+        assert 'fewer than a budgeted sweep\'s least, 195' in capsys.readouterr().out
+        paths = glob.glob(str(tiny_out / 'out' / 'othello' / 'saes' / 'p_anneal_*.pt'))
+        assert len(paths) == 3
+        for path in paths:
+            sae = S.load(path)
+            assert sae.meta['steps'] == 195 and sae._schedule[0][0] == 20 and sae.p == pytest.approx(0.2)
+    finally:
+        for f in glob.glob(str(tiny_out / 'out' / 'othello' / 'saes' / 'p_anneal_*.pt')):
+            os.remove(f)
+
+
 def test_time_budgets_stop_the_lm_and_fit_the_sae_steps(tmp_path, monkeypatch, capsys):
     import train as TR
     # a fake clock: one second passes with every optimiser step of the LM and every SAE's loss

@@ -259,9 +259,15 @@ def least_fitted_steps(cfg):
     """The fewest steps --sae_minutes fits a sweep to: 5 x SAE_TIMING_STEPS, and with a p-annealing
     architecture enough that its schedule, from --anneal_start of the steps, begins after step
     SAE_TIMING_STEPS, where the steps are fitted (inf where it never can: --anneal_start=0)."""
+    least, start = 5 * SAE_TIMING_STEPS, cfg.anneal_start
     if not any(issubclass(ARCHS[a], PAnnealing) for a in sae_archs(cfg)):
-        return 5 * SAE_TIMING_STEPS
-    return max(5 * SAE_TIMING_STEPS, math.ceil(SAE_TIMING_STEPS / cfg.anneal_start)) if cfg.anneal_start > 0 else math.inf
+        return least
+    if start == 0:
+        return math.inf
+    n = max(least, math.floor((SAE_TIMING_STEPS - 1) / start))
+    while round(start * n) < SAE_TIMING_STEPS:  # the schedule's first step, as sae.PAnnealing rounds it
+        n += 1
+    return n
 
 
 def check_width(cfg, n_embd, source):
