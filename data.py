@@ -214,6 +214,12 @@ def atomic_save(obj, path):
     atomic_write({path: _torch_writer(obj)})
 
 
+def tokens_digest(tokens):
+    """Short sha256 of a token tensor's values: which games a run trained on, whatever file or
+    options they came from (a resumed run checks it)."""
+    return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def file_digest(path):
     """Short sha256 of a file: an SAE records the model file it read, so stale SAEs are caught."""
     h = hashlib.sha256()

@@ -1151,8 +1151,9 @@ def test_train_tiny_othello_then_resume(tmp_path, capsys):
 
 
 def test_a_run_resumes_only_on_the_data_it_began_on(tmp_path, monkeypatch, capsys):
-    # the LM's checkpoint and the sweep's keep the config of the training data: remade with other
-    # games (--n_games), --resume refuses; remade with the same games and other labels, it goes on
+    # the LM's checkpoint and the sweep's keep the digest of the training games (and the options
+    # they were made with, to say what differs): data made again with other games, --resume
+    # refuses; with the same games (other labels, other options that make the same games), it goes on
     common = ['--game=othello', '--preset=tiny', '--workers=1', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out']
     TR.main(common + ['--stage=lm', '--max_iters=20', '--eval_interval=10'])
     remake = lambda **kw: D.prepare(D.DataConfig(**{**dict(game='othello', n_games=2000, n_val=200, n_label_games=100,
@@ -1162,22 +1163,28 @@ def test_a_run_resumes_only_on_the_data_it_began_on(tmp_path, monkeypatch, capsy
     before = files_under(tmp_path / 'out')
     code, err = run_main(TR.main, common + ['--stage=lm', '--max_iters=30', '--resume'], monkeypatch, capsys)
     assert code == 2
-    assert_one_line(err, 'model.pt began on a data set made with --n_games=2000, not the one in', 'without --resume')
+    assert_one_line(err, 'model.pt began on other training games than', '(--n_games=2000 there, 1000 here)',
+                    'or run without --resume')
     assert files_under(tmp_path / 'out') == before
-    remake(n_label_games=50)  # the 2000 games again, fewer labelled
+    remake(n_label_games=50, workers=2)  # the 2000 games again (data.py's --max_chars too), fewer labelled
     TR.main(common + ['--stage=lm', '--max_iters=30', '--resume'])
     assert torch.load(tmp_path / 'out' / 'othello' / 'model.pt', weights_only=True)['iter'] == 30
-    # the sweep: its checkpoint, then the data remade with other games
+    # the sweep: its checkpoint on these games, then the same options with other games (as a
+    # changed .pgn gives), then other options
     out = tmp_path / 'out' / 'othello'
-    cfg = TR.build_config(common + ['--stage=sae'])
-    D.atomic_save({'format': TR.SWEEP_FORMAT, 'version': TR.SWEEP_VERSION, 'part': 'saes', 'done': None, 'state': {},
-                   'model_sha256': D.file_digest(str(out / 'model.pt')), 'options': TR.sweep_options(cfg),
-                   'data_config': D.load_data('othello', 'train', str(tmp_path / 'data'))['config']},
-                  str(out / 'sae_sweep.pt'))
+    train = D.load_data('othello', 'train', str(tmp_path / 'data'))
+    saved = {'format': TR.SWEEP_FORMAT, 'version': TR.SWEEP_VERSION, 'part': 'saes', 'done': None, 'state': {},
+             'model_sha256': D.file_digest(str(out / 'model.pt')), 'options': TR.sweep_options(TR.build_config(common)),
+             'data_config': train['config'], 'data_sha256': 'another'}
+    D.atomic_save(saved, str(out / 'sae_sweep.pt'))
+    code, err = run_main(TR.main, common + ['--stage=sae', '--resume'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, 'sae_sweep.pt began on other training games', 'made with the same options: a changed .pgn?')
+    D.atomic_save({**saved, 'data_sha256': D.tokens_digest(train['tokens'])}, str(out / 'sae_sweep.pt'))
     remake(seed=7)
     code, err = run_main(TR.main, common + ['--stage=sae', '--resume'], monkeypatch, capsys)
     assert code == 2
-    assert_one_line(err, 'sae_sweep.pt began on a data set made with --seed=1337')
+    assert_one_line(err, 'sae_sweep.pt began on other training games', '(--seed=1337 there, 7 here)')
 
 
 def test_muon_resumes_only_with_muon(tmp_path):

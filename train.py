@@ -293,19 +293,19 @@ def sae_archs(cfg):
     return archs
 
 
-def check_same_data(made, train, path, cfg):
-    """A resumed run goes on with the data set it began on: `made`, the config of the training data
-    its checkpoint `path` saved (None: none saved, or a fresh run), against `train`'s; where the
-    data were made, by how many processes and how many val games were labelled do not change them
-    (nor, for Othello, --max_chars, a chess option)."""
-    now_made = train['config']
-    same_games = {'data_dir', 'workers', 'n_label_games'} | ({'max_chars'} if cfg.game == 'othello' else set())
-    differ = ', '.join(f"--{k}={made.get(k)}" for k in sorted(set(made or {}) | set(now_made))
-                       if k not in same_games and made.get(k) != now_made.get(k)) if made else ''
-    if differ:
-        raise D.UserError(f"{path} began on a data set made with {differ}, not the one in "
-                          f"{os.path.dirname(D.data_paths(cfg.game, cfg.data_dir)['train'])}/: resume on that data "
-                          f"(data.py makes the same games from the same options), or run without --resume")
+def check_same_data(saved, train, path, cfg):
+    """A resumed run goes on with the training games it began on: `saved`, what its checkpoint
+    `path` keeps ('data_sha256', the games' digest, and 'data_config', the options they were made
+    with; neither in a fresh run or an old checkpoint), against `train`'s games."""
+    if saved.get('data_sha256') in (None, D.tokens_digest(train['tokens'])):
+        return
+    made, found = saved.get('data_config') or {}, train['config']
+    differ = ', '.join(f"--{k}={made.get(k)} there, {found.get(k)} here" for k in sorted(set(made) | set(found))
+                       if made.get(k) != found.get(k) and k not in ('data_dir', 'workers', 'n_label_games')
+                       and not (k == 'max_chars' and cfg.game == 'othello'))  # the options that make other games
+    raise D.UserError(f"{path} began on other training games than {D.data_paths(cfg.game, cfg.data_dir)['train']} "
+                      f"holds ({differ or 'made with the same options: a changed .pgn?'}): resume on those games, "
+                      f"or run without --resume")
 
 
 def ensure_data(cfg, log=print):
@@ -459,8 +459,9 @@ def train_lm(cfg, log=print, precision=''):
         if trained_with != cfg.optimizer:
             raise D.UserError(f"{ckpt_path} was trained with --optimizer={trained_with}: resume with it")
     train, val = ensure_data(cfg)
+    data_sha256 = D.tokens_digest(train['tokens'])  # kept in each checkpoint: --resume checks it
     if cfg.resume:
-        check_same_data(ckpt.get('data_config'), train, ckpt_path, cfg)
+        check_same_data(ckpt, train, ckpt_path, cfg)
     T = cfg.block_size + 1
     train_tok, val_tok = train['tokens'][:, :T], val['tokens'][:, :T]  # (N, T) uint8
     pad_id, vocab = train['pad_id'], len(train['itos'])
@@ -538,7 +539,8 @@ def train_lm(cfg, log=print, precision=''):
     def save(it, **extra):
         save_checkpoint(ckpt_path, model, cfg.game, {
             'iter': it, 'train_config': dataclasses.asdict(cfg), 'optimizer': optimizer.state_dict(),
-            'data_config': train['config'], 'precision': {'dtype': cfg.dtype, 'reason': precision},
+            'data_config': train['config'], 'data_sha256': data_sha256,
+            'precision': {'dtype': cfg.dtype, 'reason': precision},
             'batch_rng': gen.get_state(), 'rng': torch.get_rng_state(), 'scaler': scaler.state_dict(),
             **({'cuda_rng': torch.cuda.get_rng_state(cfg.device)} if cfg.device.startswith('cuda') else {}),
             'clock_seconds': clock_before + now() - t0, **extra})
@@ -1085,11 +1087,12 @@ def train_saes(cfg, log=print):
     def checkpointer(part, done=None):
         return lambda state: D.atomic_save({'format': SWEEP_FORMAT, 'version': SWEEP_VERSION, 'part': part,
                                             'done': done, 'state': state, 'model_sha256': model_id['sha256'],
-                                            'options': sweep_options(cfg), 'data_config': train['config']},
-                                           sweep_path)
+                                            'options': sweep_options(cfg), 'data_config': train['config'],
+                                            'data_sha256': data_sha256}, sweep_path)
 
     train, val = ensure_data(cfg, log)
-    check_same_data(saved.get('data_config'), train, sweep_path, cfg)
+    data_sha256 = D.tokens_digest(train['tokens'])
+    check_same_data(saved, train, sweep_path, cfg)
     T = model.config.block_size + 1
     tokens, val_tokens = train['tokens'][:, :T], val['tokens'][:, :T]
     settings, sweep = sweep_grid(cfg, model.config.n_embd)
