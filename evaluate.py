@@ -154,8 +154,10 @@ class Evaluation:
                 + ''.join(f"--{k}={v} " for k, v in remake.items())
                 + f"--n_label_games={wanted}` makes the games again")
         if made.get('source', 'random') not in ('random', 'stockfish'):  # a PGN file holds the games it holds
-            more = (f"{made['source']} gave {len(val['tokens'])} val games (data.py keeps a tenth of a file shorter "
-                    f"than --n_games + --n_val): {more} from a file of at least --n_games + {wanted} games")
+            # (data.py keeps a tenth of a file shorter than --n_games + --n_val for validation)
+            n_games = made.get('n_games') or D.DEFAULT_GAMES[game][0]
+            more = (f"{made['source']} gave {len(val['tokens'])} val game(s): {more} from a .pgn of at least "
+                    f"{n_games + wanted} games, {n_games} to train on and {wanted} to label")
         if n_train < cfg.n_train or n_test < cfg.n_test:
             log(f"note: {lab_path} labels {n_labelled} games; using {n_train} train + {n_test} test (more: {more})")
         self.n_train, self.n_test = n_train, n_test

@@ -3823,7 +3823,8 @@ def test_too_few_labels_from_a_short_pgn_ask_for_a_longer_file(tmp_path, monkeyp
     code, err = run_main(EV.main, ['--game=chess', '--saes=none', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out'],
                          monkeypatch, capsys)
     assert code == 2
-    assert_one_line(err, 'too few labelled positions', f'{pgn} gave 1 val games', 'from a file of at least --n_games + 2000 games')
+    assert_one_line(err, 'too few labelled positions', f'{pgn} gave 1 val game(s)',
+                    'from a .pgn of at least 32000 games, 30000 to train on and 2000 to label')
 
 
 def test_a_kill_in_the_control_resumes_at_the_control(tmp_path, monkeypatch, capsys):
