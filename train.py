@@ -293,11 +293,12 @@ def sae_archs(cfg):
     return archs
 
 
-def check_same_data(saved, train, path, cfg):
+def check_same_data(saved, train, digest, path, cfg):
     """A resumed run goes on with the training games it began on: `saved`, what its checkpoint
     `path` keeps ('data_sha256', the games' digest, and 'data_config', the options they were made
-    with; neither in a fresh run or an old checkpoint), against `train`'s games."""
-    if saved.get('data_sha256') in (None, D.tokens_digest(train['tokens'])):
+    with; neither in a fresh run or an old checkpoint), against `train`'s games, whose digest
+    (data.tokens_digest) is `digest`."""
+    if saved.get('data_sha256') in (None, digest):
         return
     made, found = saved.get('data_config') or {}, train['config']
     differ = ', '.join(f"--{k}={made.get(k)} there, {found.get(k)} here" for k in sorted(set(made) | set(found))
@@ -461,7 +462,7 @@ def train_lm(cfg, log=print, precision=''):
     train, val = ensure_data(cfg)
     data_sha256 = D.tokens_digest(train['tokens'])  # kept in each checkpoint: --resume checks it
     if cfg.resume:
-        check_same_data(ckpt, train, ckpt_path, cfg)
+        check_same_data(ckpt, train, data_sha256, ckpt_path, cfg)
     T = cfg.block_size + 1
     train_tok, val_tok = train['tokens'][:, :T], val['tokens'][:, :T]  # (N, T) uint8
     pad_id, vocab = train['pad_id'], len(train['itos'])
@@ -1092,7 +1093,7 @@ def train_saes(cfg, log=print):
 
     train, val = ensure_data(cfg, log)
     data_sha256 = D.tokens_digest(train['tokens'])
-    check_same_data(saved, train, sweep_path, cfg)
+    check_same_data(saved, train, data_sha256, sweep_path, cfg)
     T = model.config.block_size + 1
     tokens, val_tokens = train['tokens'][:, :T], val['tokens'][:, :T]
     settings, sweep = sweep_grid(cfg, model.config.n_embd)
