@@ -236,8 +236,7 @@ def build_config(argv):
         'sae_log_interval': positive, 'sae_ckpt_minutes': D.NON_NEGATIVE_REAL})
     # --sae_minutes fits the number of steps after step SAE_TIMING_STEPS, and a p schedule can be
     # refitted only before its first update (sae.PAnnealing): it must not start before
-    if (cfg.stage != 'lm' and cfg.sae_minutes > 0 and cfg.sae_steps > 5 * SAE_TIMING_STEPS
-            and least_fitted_steps(cfg) > cfg.sae_steps):
+    if cfg.stage != 'lm' and fits_to_budget(cfg) and least_fitted_steps(cfg) > cfg.sae_steps:
         raise D.UserError(f"--anneal_start={cfg.anneal_start:g} starts p-annealing at step "
                           f"{round(cfg.anneal_start * cfg.sae_steps)} of --sae_steps={cfg.sae_steps}, before step "
                           f"{SAE_TIMING_STEPS}, at which --sae_minutes fits the number of steps to its budget: use a "
@@ -253,6 +252,12 @@ def check_layer(cfg, n_layer, source):
     """--layer must name a block of the model the SAEs read: -1 or 0..n_layer-1."""
     if cfg.layer >= n_layer:
         raise D.UserError(f"train.py: --layer={cfg.layer} is not allowed: use -1 or 0..{n_layer - 1} ({source})")
+
+
+def fits_to_budget(cfg):
+    """Whether --sae_minutes fits the sweep's steps to its budget: a budget is set, and --sae_steps
+    are more than the fewest a fit leaves (5 x SAE_TIMING_STEPS; fewer steps run as they are)."""
+    return cfg.sae_minutes > 0 and cfg.sae_steps > 5 * SAE_TIMING_STEPS
 
 
 def least_fitted_steps(cfg):
@@ -906,7 +911,7 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     if resume is None:
         stream = ActivationStream(model, tokens, layer, pad_id, cfg, cfg.seed)
         first = next(stream)  # normalisation and b_dec come from the first training batch
-        fit_to_budget = n_steps is None and cfg.sae_minutes > 0 and cfg.sae_steps > 5 * SAE_TIMING_STEPS
+        fit_to_budget = n_steps is None and fits_to_budget(cfg)
         n_steps = n_steps or cfg.sae_steps
         saes = new_sweep_saes(cfg, mine, d_sae, n_steps, first)
         # the steps' time and number, each run's first step left out (it compiles under --sae_compile)
