@@ -139,6 +139,22 @@ def _stop(signum, frame):
     raise KeyboardInterrupt  # a kill (SIGTERM) unwinds like Ctrl-C: temp files go, locks are freed
 
 
+def out_of_memory(e):
+    """The out-of-memory error behind exception `e`, or None: torch.OutOfMemoryError, Python's
+    MemoryError, the CPU allocator's "can't allocate memory", a CUDA "out of memory" error, also
+    where another error wraps it (`raise ... from`, or torch.compile's errors, which keep the one
+    they caught as inner_exception). Not an error raised while handling one (__context__): that is
+    a bug of its own."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or any(
+                m in str(e) for m in ("can't allocate memory", "CUDA error: out of memory")):
+            return e
+        e = e.__cause__ or getattr(e, 'inner_exception', None)
+    return None
+
+
 def run_cli(main):
     """Every script's entry point: progress lines appear at once (also in a log file), and a
     UserError is one line on stderr with exit code 2, never a traceback, and so is running out of
@@ -155,9 +171,10 @@ def run_cli(main):
         print("error: interrupted; every file written so far is complete (none is half-written)", file=sys.stderr)
         sys.exit(130)
     except (RuntimeError, MemoryError) as e:  # torch's out of memory: a CPU's allocator, or a GPU's
-        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)):
+        cause = out_of_memory(e)
+        if cause is None:
             raise
-        why = ' '.join(str(e).split())[:200]
+        why = ' '.join(str(cause).split())[:200]
         print(f"error: out of memory ({why}): use smaller sizes (--batch_size, --sae_batch, --sae_buffer, "
               "--n_embd, ...) or another --device; every file written so far is complete", file=sys.stderr)
         sys.exit(2)

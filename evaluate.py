@@ -681,6 +681,9 @@ def main(argv):
         explain_feature(cfg)
         return
     out = os.path.join(cfg.out_dir, cfg.game)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise D.UserError(f"{out} is a file, not the directory train.py writes: move it away, or pick another "
+                          "--out_dir")
     if not os.path.isdir(out):
         raise D.UserError(f"{out}/ not found: "
                           f"run `python train.py --game {cfg.game}{D.dir_args(cfg.data_dir, cfg.out_dir)}` first")

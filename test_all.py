@@ -3940,6 +3940,11 @@ def test_evaluate_hints_carry_the_directories_it_was_given(tmp_path, monkeypatch
     code, err = run_main(EV.main, [f'--out_dir={tmp_path}/out', f'--data_dir={tmp_path}/d'], monkeypatch, capsys)
     assert code == 2
     assert_one_line(err, f'`python train.py --game othello --data_dir={tmp_path}/d --out_dir={tmp_path}/out` first')
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'othello').write_text('not a directory')
+    code, err = run_main(EV.main, [f'--out_dir={tmp_path}/out'], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, f'{tmp_path}/out/othello is a file, not the directory train.py writes')
 
 
 def zip_writer_failure():
@@ -3991,10 +3996,16 @@ def test_a_directory_where_a_file_goes_is_one_line_and_keeps_the_other_files(tmp
 
 def test_out_of_memory_is_one_line_and_other_errors_stay_tracebacks(monkeypatch, capsys):
     # what torch raises when a size is too large for the machine: the CPU allocator's RuntimeError
-    # (--batch_size=1e9), a GPU's OutOfMemoryError; any other RuntimeError is a bug to show whole
+    # (--batch_size=1e9), a GPU's OutOfMemoryError or CUDA error, also wrapped by torch.compile or
+    # `raise from`; any other RuntimeError is a bug to show whole
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
                        "you tried to allocate 472000000000 bytes. Error code 12 (Cannot allocate memory)")
-    for failure in (cpu, torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB'), MemoryError()):
+    from torch._inductor.exc import InductorError
+    gpu = torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')
+    wrapped = RuntimeError('while running the sweep')  # `raise ... from` an out-of-memory error
+    wrapped.__cause__ = gpu
+    for failure in (cpu, gpu, MemoryError(), torch.AcceleratorError('CUDA error: out of memory'),
+                    InductorError(gpu, None), wrapped):
         def main(argv):
             raise failure
         code, err = run_main(main, [], monkeypatch, capsys)
@@ -4005,6 +4016,14 @@ def test_out_of_memory_is_one_line_and_other_errors_stay_tracebacks(monkeypatch,
         raise RuntimeError('shape mismatch')
     with pytest.raises(RuntimeError, match='shape mismatch'):
         run_main(buggy, [], monkeypatch, capsys)
+
+    def buggy_while_handling(argv):  # a bug in the code that handles an out-of-memory error is a bug
+        try:
+            raise gpu
+        except RuntimeError:
+            raise RuntimeError('shape mismatch')
+    with pytest.raises(RuntimeError, match='shape mismatch'):
+        run_main(buggy_while_handling, [], monkeypatch, capsys)
 
 
 def test_a_file_that_would_not_load_safely_is_refused_as_it_is_saved(tmp_path):
