@@ -1337,8 +1337,11 @@ def test_sweep_coefficients_scale_with_the_width_by_the_penalty_s_rule():
     assert all(TR.sweep_settings(a, TR.SWEEP_WIDTH) == TR.SWEEP[a] for a in TR.SWEEP)
     # at width 512 (the gpu presets) an L1 coefficient doubles (sqrt 4), JumpReLU's quadruples;
     # at 192, sqrt(1.5) and 1.5 times, to 3 significant digits; TopK's k stays
+    factors = {'standard': 2, 'gated': 2, 'p_anneal': 2, 'gated_anneal': 2, 'jumprelu': 4, 'topk': None,
+               'batch_topk': None}  # None: no coefficient
     for arch, settings in TR.SWEEP.items():
-        factor = {'standard': 2, 'gated': 2, 'p_anneal': 2, 'gated_anneal': 2, 'jumprelu': 4}.get(arch)
+        assert arch in factors, f"{arch}: say here how its coefficient scales with the width"
+        factor = factors[arch]
         if factor is None:
             assert TR.sweep_settings(arch, 512) == TR.sweep_settings(arch, 192) == TR.sweep_settings(arch, 512, 0.5) == settings, arch
             continue
@@ -1745,10 +1748,12 @@ def dense_reference_loss(sae, x_raw):
         acts = torch.relu(pre)
         keep = torch.zeros_like(acts).scatter(-1, acts.topk(sae.cfg['k'], dim=-1).indices, 1.0)
         f, penalty = acts * keep, 0.0
-    else:  # batch_topk: the k*B largest over the batch
+    elif sae.arch == 'batch_topk':  # the k*B largest over the batch
         acts = torch.relu(pre)
         flat_keep = torch.zeros(acts.numel()).scatter(0, acts.flatten().topk(sae.cfg['k'] * len(x)).indices, 1.0)
         f, penalty = acts * flat_keep.view_as(acts), 0.0
+    else:  # not another architecture's formula, silently
+        raise ValueError(f"no reference loss for {sae.arch!r}: write its formula here")
     x_hat = f @ sae.W_dec + sae.b_dec
     return (x - x_hat).pow(2).sum(-1).mean() + penalty + aux
 
