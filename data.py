@@ -1281,11 +1281,14 @@ def _prepare(cfg, log):
     else:
         games, n_skipped = chess_games(n_train + n_val, cfg.source, cfg.seed, cfg.max_chars,
                                        workers=cfg.workers, progress=log)
-        if len(games) < n_train + n_val:  # a short PGN file: keep ~10% for validation
-            n_val = max(1, len(games) // 10) if len(games) > 1 else 0
-            n_train = len(games) - n_val
+        if len(games) < n_train + n_val:  # a short PGN file: --n_games to train on (fewer where
+            # that would leave under a tenth of the file), the rest to validate, up to --n_val
+            least_val = max(1, len(games) // 10) if len(games) > 1 else 0
+            n_train = min(n_train, len(games) - least_val)
+            n_val = min(n_val, len(games) - n_train)
             if n_train < 1 or n_val < 1:
                 raise DataError(f"{cfg.source}: only {len(games)} usable games; need at least 2")
+            games = games[:n_train + n_val]  # val is tokens[n_train:]
         itos, pad_id = CHESS_ITOS, CHESS_PAD_ID
         tokens = encode_chess(games, cfg.max_chars, pad_id).to(torch.uint8)
     log(f"data: {len(tokens)} {cfg.game} games in {time.time() - t0:.1f}s "

@@ -154,10 +154,12 @@ class Evaluation:
                 + ''.join(f"--{k}={v} " for k, v in remake.items())
                 + f"--n_label_games={wanted}` makes the games again")
         if made.get('source', 'random') not in ('random', 'stockfish'):  # a PGN file holds the games it holds
-            # (data.py keeps a tenth of a file shorter than --n_games + --n_val for validation)
+            # (from a file shorter than --n_games + --n_val, data.py validates on what --n_games leaves,
+            # at least a tenth of the file)
             n_games = made.get('n_games') or D.DEFAULT_GAMES[game][0]
             more = (f"{made['source']} gave {len(val['tokens'])} val game(s): {more} from a .pgn of at least "
-                    f"{n_games + wanted} games, {n_games} to train on and {wanted} to label")
+                    f"{n_games + wanted} games, {n_games} to train on and {wanted} to label (or with a smaller "
+                    "--n_games: the rest of the file validates)")
         if n_train < cfg.n_train or n_test < cfg.n_test:
             log(f"note: {lab_path} labels {n_labelled} games; using {n_train} train + {n_test} test (more: {more})")
         self.n_train, self.n_test = n_train, n_test

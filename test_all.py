@@ -375,6 +375,19 @@ def test_pgn_skips_illegal(tmp_path):
     games, skipped = chess_games(1, str(path), 0, 10, progress=lambda s: None)
     assert games == [';1.e4 e5 2'] and skipped == 0
 
+def test_a_short_pgn_trains_on_n_games_and_validates_on_the_rest(tmp_path):
+    # 20 games, fewer than --n_games + --n_val: --n_games still says how many to train on, the
+    # rest validate up to --n_val; by default a tenth of the file validates
+    path = tmp_path / 'twenty.pgn'
+    path.write_text('\n'.join([PGN_GOOD_1, PGN_GOOD_2] * 10))
+    for n_games, n_val, want in ((5, 0, (5, 15)), (5, 8, (5, 8)), (0, 0, (18, 2)), (19, 0, (18, 2))):
+        d = str(tmp_path / f'data{n_games}_{n_val}')
+        D.prepare(D.DataConfig(game='chess', source=str(path), n_games=n_games, n_val=n_val, workers=1,
+                               data_dir=d), log=lambda _: None)
+        got = tuple(len(D.load_data('chess', split, d)['tokens']) for split in ('train', 'val'))
+        assert got == want, (n_games, n_val)
+
+
 def test_pgn_skips_fen_variant_and_empty(tmp_path):
     fen_game = '[Event "f"]\n[SetUp "1"]\n[FEN "4k3/8/8/8/8/8/4P3/4K3 w - - 0 1"]\n\n1. e4 Kd7 *\n'
     variant = '[Event "v"]\n[Variant "Crazyhouse"]\n\n1. e4 e5 *\n'
