@@ -155,6 +155,14 @@ def out_of_memory(e):
     return None
 
 
+def lost_peer(e):
+    """Whether `e` says that this process lost the others of its torchrun (one of them stopped):
+    gloo's "Connection closed by peer", or torch.distributed's own errors (NCCL's, the store's)."""
+    import torch.distributed as dist
+    return (dist.is_available() and dist.is_initialized()
+            and (isinstance(e, dist.DistError) or 'Connection closed by peer' in str(e)))
+
+
 def run_cli(main):
     """Every script's entry point: progress lines appear at once (also in a log file), and a
     UserError is one line on stderr with exit code 2, never a traceback, and so is running out of
@@ -172,6 +180,10 @@ def run_cli(main):
         sys.exit(130)
     except (RuntimeError, MemoryError) as e:  # torch's out of memory: a CPU's allocator, or a GPU's
         cause = out_of_memory(e)
+        if cause is None and lost_peer(e):  # torchrun: another process stopped, its error is the news
+            print(f"error: process {os.environ.get('RANK')} of this torchrun stopped: another one did (its "
+                  "error is above)", file=sys.stderr)
+            sys.exit(2)
         if cause is None:
             raise
         why = ' '.join(str(cause).split())[:200]

@@ -3902,6 +3902,17 @@ def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
         assert code == 2
         assert_one_line(err, 'sae_sweep.0of2.pt', 'another number of processes', '--nproc_per_node')
         assert files_under(tiny_out) == [f.replace('sae_sweep.pt', 'sae_sweep.0of2.pt') for f in before]
+        # rank 0 of 2 processes, whose checkpoint is there and the other's not (a kill before that
+        # one had written its first): neither can resume its share alone, and both refuse alike
+        with monkeypatch.context() as m:
+            m.setattr(TR, 'rank_and_world', lambda: (0, 2))
+            m.setattr(TR, 'agree', lambda value, op: value)  # the other process: none, so the sum is this one's
+            code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--resume', *dirs],
+                                 monkeypatch, capsys)
+        assert code == 2
+        assert_one_line(err, 'the sweep checkpoints of 1 of these 2 processes', 'run without --resume',
+                        f'`python train.py --game othello {" ".join(dirs)} --stage sae`')
+        assert files_under(tiny_out) == [f.replace('sae_sweep.pt', 'sae_sweep.0of2.pt') for f in before]
     finally:
         for f in glob.glob(str(out / 'sae_sweep*')):
             os.remove(f)
@@ -4042,6 +4053,22 @@ def test_out_of_memory_is_one_line_and_other_errors_stay_tracebacks(monkeypatch,
             raise RuntimeError('shape mismatch')
     with pytest.raises(RuntimeError, match='shape mismatch'):
         run_main(buggy_while_handling, [], monkeypatch, capsys)
+
+
+def test_a_process_that_lost_the_others_of_its_torchrun_says_so_in_one_line(monkeypatch, capsys):
+    # gloo's error when another process stopped (its own error, printed above, is the news); one
+    # process, not under torchrun, shows such an error whole
+    import torch.distributed as dist
+    def lost(argv):
+        raise RuntimeError('[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:55689')
+    monkeypatch.setenv('RANK', '1')
+    with monkeypatch.context() as m:
+        m.setattr(dist, 'is_initialized', lambda: True)
+        code, err = run_main(lost, [], monkeypatch, capsys)
+    assert code == 2
+    assert_one_line(err, 'process 1 of this torchrun stopped: another one did')
+    with pytest.raises(RuntimeError, match='Connection closed by peer'):
+        run_main(lost, [], monkeypatch, capsys)
 
 
 def test_a_file_that_would_not_load_safely_is_refused_as_it_is_saved(tmp_path):
@@ -4280,6 +4307,10 @@ def test_two_processes_train_the_one_process_lm_and_saes(killed_and_resumed):
     root = killed_and_resumed[0]
     ref = root / 'ref' / 'othello'  # one process, the same options
     common = KILL_RUN + [f'--data_dir={root}/data']
+    # a killed one-process sweep's checkpoint: a run that starts the sweep over removes it (a
+    # later one-process --resume would take it up)
+    os.makedirs(root / 'ddp' / 'othello')
+    D.atomic_save({'stale': 1}, str(root / 'ddp' / 'othello' / 'sae_sweep.pt'))
     # both stages in one torchrun (each python costs seconds of imports), with a time budget too
     # large to bind, so that the processes agree on the clock (every CLOCK_EVERY steps) and all
     # stop at --max_iters; a clock this far behind the iterations moves the lr by parts in a

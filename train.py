@@ -314,7 +314,7 @@ def check_same_data(saved, train, digest, path, cfg):
                       f"or run without --resume")
 
 
-def ensure_data(cfg, log=print):
+def ensure_data(cfg, log):
     """Make the data set if any of its files is missing; load train and val tokens."""
     paths = D.data_paths(cfg.game, cfg.data_dir)
     if rank_and_world()[0] == 0 and not all(os.path.exists(p) for p in paths.values()):
@@ -464,7 +464,7 @@ def train_lm(cfg, log=print, precision=''):
         trained_with = saved.get('optimizer', 'adamw')
         if trained_with != cfg.optimizer:
             raise D.UserError(f"{ckpt_path} was trained with --optimizer={trained_with}: resume with it")
-    train, val = ensure_data(cfg)
+    train, val = ensure_data(cfg, log)
     data_sha256 = D.tokens_digest(train['tokens'])  # kept in each checkpoint: --resume checks it
     if cfg.resume:
         check_same_data(ckpt, train, data_sha256, ckpt_path, cfg)
@@ -1077,8 +1077,11 @@ def train_saes(cfg, log=print):
     model_id = {'path': ckpt_path, 'iter': ckpt['iter'], 'sha256': D.file_digest(ckpt_path), 'random_init': False}
     sweep_path = sweep_checkpoint(cfg)
     saved = {'part': 'saes', 'state': None}
-    if not cfg.resume and os.path.exists(sweep_path):  # a killed sweep's: this one starts over
-        os.remove(sweep_path)
+    if not cfg.resume:  # a killed sweep's checkpoints, of any number of processes: this one starts over
+        if rank_and_world()[0] == 0:
+            for path in glob.glob(os.path.join(glob.escape(os.path.dirname(sweep_path)), 'sae_sweep*.pt')):
+                os.remove(path)
+        barrier()
     if cfg.resume and os.path.exists(sweep_path):
         hint = f'python train.py --game {cfg.game}{D.dir_args(cfg.data_dir, cfg.out_dir)} --stage sae'
         saved = D.load_file(sweep_path, SWEEP_FORMAT, hint, SWEEP_VERSION)
@@ -1128,6 +1131,8 @@ def train_saes(cfg, log=print):
         results = results + train_sae_sweep(cfg, random_model, random_id, tokens, val_tokens, train['pad_id'], control,
                                             os.path.join(cfg.out_dir, cfg.game, 'saes_random'), log, n_steps=n_steps,
                                             resume=saved['state'], checkpoint=checkpointer('saes_random', done))[0]
+    barrier()  # every process is done (one that removed its checkpoint first would leave the
+    # others' alone after a kill now, which no --resume could continue)
     if os.path.exists(sweep_path):  # done: a later --resume must not start this sweep again
         os.remove(sweep_path)
     return results
@@ -1158,11 +1163,17 @@ def main(argv):
     for sub in ('saes', 'saes_random'):  # fail now, not after the LM has trained
         D.check_output_dir(os.path.join(out, sub), 'out_dir')
     # --resume continues the stage that was running: the SAE sweep where its checkpoint exists
+    # (under torchrun each process has its own: all of them, or none, as every process decides alike)
     sweeps = glob.glob(os.path.join(glob.escape(out), 'sae_sweep*.pt'))
-    resume_sweep = cfg.resume and cfg.stage != 'lm' and os.path.exists(sweep_checkpoint(cfg))
-    if cfg.resume and cfg.stage != 'lm' and sweeps and not resume_sweep:
+    have = agree(int(os.path.exists(sweep_checkpoint(cfg))), dist.ReduceOp.SUM)  # of the `world` processes
+    resume_sweep = cfg.resume and cfg.stage != 'lm' and have == world
+    if cfg.resume and cfg.stage != 'lm' and sweeps and have == 0:
         raise D.UserError(f"{sweeps[0]} is the checkpoint of a sweep on another number of processes: resume "
                           f"with that number (torchrun --nproc_per_node), or delete it to start the sweep over")
+    if cfg.resume and cfg.stage != 'lm' and 0 < have < world:
+        raise D.UserError(f"{out}/ holds the sweep checkpoints of {have} of these {world} processes (a kill came "
+                          f"before each had written one): run without --resume to start the sweep over: `python "
+                          f"train.py --game {cfg.game}{D.dir_args(cfg.data_dir, cfg.out_dir)} --stage sae`")
     log(f"train.py config: {dataclasses.asdict(cfg)}")
     log(f"precision: {cfg.dtype} ({precision})" + (f"; {world} processes ({dist.get_backend()})" if ddp else ""))
     t0 = time.time()
