@@ -1293,9 +1293,9 @@ def _prepare(cfg, log):
     else:
         games, n_skipped = chess_games(n_train + n_val, cfg.source, cfg.seed, cfg.max_chars,
                                        workers=cfg.workers, progress=log)
-        if len(games) < n_train + n_val:  # a short PGN file: --n_games to train on (fewer where
-            # that would leave under a tenth of the file), the rest to validate, up to --n_val
-            least_val = max(1, len(games) // 10) if len(games) > 1 else 0
+        if len(games) < n_train + n_val:  # a short PGN file: --n_games to train on (fewer where that
+            # would leave under a tenth of the file, or --n_val if less), the rest to validate, up to --n_val
+            least_val = min(n_val, max(1, len(games) // 10)) if len(games) > 1 else 0
             n_train = min(n_train, len(games) - least_val)
             n_val = min(n_val, len(games) - n_train)
             if n_train < 1 or n_val < 1:

@@ -155,7 +155,7 @@ class Evaluation:
                 + f"--n_label_games={wanted}` makes the games again")
         if made.get('source', 'random') not in ('random', 'stockfish'):  # a PGN file holds the games it holds
             # (from a file shorter than --n_games + --n_val, data.py validates on what --n_games leaves,
-            # at least a tenth of the file)
+            # up to --n_val)
             n_games = made.get('n_games') or D.DEFAULT_GAMES[game][0]
             more = (f"{made['source']} gave {len(val['tokens'])} val game(s): {more} from a .pgn of at least "
                     f"{n_games + wanted} games, {n_games} to train on and {wanted} to label (or with a smaller "

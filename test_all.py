@@ -380,7 +380,8 @@ def test_a_short_pgn_trains_on_n_games_and_validates_on_the_rest(tmp_path):
     # rest validate up to --n_val; by default a tenth of the file validates
     path = tmp_path / 'twenty.pgn'
     path.write_text('\n'.join([PGN_GOOD_1, PGN_GOOD_2] * 10))
-    for n_games, n_val, want in ((5, 0, (5, 15)), (5, 8, (5, 8)), (0, 0, (18, 2)), (19, 0, (18, 2))):
+    # (--n_val below a tenth of the file: that many validate, and the rest train)
+    for n_games, n_val, want in ((5, 0, (5, 15)), (5, 8, (5, 8)), (0, 0, (18, 2)), (19, 0, (18, 2)), (19, 1, (19, 1))):
         d = str(tmp_path / f'data{n_games}_{n_val}')
         D.prepare(D.DataConfig(game='chess', source=str(path), n_games=n_games, n_val=n_val, workers=1,
                                data_dir=d), log=lambda _: None)
@@ -3906,7 +3907,10 @@ def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
         # one had written its first): neither can resume its share alone, and both refuse alike
         with monkeypatch.context() as m:
             m.setattr(TR, 'rank_and_world', lambda: (0, 2))
-            m.setattr(TR, 'agree', lambda value, op: value)  # the other process: none, so the sum is this one's
+            def agree(value, op):  # the other process has none: the sum is this one's
+                assert op == torch.distributed.ReduceOp.SUM  # the count of checkpoints (MAX would refuse every resume)
+                return value
+            m.setattr(TR, 'agree', agree)
             code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--resume', *dirs],
                                  monkeypatch, capsys)
         assert code == 2
