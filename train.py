@@ -1059,6 +1059,13 @@ def sweep_checkpoint(cfg):
     return os.path.join(cfg.out_dir, cfg.game, name)
 
 
+def sweep_checkpoints(cfg):
+    """The SAE stage's checkpoints in the out directory, of any number of processes."""
+    folder = glob.escape(os.path.join(cfg.out_dir, cfg.game))
+    return sorted(glob.glob(os.path.join(folder, 'sae_sweep.pt'))
+                  + glob.glob(os.path.join(folder, 'sae_sweep.*of*.pt')))
+
+
 def sweep_options(cfg):
     """The options a resumed sweep must share with the one it continues."""
     return {k: v for k, v in dataclasses.asdict(cfg).items()
@@ -1079,7 +1086,7 @@ def train_saes(cfg, log=print):
     saved = {'part': 'saes', 'state': None}
     if not cfg.resume:  # a killed sweep's checkpoints, of any number of processes: this one starts over
         if rank_and_world()[0] == 0:
-            for path in glob.glob(os.path.join(glob.escape(os.path.dirname(sweep_path)), 'sae_sweep*.pt')):
+            for path in sweep_checkpoints(cfg):
                 os.remove(path)
         barrier()
     if cfg.resume and os.path.exists(sweep_path):
@@ -1164,16 +1171,17 @@ def main(argv):
         D.check_output_dir(os.path.join(out, sub), 'out_dir')
     # --resume continues the stage that was running: the SAE sweep where its checkpoint exists
     # (under torchrun each process has its own: all of them, or none, as every process decides alike)
-    sweeps = glob.glob(os.path.join(glob.escape(out), 'sae_sweep*.pt'))
+    sweeps = sweep_checkpoints(cfg)
     have = agree(int(os.path.exists(sweep_checkpoint(cfg))), dist.ReduceOp.SUM)  # of the `world` processes
     resume_sweep = cfg.resume and cfg.stage != 'lm' and have == world
     if cfg.resume and cfg.stage != 'lm' and sweeps and have == 0:
         raise D.UserError(f"{sweeps[0]} is the checkpoint of a sweep on another number of processes: resume "
                           f"with that number (torchrun --nproc_per_node), or delete it to start the sweep over")
     if cfg.resume and cfg.stage != 'lm' and 0 < have < world:
-        raise D.UserError(f"{out}/ holds the sweep checkpoints of {have} of these {world} processes (a kill came "
-                          f"before each had written one): run without --resume to start the sweep over: `python "
-                          f"train.py --game {cfg.game}{D.dir_args(cfg.data_dir, cfg.out_dir)} --stage sae`")
+        raise D.UserError(f"{out}/ holds the sweep checkpoints of {have} of these {world} processes (a kill "
+                          "came before each had written one, or as they removed theirs at the end): run without "
+                          f"--resume to start the sweep over: `python train.py --game {cfg.game}"
+                          f"{D.dir_args(cfg.data_dir, cfg.out_dir)} --stage sae`")
     log(f"train.py config: {dataclasses.asdict(cfg)}")
     log(f"precision: {cfg.dtype} ({precision})" + (f"; {world} processes ({dist.get_backend()})" if ddp else ""))
     t0 = time.time()
