@@ -1171,17 +1171,19 @@ def main(argv):
         D.check_output_dir(os.path.join(out, sub), 'out_dir')
     # --resume continues the stage that was running: the SAE sweep where its checkpoint exists
     # (under torchrun each process has its own: all of them, or none, as every process decides alike)
-    sweeps = sweep_checkpoints(cfg)
-    have = agree(int(os.path.exists(sweep_checkpoint(cfg))), dist.ReduceOp.SUM)  # of the `world` processes
-    resume_sweep = cfg.resume and cfg.stage != 'lm' and have == world
-    if cfg.resume and cfg.stage != 'lm' and sweeps and have == 0:
-        raise D.UserError(f"{sweeps[0]} is the checkpoint of a sweep on another number of processes: resume "
-                          f"with that number (torchrun --nproc_per_node), or delete it to start the sweep over")
-    if cfg.resume and cfg.stage != 'lm' and 0 < have < world:
-        raise D.UserError(f"{out}/ holds the sweep checkpoints of {have} of these {world} processes (a kill "
-                          "came before each had written one, or as they removed theirs at the end): run without "
-                          f"--resume to start the sweep over: `python train.py --game {cfg.game}"
-                          f"{D.dir_args(cfg.data_dir, cfg.out_dir)} --stage sae`")
+    resume_sweep = False
+    if cfg.resume and cfg.stage != 'lm':
+        sweeps = sweep_checkpoints(cfg)
+        have = agree(int(os.path.exists(sweep_checkpoint(cfg))), dist.ReduceOp.SUM)  # of the `world` processes
+        if sweeps and have == 0:
+            raise D.UserError(f"{sweeps[0]} is the checkpoint of a sweep on another number of processes: resume "
+                              f"with that number (torchrun --nproc_per_node), or delete it to start the sweep over")
+        if 0 < have < world:
+            raise D.UserError(f"{out}/ holds the sweep checkpoints of {have} of these {world} processes (a kill "
+                              "came before each had written one, or as they removed theirs at the end): run without "
+                              f"--resume to start the sweep over: `python train.py --game {cfg.game}"
+                              f"{D.dir_args(cfg.data_dir, cfg.out_dir)} --stage sae`")
+        resume_sweep = have == world
     log(f"train.py config: {dataclasses.asdict(cfg)}")
     log(f"precision: {cfg.dtype} ({precision})" + (f"; {world} processes ({dist.get_backend()})" if ddp else ""))
     t0 = time.time()
