@@ -33,7 +33,7 @@ import data as D
 import metrics
 import sae as S
 from model import choose_device, load_checkpoint
-from train import default_layer
+from train import SAE_DIRS, default_layer
 
 
 @dataclass
@@ -237,9 +237,6 @@ def stale_sae(ev, sae, kind, path):
         return (f"{path}: trained on another {os.path.basename(model_file)}; "
                 f"re-run `python train.py --game {ev.cfg.game}{ev.dirs} --stage sae`")
     return None
-
-
-SAE_DIRS = {'trained': 'saes', 'random': 'saes_random'}  # each model's SAEs under out/<game>/ (train.py)
 
 
 def load_saes(ev):

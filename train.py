@@ -1048,6 +1048,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
     return results, n_steps
 
 
+# each model's SAEs under out/<game>/: the trained LM's and the random-init control's (evaluate.py reads them)
+SAE_DIRS = {'trained': 'saes', 'random': 'saes_random'}
 SWEEP_FORMAT = 'boardgame-saes/sae-sweep'
 SWEEP_VERSION = 2  # 2: one optimiser for the SAEs of a sweep (sae.make_optimizer), where 1 kept one each
 
@@ -1114,7 +1116,7 @@ def train_saes(cfg, log=print):
     settings, sweep = sweep_grid(cfg, model.config.n_embd)
     if saved['part'] == 'saes':
         done = train_sae_sweep(cfg, model, model_id, tokens, val_tokens, train['pad_id'], sweep,
-                               os.path.join(cfg.out_dir, cfg.game, 'saes'), log,
+                               os.path.join(cfg.out_dir, cfg.game, SAE_DIRS['trained']), log,
                                resume=saved['state'], checkpoint=checkpointer('saes'))
         saved = {'part': 'saes_random', 'state': None}
         if cfg.control != 'none':  # a kill in the control, before its first checkpoint, keeps the sweep done
@@ -1136,8 +1138,9 @@ def train_saes(cfg, log=print):
         log(f"sae: control on a random-init model ({len(control)} SAEs)")
         # as many steps as the trained model's SAEs had (fewer than sae_steps under --sae_minutes)
         results = results + train_sae_sweep(cfg, random_model, random_id, tokens, val_tokens, train['pad_id'], control,
-                                            os.path.join(cfg.out_dir, cfg.game, 'saes_random'), log, n_steps=n_steps,
-                                            resume=saved['state'], checkpoint=checkpointer('saes_random', done))[0]
+                                            os.path.join(cfg.out_dir, cfg.game, SAE_DIRS['random']), log,
+                                            n_steps=n_steps, resume=saved['state'],
+                                            checkpoint=checkpointer('saes_random', done))[0]
     barrier()  # every process is done (one that removed its checkpoint first would leave the
     # others' alone after a kill now, which no --resume could continue)
     if os.path.exists(sweep_path):  # done: a later --resume must not start this sweep again
@@ -1167,7 +1170,7 @@ def main(argv):
         dist.broadcast_object_list(choice, src=0)
         cfg.dtype, precision = choice
     out = os.path.join(cfg.out_dir, cfg.game)
-    for sub in ('saes', 'saes_random'):  # fail now, not after the LM has trained
+    for sub in SAE_DIRS.values():  # fail now, not after the LM has trained
         D.check_output_dir(os.path.join(out, sub), 'out_dir')
     # --resume continues the stage that was running: the SAE sweep where its checkpoint exists
     # (under torchrun each process has its own: all of them, or none, as every process decides alike)
