@@ -410,9 +410,11 @@ def choose_precision(name, device, width, rows=1024, timer=None):
         return name if name != 'auto' else 'float32', f"{device}: bf16 autocast is not measured here"
     timer = timer or matmul_seconds
     capability = torch.backends.cpu.get_cpu_capability()
-    # the probe: about 2^24 multiply-adds, a fraction of a second even where bf16 is emulated
+    # the probe: about 2^24 multiply-adds, a fraction of a second even where bf16 is emulated; best
+    # of 3 both ways, as one timing of a small matmul can be stalled several times over (at width
+    # 32 one probe in 30 read bf16 at 0.34x, against about 1.9x, with a single bf16 timing)
     probe_rows = max(16, min(rows, 256, 2 ** 22 // (width * width)))
-    speedup = timer(torch.float32, probe_rows, width, 3) / timer(torch.bfloat16, probe_rows, width, 1)
+    speedup = timer(torch.float32, probe_rows, width, 3) / timer(torch.bfloat16, probe_rows, width, 3)
     shape = probe_rows
     if speedup > 0.5:  # close enough that the small probe may mislead: time the real shape
         shape = min(rows, 1024)

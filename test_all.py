@@ -1292,6 +1292,19 @@ def test_auto_precision_takes_bf16_only_where_measured_faster(speedup, want):
         choose_precision('float16', 'cpu', 128, timer=timer)
 
 
+def test_auto_precision_is_not_flipped_by_one_stalled_timing():
+    # a small matmul's timing can be stalled several times over (a context switch): best of 3 both
+    # ways, so one stall in the probe's bf16 timings still finds bf16 twice as fast
+    stalls = [10.0]  # the first bf16 matmul timed takes 10x its time, the rest none
+
+    def timer(dtype, rows, width, reps):  # best of `reps` timings, as model.matmul_seconds
+        if dtype == torch.float32:
+            return 1e-3 * rows
+        return min(0.5e-3 * rows * (stalls.pop(0) if stalls else 1.0) for _ in range(reps))
+    dtype, reason = choose_precision('auto', 'cpu', 32, timer=timer)
+    assert dtype == 'bfloat16' and '2.00x' in reason and not stalls
+
+
 @pytest.mark.parametrize('bf16_units, auto, forced_bf16_warns', [(True, 'bfloat16', False), (False, 'float16', True)])
 def test_choose_precision_on_cuda_reads_the_bf16_units(bf16_units, auto, forced_bf16_warns, monkeypatch):
     # a GPU without bf16 units (T4, V100) gets fp16 with a gradient scaler, never emulated bf16:
