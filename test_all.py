@@ -3343,11 +3343,20 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert_one_line(err, "no SAE named 'nosuch'", 'have: batch_topk_k10, ')
     names = err.split('have: ')[1].strip().split(', ')
     assert names.count('topk_k40') == 1 and names.count('random/topk_k40') == 1  # saes/, then saes_random/
-    # a later sweep of one architecture keeps the other SAEs, and says so
-    TR.main(['--game=othello', '--preset=tiny', '--stage=sae', '--sae_archs=topk', '--control=none', *dirs])
+    # a later sweep of one architecture keeps the other SAEs, and says so; the control's model is
+    # the same, so its file is kept as it was: the control's other SAEs still count as trained on it
+    random_digest = D.file_digest(f'{tmp_path}/out/othello/model_random.pt')
+    TR.main(['--game=othello', '--preset=tiny', '--stage=sae', '--sae_archs=topk', *dirs])
     out = capsys.readouterr().out
     assert 'SAEs this run did not write' in out and tiny_middle_sae('standard') in out, out
     assert sorted(os.listdir(f'{tmp_path}/out/othello/saes')) == saes
+    assert D.file_digest(f'{tmp_path}/out/othello/model_random.pt') == random_digest
+    EV.main(['--game=othello', *dirs])
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if 'skip' in line] == []
+    table = open(f'{tmp_path}/out/othello/results.md').read()
+    controls = [name[:-3] for name in os.listdir(f'{tmp_path}/out/othello/saes_random')]
+    assert len(controls) > 3 and all(f'| {name} | random |' in table for name in controls)
 
 
 def compile_with_dynamo_eager(monkeypatch):

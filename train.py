@@ -1074,6 +1074,18 @@ def sweep_options(cfg):
             if (k.startswith('sae_') and k not in ('sae_ckpt_minutes', 'sae_compile', 'sae_cuda_graphs')) or k in ('game', 'seed', 'layer', 'anneal_start', 'control')}
 
 
+def holds_model(path, model):
+    """Whether `path` holds `model`'s config and weights already. The control's model is rewritten
+    only where it does not: a new file (its train_config differs) would have a new digest, and
+    evaluate.py would take the control's SAEs of an earlier sweep as trained on another model."""
+    try:
+        saved, _ = load_checkpoint(path)
+    except D.UserError:  # none there, or not a model this code reads: write it
+        return False
+    return saved.config == model.config and all(
+        torch.equal(a, b.cpu()) for a, b in zip(saved.state_dict().values(), model.state_dict().values()))
+
+
 def train_saes(cfg, log=print):
     """The SAE stage: the sweep on the trained model, then the control on a random-init model.
     Its checkpoint (sweep_checkpoint) holds the part running (saes: the trained model's sweep;
@@ -1129,7 +1141,7 @@ def train_saes(cfg, log=print):
         torch.manual_seed(cfg.seed + 1)
         random_model = GPT(model.config).to(cfg.device)
         random_path = os.path.join(cfg.out_dir, cfg.game, 'model_random.pt')
-        if rank_and_world()[0] == 0:
+        if rank_and_world()[0] == 0 and not holds_model(random_path, random_model):
             save_checkpoint(random_path, random_model, cfg.game, {'iter': 0, 'random_init': True,
                                                                    'train_config': dataclasses.asdict(cfg)})
         barrier()  # written before any process reads its digest
