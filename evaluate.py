@@ -488,10 +488,13 @@ def write_outputs(cfg, rows, sets, text, log=print):
         with open(tmp, 'w') as f:
             f.write(text)
 
+    plot = os.path.join(out, 'pareto.png')
+    if os.path.isfile(plot):  # the last run's goes first: a plot that fails, or a kill while it is
+        os.remove(plot)  # drawn, leaves none beside the new results, never one of other results
     D.atomic_write({os.path.join(out, 'results.json'): write_json, os.path.join(out, 'results.md'): write_md})
     wrote = ['results.json', 'results.md']
     try:
-        plot_pareto(os.path.join(out, 'pareto.png'), rows, sets)
+        plot_pareto(plot, rows, sets)
         wrote.append('pareto.png')
     except D.UserError:  # the disk's (atomic_write): one line and exit 2, as for every file
         raise
