@@ -213,8 +213,17 @@ class GPT(nn.Module):
             x = block(x, layer, pos)
         return self.head(x, None)[0]
 
+    def _block_index(self, layer):
+        """`layer` as a block index; anything else a ValueError (-1, a config's "default depth",
+        would read the embeddings here, and a layer past the last the last block's output)."""
+        if not 0 <= layer < len(self.blocks):
+            raise ValueError(f"layer {layer} is not a block of this {len(self.blocks)}-block model: use "
+                             f"0..{len(self.blocks) - 1} (an SAE's block: its meta['layer'])")
+        return layer
+
     def residual(self, idx, layer):
         """Residual stream after block `layer` (0-based): (B, T, d)."""
+        layer = self._block_index(layer)
         x = self.embed(idx)
         for block in self.blocks[:layer + 1]:
             x = block(x)
@@ -223,6 +232,7 @@ class GPT(nn.Module):
     def forward_from(self, resid, layer, targets=None):
         """Run blocks layer+1.. on `resid` (B, T, d), the stream after block `layer`."""
         x = resid
+        layer = self._block_index(layer)
         for block in self.blocks[layer + 1:]:
             x = block(x)
         return self.head(x, targets)
@@ -230,6 +240,7 @@ class GPT(nn.Module):
     def mlp_hidden(self, idx, layer, with_residual=False):
         """The GELU activations inside block `layer`'s MLP: (B, T, 4d). with_residual: the pair
         (hidden, residual stream after block `layer`) from the same pass (eval mode: no dropout)."""
+        layer = self._block_index(layer)
         x = self.residual(idx, layer - 1) if layer > 0 else self.embed(idx)
         block = self.blocks[layer]
         x = x + block.attn(block.ln_1(x))

@@ -959,6 +959,13 @@ def test_residual_replacement_with_itself_is_exact_and_zero_changes_it():
         assert model.mlp_hidden(x, 1).shape == (3, 16, 128)
         hidden, r = model.mlp_hidden(x, 1, with_residual=True)  # one pass, both: the same tensors
         assert torch.equal(hidden, model.mlp_hidden(x, 1)) and torch.equal(r, model.residual(x, 1))
+        # -1 (a saved config's "default depth") or a layer past the last is an error, not the
+        # embeddings or the last block's stream
+        for layer in (-1, 3):
+            for read in (lambda: model.residual(x, layer), lambda: model.forward_from(r, layer),
+                         lambda: model.mlp_hidden(x, layer)):
+                with pytest.raises(ValueError, match=f'layer {layer} is not a block of this 3-block model'):
+                    read()
 
 
 def test_features_at_equals_the_whole_forward_pass_indexed():
