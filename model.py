@@ -453,7 +453,7 @@ def load_checkpoint(path, game=None, device='cpu', dirs=''):
     hint = f"python train.py --game {game or '<game>'}{dirs} --stage {stage}"
     ckpt = load_file(path, 'boardgame-saes/model', hint, keys=('model_config', 'model', 'iter'))
     if game is not None and ckpt.get('game') != game:
-        raise UserError(f"{path} is a {ckpt.get('game')} model, not {game}: run `{hint}`")
+        raise UserError(f"{path} is a model of {ckpt.get('game')}, not {game}: run `{hint}`")
     try:  # a config or weights this code's GPT does not take (another version's, edited by hand)
         model = GPT(GPTConfig(**ckpt['model_config']))
         model.load_state_dict(ckpt['model'])

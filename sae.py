@@ -862,8 +862,9 @@ def save(sae, path, extra=None):
 
 def load(path, game=None, dirs=''):
     """Rebuild any saved SAE from its file alone (in eval mode); `extra` becomes sae.meta.
-    `dirs`: the caller's non-default --data_dir/--out_dir (data.dir_args), for the command an
-    error names."""
+    `game`, where given, must be the game of the model the SAE read (meta['game']), as
+    model.load_checkpoint checks. `dirs`: the caller's non-default --data_dir/--out_dir
+    (data.dir_args), for the command an error names."""
     hint = f'python train.py --game {game or "<game>"}{dirs} --stage sae'
     try:
         sae = from_dict(load_file(path, FILE_FORMAT, hint))
@@ -871,6 +872,8 @@ def load(path, game=None, dirs=''):
         raise SAEFileError(str(e)) from None
     except Exception as e:
         raise SAEFileError(f'{path} does not match this code ({type(e).__name__}: {e}): run `{hint}`') from None
+    if game is not None and sae.meta.get('game') != game:
+        raise SAEFileError(f"{path} is an SAE of a model of {sae.meta.get('game')}, not {game}: run `{hint}`")
     return sae.eval()
 
 

@@ -1112,7 +1112,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.config == model.config and ckpt['iter'] == 5
     x = torch.randint(0, 60, (2, 16))
     assert torch.equal(loaded(x)[0], model(x)[0])
-    with pytest.raises(D.UserError, match='othello model, not chess'):
+    with pytest.raises(D.UserError, match='is a model of othello, not chess'):
         load_checkpoint(path, 'chess')
     (tmp_path / 'bad.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(D.UserError, match='corrupt'):
@@ -2624,6 +2624,11 @@ def test_load_errors_are_clear(tmp_path):
     S.save(sae, str(truncated), {})
     truncated.write_bytes(truncated.read_bytes()[:200])
     _assert_clear_error(truncated)
+
+    othello = tmp_path / 'othello_sae.pt'  # an SAE of another game's model
+    S.save(sae, str(othello), {'game': 'othello'})
+    assert S.load(str(othello), game='othello').meta['game'] == 'othello'
+    assert 'is an SAE of a model of othello, not chess' in _assert_clear_error(othello, game='chess')
 
     assert issubclass(S.SAEFileError, ValueError)
 
