@@ -264,10 +264,13 @@ def load_file(path, kind, hint, version=FORMAT_VERSION, keys=()):
     `hint` the command that (re)makes the file."""
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `{hint}`")
+    if os.path.isdir(path):  # a path given by hand, one level short: not a file to delete
+        raise UserError(f"{path} is a directory, not a {kind} file: name the file in it, or run `{hint}`")
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception:
-        raise UserError(f"{path} is corrupt or not a boardgame-saes file: delete it and run `{hint}`") from None
+    except Exception:  # a truncated file, or another file given by hand (results.json): its path is the news
+        raise UserError(f"{path} is corrupt or not a boardgame-saes file: if it is the file meant, delete it "
+                        f"and run `{hint}`") from None
     if not isinstance(obj, dict) or obj.get('format') != kind:
         raise UserError(f"{path} is not a {kind} file: run `{hint}`")
     if obj.get('version') != version:

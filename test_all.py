@@ -2602,7 +2602,9 @@ def test_load_errors_are_clear(tmp_path):
 
     corrupt = tmp_path / 'corrupt.pt'
     corrupt.write_bytes(b'not a torch file at all')
-    _assert_clear_error(corrupt)
+    assert 'if it is the file meant, delete it' in _assert_clear_error(corrupt)
+    # a directory (out/othello/saes, one level short) is not called corrupt, nor to be deleted
+    assert 'is a directory, not a boardgame-saes/sae file' in _assert_clear_error(tmp_path)
 
     not_sae = tmp_path / 'model.pt'
     torch.save({'model': {'w': torch.zeros(2)}, 'iter_num': 3}, not_sae)
