@@ -44,7 +44,7 @@ class EvalConfig:
     device: str = 'auto'
     n_train: int = 1000        # labelled held-out games that label the features (coverage: these)
     n_test: int = 1000         # labelled held-out games that reconstruction is scored on
-    n_unsup_games: int = 200   # test games for L0, variance explained, loss recovered, dead features
+    n_unsup_games: int = 200   # the first test games: L0, variance explained, loss recovered, dead features
     batch_size: int = 64
     probe_steps: int = 100     # Adam steps of the probe fit, on whitened inputs (metrics.fit_linear_probe):
                                # micro-F1 within 0.002 of 1000 steps' on both games' cpu models (README)
@@ -163,6 +163,8 @@ class Evaluation:
         if n_train < cfg.n_train or n_test < cfg.n_test:
             log(f"note: {lab_path} labels {n_labelled} games; using {n_train} train + {n_test} test (more: {more})")
         self.n_train, self.n_test = n_train, n_test
+        # the split used is the resolved config that results.json keeps (not the one asked for)
+        cfg.n_train, cfg.n_test, cfg.n_unsup_games = n_train, n_test, min(cfg.n_unsup_games, n_test)
         in_context = labels['pos'] < T - 1
         g = labels['game_idx']
         masks = {'train': in_context & (g < n_train), 'test': in_context & (g >= n_train) & (g < n_train + n_test)}
@@ -176,7 +178,7 @@ class Evaluation:
         self.flat = {k: lab.to(cfg.device) for k, (lab, _) in flat.items()}  # bool (P, G) per split
         self.groups = flat['train'][1]  # (set name, width) per block of columns, the same for both splits
         self.names = labels['names']
-        unsup = self.tokens[n_train:n_train + min(cfg.n_unsup_games, n_test)]
+        unsup = self.tokens[n_train:n_train + cfg.n_unsup_games]
         self.unsup_tokens = unsup  # (n, T) whole games for the unsupervised metrics
         self.unsup_real = unsup[:, :-1] != self.pad_id  # (n, T - 1) its inputs that are not pads
         self._cache = {}

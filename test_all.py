@@ -3371,6 +3371,11 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     EV.main(['--game=othello', *dirs])
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if 'skip' in line] == []
+    # results.json keeps the split used, which the note gives, not the 1000 + 1000 games asked for
+    used = re.search(r'labels (\d+) games; using (\d+) train \+ (\d+) test', out)
+    config = json.load(open(f'{tmp_path}/out/othello/results.json'))['config']
+    assert used and (config['n_train'], config['n_test']) == (int(used[2]), int(used[3])), out
+    assert config['n_unsup_games'] == min(200, int(used[3])) and int(used[2]) + int(used[3]) <= int(used[1])
     table = open(f'{tmp_path}/out/othello/results.md').read()
     controls = [name[:-3] for name in os.listdir(f'{tmp_path}/out/othello/saes_random')]
     assert len(controls) > 3 and all(f'| {name} | random |' in table for name in controls)
