@@ -446,8 +446,9 @@ def save_checkpoint(path, model, game, extra):
 
 
 def load_checkpoint(path, game=None, device='cpu', dirs=''):
-    """Rebuild the exact model from its checkpoint. Returns (model, checkpoint dict). `dirs`: the
-    caller's non-default --data_dir/--out_dir (data.dir_args), for the command an error names."""
+    """Rebuild the exact model from its checkpoint. Returns (model, checkpoint dict), the model in
+    train mode, as built (.eval() to read it). `dirs`: the caller's non-default
+    --data_dir/--out_dir (data.dir_args), for the command an error names."""
     # the stage that writes it: the LM, or (model_random.pt, the control's model) the SAE stage
     stage = 'sae' if os.path.basename(path) == 'model_random.pt' else 'lm'
     hint = f"python train.py --game {game or '<game>'}{dirs} --stage {stage}"

@@ -101,6 +101,10 @@ ARCHS = {}  # arch name -> class: every class below that sets `arch` enters itse
 
 
 class SAE(nn.Module):
+    """What every architecture shares (the module docstring's conventions): the parameters, the
+    activation scale, encode / decode / forward on raw activations, the loss and its statistics.
+    A subclass that sets `arch` is an architecture (sae.ARCHS); it writes _encode_n (encoding)
+    and _train_forward (the training pass)."""
     arch = None
     DEFAULT_COEF = 5.0  # sparsity coefficient; a sweep variable, this is only a starting point
     # How the coefficient that keeps the same L0 grows with d_in (train.sweep_settings). With
@@ -170,6 +174,8 @@ class SAE(nn.Module):
         return self._decode_n(f.float()) / self.act_scale
 
     def forward(self, x):
+        """x (B, d_in) raw -> (x_hat (B, d_in) raw, f (B, d_sae)). Rows only: a residual stream
+        (B, T, d_in) goes in as x.flatten(0, 1)."""
         f = self.encode(x)
         return self.decode(f), f
 
@@ -560,6 +566,7 @@ class PAnnealing:
 
 
 class PAnnealSAE(PAnnealing, StandardSAE):
+    """The standard SAE with p-annealing's penalty coef * sum_i f_i^p (PAnnealing)."""
     arch = 'p_anneal'
 
     def __init__(self, d_in, d_sae, *, anneal_start=0.2, p_end=0.2, n_anneal_steps=10,
@@ -569,6 +576,8 @@ class PAnnealSAE(PAnnealing, StandardSAE):
 
 
 class GatedAnnealSAE(PAnnealing, GatedSAE):
+    """The gated SAE with p-annealing's penalty on the gate, coef * sum_i ReLU(pi_gate)_i^p
+    (PAnnealing)."""
     arch = 'gated_anneal'
 
     def __init__(self, d_in, d_sae, *, anneal_start=0.2, p_end=0.2, n_anneal_steps=10,
