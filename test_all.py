@@ -944,6 +944,7 @@ def test_model_is_causal():
         a, b = model(x)[0], model(y)[0]
     assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
     assert not torch.allclose(a[:, 10:], b[:, 10:])
+    assert model.lm_head.weight is model.wte.weight  # the head is the embedding, tied (as nanoGPT)
 
 
 def test_residual_replacement_with_itself_is_exact_and_zero_changes_it():
@@ -2271,8 +2272,10 @@ def test_topk_auxk_trains_dead_latents_only_through_the_aux_loss():
         sae.loss(x, 0)[0].backward()
         grads[aux_coef] = sae.W_enc.grad.abs().sum(0)  # (d_sae,) encoder gradient per latent
     # latent 2 (dead, picked by AuxK) learns; latent 3 (dead, not picked) does not; without the
-    # aux loss no dead latent learns
+    # aux loss no dead latent learns; and the live latents' gradient is the same either way (the
+    # residual AuxK reconstructs is detached)
     assert grads[0.5][2] > 0 and grads[0.5][3] == 0 and grads[0.0][2:].sum() == 0
+    assert torch.equal(grads[0.5][:2], grads[0.0][:2])
 
 
 def test_batch_topk_keeps_exactly_kB_per_batch_and_threshold_inference():
@@ -2465,6 +2468,8 @@ def test_lp_penalty_gradient_finite_at_zero():
     S.lp_sum(acts, 0.3).sum().backward()
     assert torch.isfinite(acts.grad).all()
     assert (acts.grad[acts.detach() == 0] == 0).all()
+    # zeros add nothing to the value either (1e-12 ** 0.2 would add 0.004 each)
+    assert S.lp_sum(torch.tensor([[0.0, 0.0, 1.0, 4.0]]), 0.2).item() == pytest.approx(1 + 4 ** 0.2, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2877,6 +2882,7 @@ def test_threshold_is_strict_and_relative_to_max():
     assert metrics.coverage(acts, labels, thresholds=[0.5]) == 1.0  # 0.5 > 0.5*1 is False
     assert metrics.coverage(acts, labels, thresholds=[0.4]) == pytest.approx(0.5)  # 2/(3+1)
     assert metrics.coverage(acts, labels) == 1.0  # best t wins
+    assert metrics.coverage_details(acts, labels)['threshold'] == 0.5  # the lowest of the tied t (0.5 .. 0.9)
 
 
 def test_dead_feature_changes_nothing():
@@ -2936,6 +2942,13 @@ def test_reconstruction_picks_threshold_on_train():
     assert d["feature_labels"].tolist() == [[True, False], [False, False]]
     assert bf_reconstruction(acts_tr, lab_tr, acts_te, lab_te, [0.0, 0.5])[0] == d["f1"]
     assert metrics.board_reconstruction(acts_tr, lab_tr, acts_te, lab_te, [0.0, 0.5]) == pytest.approx(4 / 54)
+    # the by-group path chooses on train too
+    assert metrics.reconstruction_by_group(acts_tr, lab_tr, acts_te, lab_te, [2], [0.0, 0.5]) == [pytest.approx(4 / 54)]
+    # a tie on train goes to the lowest t: 0/1 train activations score alike at both, and the
+    # test's 0.3 fires only at t = 0
+    tied = metrics.reconstruction_details(acts_tr.ceil(), lab_tr, 0.3 * acts_tr.ceil(), lab_tr, [0.0, 0.5])
+    assert tied['train_f1'] == pytest.approx([40 / 70, 40 / 70]) and tied['test_f1'][1] == 0
+    assert (tied['threshold'], tied['f1']) == (0.0, pytest.approx(40 / 70))
 
 
 def test_f1_helpers():
@@ -2955,6 +2968,7 @@ def test_l0_and_dead_fraction():
     f = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
     assert metrics.l0(f) == 1.5
     assert metrics.l0(f.view(1, 2, 4)) == 1.5
+    assert metrics.l0(torch.tensor([[-1.0, 0.0, 2.0]])) == 2.0  # non-zero, of either sign
     assert metrics.dead_fraction(f) == 0.5
     assert metrics.dead_fraction(-f) == 1.0
 
@@ -3177,6 +3191,9 @@ def test_single_feature_scores_match_brute_force():
                 best = (f1, t, tp / nf if nf else 0.0, tp / nt if nt else 0.0)
         assert abs(s['f1'][e].item() - best[0]) < 1e-9 and s['threshold'][e].item() == best[1]
         assert abs(s['precision'][e].item() - best[2]) < 1e-9 and abs(s['recall'][e].item() - best[3]) < 1e-9
+    # 0/1 activations fire alike at every t: the tie goes to the lowest, 0
+    binary = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    assert (metrics.single_feature_scores(binary, (binary > 0)[:, None])['threshold'] == 0).all()
 
 
 # ------------------------------------------------------------------------------------------------
