@@ -2185,6 +2185,20 @@ def hand_sae(arch, d, **kw):
     return sae
 
 
+def test_topk_rows_with_fewer_than_k_positive_pre_activations():
+    # k = 2, but row 0 has one positive pre-activation: it keeps that one; the rest stay zero (no
+    # negative kept), the loss rebuilds x from those, and a zero kept for the count is no firing
+    x = torch.tensor([[3.0, -1.0, -2.0, -0.5], [0.2, 4.0, -1.0, -3.0]])
+    sae = hand_sae('topk', 4, k=2).eval()
+    assert sae.encode(x).tolist() == [[3.0, 0.0, 0.0, 0.0], [pytest.approx(0.2), 4.0, 0.0, 0.0]]
+    sae = hand_sae('topk', 4, k=2, aux_coef=0.0).train()
+    sae.tokens_since_fired.fill_(50)
+    _, stats = sae.loss(x, 0)
+    # x - x_hat: (0, -1, -2, -0.5) and (0, 0, -1, -3): squared, 5.25 and 10
+    assert float(stats['mse']) == pytest.approx(7.625) and float(stats['l0']) == 1.5
+    assert sae.tokens_since_fired.tolist() == [0, 0, 52, 52]
+
+
 def test_topk_auxk_exact_on_a_hand_case():
     # k = 1: row 0 keeps latent 0 (3.0), row 1 keeps latent 1 (4.0)
     x = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.2, 4.0, 1.0, 0.0]])
