@@ -162,7 +162,6 @@ class Evaluation:
                     "--n_games: the rest of the file validates)")
         if n_train < cfg.n_train or n_test < cfg.n_test:
             log(f"note: {lab_path} labels {n_labelled} games; using {n_train} train + {n_test} test (more: {more})")
-        self.n_train, self.n_test = n_train, n_test
         # the split used is the resolved config that results.json keeps (not the one asked for)
         cfg.n_train, cfg.n_test, cfg.n_unsup_games = n_train, n_test, min(cfg.n_unsup_games, n_test)
         in_context = labels['pos'] < T - 1
