@@ -1791,7 +1791,7 @@ def dense_reference_loss(sae, x_raw):
     else:  # not another architecture's formula, silently
         raise ValueError(f"no reference loss for {sae.arch!r}: write its formula here")
     x_hat = f @ sae.W_dec + sae.b_dec
-    return (x - x_hat).pow(2).sum(-1).mean() + penalty + aux
+    return (x - x_hat).pow(2).sum(-1).mean() + penalty + aux, x, x_hat, f
 
 
 @pytest.mark.parametrize('arch', ['standard', 'gated', 'topk', 'batch_topk', 'jumprelu'])
@@ -1806,13 +1806,20 @@ def test_fast_training_path_equals_the_dense_reference(arch):
         if arch == 'gated':
             sae.r_mag.normal_(0, 0.3), sae.b_mag.normal_(0, 0.3)
     grads = []
-    for loss_fn in (lambda: sae.loss(x, 0)[0], lambda: dense_reference_loss(sae, x)):
+    for loss_fn in (lambda: sae.loss(x, 0)[0], lambda: dense_reference_loss(sae, x)[0]):
         sae.zero_grad()
         loss = loss_fn()
         loss.backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
     (fast_loss, fast), (ref_loss, ref) = grads
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-5)
+    # the logged training stats are the evaluation's formulas on the same batch (metrics.py);
+    # raw_batch's mean is not 0, so an uncentred variance would read higher
+    _, x_norm, x_hat, f = (t.detach() for t in dense_reference_loss(sae, x))
+    _, stats = sae.loss(x, 0)
+    assert stats['mse'].item() == pytest.approx((x_norm - x_hat).pow(2).sum(-1).mean().item(), rel=1e-5)
+    assert stats['l0'].item() == pytest.approx(metrics.l0(f), rel=1e-6)
+    assert stats['explained_variance'].item() == pytest.approx(metrics.explained_variance(x_norm, x_hat), abs=1e-5)
     # W_dec's gradient comes out of the backward without its component along each row (sae.py)
     rows = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)  # (d_sae, d_in)
     ref['W_dec'] = ref['W_dec'] - (ref['W_dec'] * rows).sum(1, keepdim=True) * rows
