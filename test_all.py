@@ -183,6 +183,29 @@ def test_othello_states_agree_with_naive_replay():
             assert states['flipped'][g, t].tolist() == flipped
 
 
+def test_othello_labels_score_every_input_position_against_the_naive_board():
+    # make_labels('othello') reads the stream at each input token, the board after that move:
+    # positions 0..n-1 of a game of n moves (the last of a 60-move game is never an input)
+    games = D.othello_games(200, seed=1)
+    n_moves = (games != D.OTHELLO_PAD).sum(1)
+    pick = np.concatenate([np.flatnonzero(n_moves < 60), np.flatnonzero(n_moves == 60)[:3]])
+    tokens = torch.from_numpy(games[pick]).long()  # games of 15, 59, 60, 60, 60 moves
+    assert sorted(n_moves[pick].tolist()) == [15, 59, 60, 60, 60]
+    lab = D.make_labels('othello', tokens)
+    expected = []
+    for g in range(len(tokens)):
+        for t, board, player, *_ in naive_replay(tokens[g].tolist()):
+            if t < tokens.shape[1] - 1:
+                expected.append((g, t, copy.deepcopy(board), player))  # the board moves on
+    assert list(zip(lab['game_idx'].tolist(), lab['pos'].tolist())) == [(g, t) for g, t, *_ in expected]
+    for i, (g, t, board, player) in enumerate(expected):
+        cells = [board[s // 8][s % 8] for s in range(64)]
+        legal = {rr * 8 + cc for rr, cc in naive_legal(board, player)}
+        assert lab['sets']['mine_theirs'][i].tolist() == [c == player for c in cells] + [c == -player for c in cells]
+        assert lab['sets']['legal'][i].tolist() == [s in legal for s in range(64)]
+    assert lab['names']['mine_theirs'][0] == 'mine@a1' and lab['names']['legal'][63] == 'legal@h8'
+
+
 def test_othello_soft_targets_are_uniform_over_naive_legal_moves():
     tokens = torch.from_numpy(D.othello_games(30, seed=5)).long()
     soft = D.othello_soft_targets(D.othello_legal_bitboards(tokens, chunk=7))  # chunks of 7 games
