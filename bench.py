@@ -46,8 +46,12 @@ negligible, is the time an eager step spends in Python and kernel launches, and 
 sweep's rate at the real shape.
 """
 import platform
+import signal
 import time
 from dataclasses import dataclass
+
+if __name__ == '__main__':  # Ctrl-C while torch loads (a second or two, nothing written yet):
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # stop at once, no traceback; run_cli takes over
 
 import numpy as np
 import torch

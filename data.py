@@ -36,6 +36,9 @@ try:
 except ImportError:
     fcntl = None
 
+if __name__ == '__main__':  # Ctrl-C while torch loads (a second or two, nothing written yet):
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # stop at once, no traceback; run_cli takes over
+
 import numpy as np
 import torch
 import chess
@@ -169,6 +172,7 @@ def run_cli(main):
     memory (sizes too large for the machine); Ctrl-C or a kill is one line and exit code 130,
     after every temp file has been removed (atomic_write)."""
     sys.stdout.reconfigure(line_buffering=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts quiet it while torch loads
     signal.signal(signal.SIGTERM, _stop)
     try:
         main(sys.argv[1:])

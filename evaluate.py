@@ -22,9 +22,13 @@ import json
 import math
 import os
 import re
+import signal
 import textwrap
 import time
 from dataclasses import dataclass
+
+if __name__ == '__main__':  # Ctrl-C while torch loads (a second or two, nothing written yet):
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # stop at once, no traceback; run_cli takes over
 
 import torch
 

@@ -4224,6 +4224,38 @@ def test_ctrl_c_during_training_keeps_the_last_checkpoint(tmp_path, monkeypatch,
     assert files_under(tmp_path / 'out') == ['othello/model.pt']  # no temp file, no lock file
 
 
+def sigint_caught(pid):
+    """Whether process `pid` catches SIGINT (Linux: the SigCgt mask in /proc), or None once it is gone."""
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            mask = next(line for line in f if line.startswith('SigCgt:')).split()[1]
+    except (OSError, StopIteration):
+        return None
+    return bool(int(mask, 16) >> (signal.SIGINT - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='reads the signal mask in /proc')
+@pytest.mark.parametrize('script', ['data.py', 'train.py', 'evaluate.py', 'bench.py'])
+def test_ctrl_c_while_torch_loads_stops_quietly(script, tmp_path):
+    # Python catches SIGINT from its start; each script lets it go while torch loads (it writes
+    # nothing then), so a Ctrl-C there stops the run without a traceback; run_cli then catches it
+    # again for its one-line message
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, script)], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        for wanted in (True, False):  # Python started (its handler), then the script let SIGINT go
+            deadline = time.time() + 30
+            while sigint_caught(p.pid) is not wanted and p.poll() is None and time.time() < deadline:
+                time.sleep(0.001)
+            assert sigint_caught(p.pid) is wanted, f'SIGINT caught: never {wanted} while the script started'
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == -signal.SIGINT and err == ''
+    assert files_under(tmp_path) == []
+
+
 def test_a_kill_while_writing_leaves_the_previous_file_and_no_temp(tmp_path):
     # evaluate.py writes results.json and results.md (and every other file) through atomic_write
     (tmp_path / 'results.json').write_text('{"previous": true}')

@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,9 @@ import zlib
 from contextlib import nullcontext
 from datetime import timedelta
 from dataclasses import dataclass
+
+if __name__ == '__main__':  # Ctrl-C while torch loads (a second or two, nothing written yet):
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # stop at once, no traceback; run_cli takes over
 
 import torch
 import torch.distributed as dist
