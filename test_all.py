@@ -2846,6 +2846,7 @@ def test_by_group_scores_equal_each_set_alone_by_brute_force(seed):
     acts_tr, lab_tr = random_case(seed, n=120, n_feat=12, n_el=9)
     acts_te, lab_te = random_case(seed + 100, n=70, n_feat=12, n_el=9)
     lab_tr[:, 4] = False  # a one-element set that never occurs on train
+    lab_tr[:, 6] = False  # and an element of the last set: its mean is over the other three
     sizes = [4, 1, 4]
     cov = metrics.coverage_by_group(acts_tr, lab_tr, sizes)
     rec = metrics.reconstruction_by_group(acts_tr, lab_tr, acts_te, lab_te, sizes)
