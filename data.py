@@ -15,6 +15,7 @@ Chess: PGN text in the paper's format ';1.e4 e5 2.Nf3 ...' over its 32-character
 a pad token (id 32) for games shorter than the context; python-chess is the rules engine.
 """
 import contextlib
+import ctypes
 import dataclasses
 import glob
 import hashlib
@@ -964,6 +965,8 @@ def make_pool(workers):
 def _worker_signals():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # run_cli's handler is inherited; terminate() sends SIGTERM
+    if sys.platform.startswith('linux'):  # a kill -9 of the main process sends its workers that SIGTERM
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # (PR_SET_PDEATHSIG), not a BrokenPipe traceback each
 
 def chess_games(n_games, source, seed, max_chars, workers=2, progress=print, engine_path='stockfish'):
     """

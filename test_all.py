@@ -4278,6 +4278,36 @@ def test_a_kill_while_writing_leaves_the_previous_file_and_no_temp(tmp_path):
     assert files_under(tmp_path) == ['results.json'] and (tmp_path / 'results.json').read_text() == '{"previous": true}'
 
 
+def process_state(pid):
+    """The state letter of process `pid` from /proc (R, S, Z, ...), or None if there is none."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux only')
+def test_a_kill_9_of_the_main_process_ends_its_workers_quietly():
+    # data making's pool workers go with their main process (a SIGTERM from the kernel) instead of
+    # finishing their game and printing a BrokenPipe traceback when its result has nowhere to go
+    script = ("import os, time, data as D\n"
+              "def game():\n"
+              "    print(os.getpid(), flush=True); time.sleep(1.0)\n"
+              "pool = D.make_pool(1)\n"
+              "pool.apply_async(game)\n"
+              "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, '-c', script], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        worker = int(p.stdout.readline())  # the worker has its game
+        p.kill()
+        _, err = p.communicate(timeout=30)  # stderr closes once the worker, which shares it, is gone too
+    finally:
+        p.kill()
+    assert err == ''
+    assert process_state(worker) in (None, 'Z')  # gone, or a zombie until its new parent reaps it
+
+
 def test_a_kill_9_while_writing_leaves_the_previous_file_whole(tmp_path):
     # SIGKILL: no clean-up runs, so the temp file stays beside the intact old file until the next
     # run that locks the directory (every script's run does) removes it
