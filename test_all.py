@@ -629,6 +629,18 @@ def test_labels_cut_and_partial_moves():
     five = chess_labels([';1.e4 e5 2.Nf3 Nc6 3.Bb5 a6 4.'], max_chars=256, max_positions=2)
     assert list(five['pos']) == [2, 10]
 
+def test_chess_make_labels_score_only_input_positions():
+    # make_labels('chess') labels the '.' characters the LM reads as inputs: a '.' that is the
+    # last token of a row [N, T] is never one, whatever max_chars allows
+    transcripts = [random_game(s, 256) for s in range(4)]
+    T = max(i for i, c in enumerate(transcripts[0]) if c == '.' and i < 100) + 1  # row 0 ends on a '.'
+    lab = D.make_labels('chess', D.encode_chess(transcripts, T), max_chars=256)
+    for g, t in enumerate(transcripts):
+        dots = [i for i, c in enumerate(t) if c == '.' and i < T - 1][:20]
+        assert lab['pos'][lab['game_idx'] == g].tolist() == dots
+    assert T - 1 not in lab['pos'].tolist() and lab['sets']['piece'].shape == (len(lab['pos']), 768)
+
+
 def test_labels_workers_identical():
     ts = [random_game(s, 256) for s in range(220)]
     a = chess_labels(ts, workers=1)
