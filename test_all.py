@@ -3387,6 +3387,9 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     sae = S.load(f'{tmp_path}/out/othello/saes/{saes[0]}')
     assert sae.meta['model']['sha256'] == D.file_digest(f'{tmp_path}/out/othello/model.pt')
     assert 'explained_variance' in sae.meta['final'] and sae.meta['train_config']['preset'] == 'tiny'
+    # the config saved is the resolved one: --layer's default (-1) is the block read
+    assert sae.meta['train_config']['layer'] == sae.meta['layer'] == TR.default_layer(2) == 1
+    assert "'layer': 1," in out.split('train.py config:')[1].split('\n')[0]  # and so is the one printed
     rc, out = run_script('evaluate.py', '--game=othello', '--n_train=50', '--n_test=50', '--probe_steps=20', *dirs)
     assert rc == 0, out
     # the log says where the SAE rows' time went: three parts, each timed, that fit in the rows' time
@@ -3442,6 +3445,8 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert 'SAEs this run did not write' in out and tiny_middle_sae('standard') in out, out
     assert sorted(os.listdir(f'{tmp_path}/out/othello/saes')) == saes
     assert D.file_digest(f'{tmp_path}/out/othello/model_random.pt') == random_digest
+    topk = S.load(f"{tmp_path}/out/othello/saes/{tiny_middle_sae('topk')}.pt")
+    assert topk.meta['train_config']['layer'] == 1  # --stage sae resolves --layer's -1 from model.pt's depth
     EV.main(['--game=othello', *dirs])
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if 'skip' in line] == []
