@@ -19,6 +19,7 @@ import ctypes
 import dataclasses
 import glob
 import hashlib
+import inspect
 import logging
 import math
 import multiprocessing
@@ -60,14 +61,18 @@ class DataError(UserError):
 # ----------------------------------------------------------------------------------------------
 # Config handling shared by every script: one dataclass of defaults, overridable as --key=value.
 
-def parse_config(cfg, argv, script):
+def parse_config(cfg, argv, script, help=True):
     """Override dataclass `cfg` in place from ['--key=value' | '--key', 'value', ...].
     Values are converted to the type of the field's own default (not of the value a preset set:
-    a preset's 12 minutes leaves --lm_minutes=0.5 a float); unknown keys are an error."""
+    a preset's 12 minutes leaves --lm_minutes=0.5 a float); unknown keys are an error.
+    --help (or -h) prints config_help with the values so set and exits (help=False: ignored)."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg in ('--help', '-h'):
+            i += 1
+            continue
         if not arg.startswith('--'):
             raise UserError(f"{script}: unexpected argument {arg!r}; options look like --key=value")
         key, eq, val = arg[2:].partition('=')
@@ -85,7 +90,30 @@ def parse_config(cfg, argv, script):
                 raise UserError(f"{script}: option --{key} needs a value")
         setattr(cfg, key, _convert(val, default, key, script))
         i += 1
+    if help and ('--help' in argv or '-h' in argv):
+        print(config_help(cfg, script))
+        sys.exit(0)
     return cfg
+
+
+def config_help(cfg, script):
+    """--help: the script's docstring (what it reads and writes, how to run it), then each option of
+    dataclass `cfg` as --name=value, its value in `cfg`, with the comment beside it in the source,
+    and the source's section comments between them."""
+    doc = (sys.modules[type(cfg).__module__].__doc__ or '').strip().split('\n\n')
+    lines = ['\n\n'.join(doc[:2]), '', f'options of {script} with the values this command line gives them',
+             '(--name=value or --name value; an unknown name is an error):']
+    field = re.compile(r'    (\w+): [\w.]+ = (.+?)(?:\s+# ?(.*))?$')
+    for line in inspect.getsource(type(cfg)).splitlines()[1:]:
+        m = field.match(line)
+        if m and m.group(1) in {f.name for f in dataclasses.fields(cfg)}:
+            option = f'  --{m.group(1)}={getattr(cfg, m.group(1))}'
+            lines.append(f'{option:30s} {m.group(3) or ""}'.rstrip())
+        elif line.startswith('    #'):  # a section
+            lines.append(f'  {line.strip()}')
+        elif line.strip().startswith('#'):  # a comment's next line
+            lines.append(' ' * 31 + line.strip()[1:].strip())
+    return '\n'.join(lines)
 
 
 def _convert(val, default, key, script):

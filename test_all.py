@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import glob
+import inspect
 import io
 import json
 import math
@@ -3791,6 +3792,32 @@ def run_main(main, argv, monkeypatch, capsys):
 def files_under(path):
     """Every file under `path`, relative to it (hidden ones included)."""
     return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.mark.parametrize('main, argv, config', [
+    (TR.main, ['--game=chess', '--preset=cpu', '--n_layer=3', '-h'], None),  # None: the chess cpu preset's
+    (EV.main, ['--help', '--n_test=7'], EV.EvalConfig(n_test=7)),
+    (D.main, ['--help'], D.DataConfig()),
+    (bench.main, ['--help'], bench.BenchConfig()),
+])
+def test_help_lists_every_option_with_its_value_and_comment(main, argv, config, tmp_path, monkeypatch, capsys):
+    if config is None:  # train.py: the defaults, then the preset for the game, then the command line
+        common, per_game = TR.PRESETS['cpu']
+        config = TR.TrainConfig(**{**common, **per_game['chess'], 'game': 'chess', 'preset': 'cpu',
+                                   'device': 'cpu', 'n_layer': 3})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', ['script.py', *argv])
+    with pytest.raises(SystemExit) as stop:
+        D.run_cli(main)
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and files_under(tmp_path) == []  # nothing made, nothing written
+    assert out.startswith(sys.modules[main.__module__].__doc__.strip().split('\n')[0])  # what the script is
+    options = [line.split()[0] for line in out.splitlines() if line.startswith('  --')]
+    assert options == [f'--{f.name}={getattr(config, f.name)}' for f in dataclasses.fields(config)]
+    source = inspect.getsource(type(config))  # each option's line carries its comment from the source
+    for line in out.splitlines():
+        if line.startswith('  --') and len(line.split(None, 1)) == 2:
+            assert line.split(None, 1)[1] in source, line
 
 
 def assert_one_line(err, *needles):

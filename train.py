@@ -186,7 +186,7 @@ now = time.time
 
 def build_config(argv):
     """Defaults, then the preset for the game, then the command line."""
-    cfg = D.parse_config(TrainConfig(), argv, 'train.py')  # first pass: learn game and preset
+    cfg = D.parse_config(TrainConfig(), argv, 'train.py', help=False)  # first pass: learn game and preset
     if cfg.game not in ('othello', 'chess'):
         raise D.UserError(f"unknown game {cfg.game!r}: use --game othello or --game chess")
     device = choose_device(cfg.device)
@@ -196,8 +196,8 @@ def build_config(argv):
     common, per_game = PRESETS[preset]
     if cfg.game not in per_game:
         raise D.UserError(f"the {preset} preset is sized for {', '.join(per_game)} only: use --preset=paper or cpu for {cfg.game}")
-    cfg = TrainConfig(**{**common, **per_game[cfg.game]})
-    cfg = D.parse_config(cfg, argv, 'train.py')  # the command line wins over the preset
+    cfg = TrainConfig(**{**common, **per_game[cfg.game], 'preset': preset, 'device': device})
+    cfg = D.parse_config(cfg, argv, 'train.py')  # the command line wins over the preset (--help: these values)
     cfg.preset, cfg.device = preset, device
     if cfg.stage not in ('lm', 'sae', 'all'):
         raise D.UserError(f"unknown stage {cfg.stage!r}: use lm, sae or all")
