@@ -4027,6 +4027,7 @@ def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
     dirs = [f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
     out = tiny_out / 'out' / 'othello'
     cfg = TR.build_config(['--preset=tiny', '--stage=sae', '--sae_expansion=10', *dirs])
+    cfg.layer = TR.resolved_layer(cfg, 2)  # as the sweep saves it: the block read, of the 2-layer model.pt
     saved = {'format': TR.SWEEP_FORMAT, 'version': TR.SWEEP_VERSION, 'part': 'saes', 'done': None, 'state': {},
              'model_sha256': D.file_digest(str(out / 'model.pt')), 'options': TR.sweep_options(cfg)}
     D.atomic_save(saved, str(out / 'sae_sweep.pt'))
@@ -4045,7 +4046,7 @@ def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
         D.atomic_save({**saved, 'version': 1}, str(out / 'sae_sweep.pt'))
         code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--resume', *dirs], monkeypatch, capsys)
         assert code == 2
-        assert_one_line(err, 'sae_sweep.pt has format version 1, this code reads 2',
+        assert_one_line(err, f'sae_sweep.pt has format version 1, this code reads {TR.SWEEP_VERSION}',
                         f'`python train.py --game othello {" ".join(dirs)} --stage sae`')  # the command for these dirs
         os.rename(out / 'sae_sweep.pt', out / 'sae_sweep.0of2.pt')  # the checkpoint of rank 0 of 2
         code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--resume', *dirs], monkeypatch, capsys)

@@ -1062,7 +1062,8 @@ def train_sae_sweep(cfg, model, model_id, tokens, val_tokens, pad_id, sweep, out
 # each model's SAEs under out/<game>/: the trained LM's and the random-init control's (evaluate.py reads them)
 SAE_DIRS = {'trained': 'saes', 'random': 'saes_random'}
 SWEEP_FORMAT = 'boardgame-saes/sae-sweep'
-SWEEP_VERSION = 2  # 2: one optimiser for the SAEs of a sweep (sae.make_optimizer), where 1 kept one each
+SWEEP_VERSION = 3  # 2: one optimiser for the SAEs of a sweep (sae.make_optimizer), where 1 kept one each;
+                   # 3: its options hold the block read, where 2 held --layer's -1 (the default depth)
 
 
 def sweep_checkpoint(cfg):
