@@ -4350,6 +4350,9 @@ def test_a_kill_9_of_the_main_process_ends_its_workers_quietly():
     finally:
         p.kill()
     assert err == ''
+    deadline = time.time() + 30  # its files closed, it may still be finishing its exit
+    while process_state(worker) not in (None, 'Z') and time.time() < deadline:
+        time.sleep(0.01)
     assert process_state(worker) in (None, 'Z')  # gone, or a zombie until its new parent reaps it
 
 
