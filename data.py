@@ -103,12 +103,12 @@ def config_help(cfg, script):
     doc = (sys.modules[type(cfg).__module__].__doc__ or '').strip().split('\n\n')
     lines = ['\n\n'.join(doc[:2]), '', f'options of {script} with the values this command line gives them',
              '(--name=value or --name value; an unknown name is an error):']
-    field = re.compile(r'    (\w+): [\w.]+ = (.+?)(?:\s+# ?(.*))?$')
+    field = re.compile(r'    (\w+): [\w.]+ = .+?(?:\s+# ?(.*))?$')  # name: type = default  # comment
     for line in inspect.getsource(type(cfg)).splitlines()[1:]:
         m = field.match(line)
         if m and m.group(1) in {f.name for f in dataclasses.fields(cfg)}:
             option = f'  --{m.group(1)}={getattr(cfg, m.group(1))}'
-            lines.append(f'{option:30s} {m.group(3) or ""}'.rstrip())
+            lines.append(f'{option:30s} {m.group(2) or ""}'.rstrip())
         elif line.startswith('    #'):  # a section
             lines.append(f'  {line.strip()}')
         elif line.strip().startswith('#'):  # a comment's next line
