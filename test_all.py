@@ -1124,6 +1124,48 @@ def test_activation_stream_holds_the_residuals_of_real_positions_only(sae_batch)
         assert torch.cdist(rows, resid[~real], **exact).min(1).values.min() > 1e-2
     again = TR.ActivationStream(model, tokens, 1, 60, cfg, seed=0, state=stream.state())
     assert torch.equal(next(again), next(stream))
+    # shuffled across the games of the buffer: neighbouring rows of a batch come from the same
+    # game about as often as any two rows do (a buffer of ~64 games), not ~80% of the time as
+    # the rows of game after game would
+    game_of_row = torch.arange(300)[:, None].expand(300, 16)[real]  # (n_real,)
+    game = game_of_row[torch.cdist(batches[0], resid[real], **exact).argmin(1)]  # (sae_batch,)
+    assert (game[1:] == game[:-1]).float().mean() < 0.2
+
+
+def test_the_default_layer_is_the_papers_relative_depth_and_layer_0_stays():
+    import train as TR
+    for n in (1, 3, 4, 5, 7, 8, 9, 12):  # (depths with no tie between two blocks)
+        block = min(range(1, n + 1), key=lambda b: abs(b / n - 6 / 8))  # 1-based, nearest to 6 of 8
+        assert TR.default_layer(n) == block - 1, n
+    assert TR.build_config(['--preset=tiny']).layer == TR.default_layer(2)  # -1 resolved
+    cfg = TR.build_config(['--preset=tiny', '--layer=0'])
+    assert cfg.layer == 0 and TR.resolved_layer(cfg, 4) == 0  # block 0 is a block, not the default
+
+
+def test_lm_step_clips_the_gradient_to_its_norm():
+    # with plain SGD at lr 1 the step moves the weights by the clipped gradient: norm grad_clip
+    import train as TR
+    model = tiny_model(seed=2)
+    x, y = torch.randint(0, 60, (4, 16)), torch.randint(0, 60, (4, 16))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    TR.lm_step(model, optimizer, scaler, contextlib.nullcontext, x, y, grad_clip=1e-3)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm()
+    assert moved.item() == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_holds_model_only_for_the_same_config_and_weights(tmp_path):
+    import train as TR
+    path = str(tmp_path / 'model_random.pt')
+    model = tiny_model(seed=3)
+    assert not TR.holds_model(path, model)  # no file
+    save_checkpoint(path, model, 'othello', {'iter': 0})
+    assert TR.holds_model(path, model) and TR.holds_model(path, tiny_model(seed=3))
+    assert not TR.holds_model(path, tiny_model(seed=4))  # another seed: other weights
+    torch.manual_seed(3)
+    wider = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=3, n_head=2, n_embd=64, pad_id=60))
+    assert not TR.holds_model(path, wider)
 
 
 def test_tiny_lm_overfits_one_batch():
