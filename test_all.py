@@ -3972,6 +3972,35 @@ def test_a_bf16_sweep_scores_its_saes_as_evaluate_does_in_fp32(tiny_out, tmp_pat
         assert sae.meta['final'] == pytest.approx(metrics.sae_scores(sae, held_out), rel=1e-6, abs=1e-9)
 
 
+def test_a_sweeps_lr_schedule_and_its_activations_a_second(tiny_out, tmp_path, monkeypatch):
+    # the SAE lr: linear warm-up over --sae_warmup steps ((s+1)/w), then constant, then a linear
+    # decay over the last 20% of steps (5(1 - s/n)): by hand for 10 steps, warm-up 4, lr 1e-2.
+    # The speed saved in each file: the steps after the first (which compiles, under
+    # --sae_compile) on a fake clock, 10 s for the first and 0.5 s each after it: 9 steps of
+    # B activations through each of the 2 SAEs in 4.5 s
+    cfg = TR.build_config(['--preset=tiny', '--dtype=float32', '--sae_steps=10', '--sae_warmup=4', '--sae_lr=1e-2',
+                           '--sae_minutes=0', '--sae_log_interval=100', f'--data_dir={tiny_out}/data'])
+    model, _ = load_checkpoint(str(tiny_out / 'out' / 'othello' / 'model.pt'), 'othello')
+    train, val = TR.ensure_data(cfg, lambda _: None)
+    lrs, clock, train_step = [], [0.0], TR.train_step
+
+    def timed_step(saes, optimizer, x, step, lr, losses):
+        lrs.append(lr)
+        clock[0] += 10.0 if step == 0 else 0.5
+        return train_step(saes, optimizer, x, step, lr, losses)
+
+    monkeypatch.setattr(TR, 'train_step', timed_step)
+    monkeypatch.setattr(TR.time, 'perf_counter', lambda: clock[0])
+    sweep = [('topk', {'k': 4}), ('standard', {'coef': 1.0})]
+    with torch_threads(1):
+        TR.train_sae_sweep(cfg, model, {'random_init': True}, train['tokens'], val['tokens'], train['pad_id'], sweep,
+                           str(tmp_path), log=lambda _: None)
+    assert lrs == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2, 1e-2, 1e-2, 1e-2, 5e-3], rel=1e-9)
+    for arch, setting in sweep:
+        meta = S.load(str(tmp_path / f'{TR.sae_name(arch, setting)}.pt')).meta
+        assert meta['acts_per_s'] == pytest.approx(9 * cfg.sae_batch * 2 / 4.5) and meta['steps'] == 10
+
+
 def test_an_sae_starts_from_the_init_of_its_name_in_any_sweep():
     # its seed comes from its name: the control's SAE starts as the sweep's of the same name (a
     # paired comparison of the trained and random-init models), whatever else either trains
@@ -4076,7 +4105,9 @@ def test_a_sweep_resumes_only_as_it_was_started(tiny_out, monkeypatch, capsys):
     before = files_under(tiny_out)
     try:
         for argv, needles in ((['--sae_steps=7'], ('sae_sweep.pt is a sweep with --sae_steps=40', 'resume with it')),
-                              (['--seed=1'], ('--seed=1337',))):
+                              (['--seed=1'], ('--seed=1337',)), (['--layer=0'], ('a sweep with --layer=1',)),
+                              (['--anneal_start=0.5'], (f'a sweep with --anneal_start={cfg.anneal_start}',)),
+                              (['--control=none'], (f'a sweep with --control={cfg.control}',))):
             code, err = run_main(TR.main, ['--preset=tiny', '--stage=sae', '--sae_expansion=10', '--resume', *argv, *dirs], monkeypatch, capsys)
             assert code == 2
             assert_one_line(err, *needles)
