@@ -1232,7 +1232,9 @@ def test_train_tiny_othello_then_resume(tmp_path, capsys):
     assert ckpt['train_config']['max_iters'] == 40
     # one more iteration from the checkpoint moves each weight by at most about the lr (Adam), far
     # less than a fresh model differs from it; and AdamW counts on from its loaded 40 steps
-    TR.train_lm(TR.build_config(common[1:] + ['--max_iters=41', '--resume', '--dtype=float32']), log=lambda s: None)
+    # (an --lm_minutes that never binds: a finished run goes on with a higher --max_iters)
+    TR.train_lm(TR.build_config(common[1:] + ['--max_iters=41', '--resume', '--dtype=float32', '--lm_minutes=60']),
+                log=lambda s: None)
     one_more = torch.load(path, weights_only=True)
     assert one_more['iter'] == 41 and one_more['model'].keys() == ckpt['model'].keys()
     moved = max((one_more['model'][k] - v).abs().max().item() for k, v in ckpt['model'].items())
@@ -1240,7 +1242,7 @@ def test_train_tiny_othello_then_resume(tmp_path, capsys):
     fresh_gap = max((fresh[k] - v).abs().max().item() for k, v in ckpt['model'].items())
     assert moved < 2 * ckpt['train_config']['lr'] < fresh_gap / 10
     assert {float(s['step']) for s in one_more['optimizer']['state'].values()} == {41.0}
-    TR.main(common[1:] + ['--max_iters=60', '--resume'])
+    TR.main(common[1:] + ['--max_iters=60', '--resume', '--lm_minutes=60'])
     out = capsys.readouterr().out
     assert 'resuming' in out and 'from iter 41' in out
     assert 'iter 60/60' in out and 'iter 20/60' not in out  # continued from 41, not restarted
