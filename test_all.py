@@ -3435,7 +3435,8 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     # the config saved is the resolved one: --layer's default (-1) is the block read
     assert sae.meta['train_config']['layer'] == sae.meta['layer'] == TR.default_layer(2) == 1
     assert "'layer': 1," in out.split('train.py config:')[1].split('\n')[0]  # and so is the one printed
-    rc, out = run_script('evaluate.py', '--game=othello', '--n_train=50', '--n_test=50', '--probe_steps=20', *dirs)
+    # 40 of the 50 games after the train split: the test split ends before the labels do
+    rc, out = run_script('evaluate.py', '--game=othello', '--n_train=50', '--n_test=40', '--probe_steps=20', *dirs)
     assert rc == 0, out
     # the log says where the SAE rows' time went: three parts, each timed, that fit in the rows' time
     parts = re.search(rf"the {len(saes) + len(S.ARCHS)} SAE rows' time in: model passes ([0-9.]+)s, "
@@ -3463,10 +3464,36 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert os.path.getsize(f'{tmp_path}/out/othello/pareto.png') > 0
     # evaluate lines activations up with labels: an off-by-one position or a train/test swap
     # changes these numbers
+    assert (results['config']['n_train'], results['config']['n_test'], results['config']['n_unsup_games']) == (50, 40, 40)
+    val = D.load_data('othello', 'val', f'{tmp_path}/data')
     for sub, name, kind in (('saes', 'topk_k10', 'trained'), ('saes_random', 'batch_topk_k40', 'random')):
-        want = recomputed_scores(tmp_path, 'othello', f'{tmp_path}/out/othello/{sub}/{name}.pt', 50, 50)[0]
+        path = f'{tmp_path}/out/othello/{sub}/{name}.pt'
+        want = recomputed_scores(tmp_path, 'othello', path, 50, 40)[0]
         got = rows[f'{name}/{kind}']
         assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-6)
+        # L0, variance explained and loss recovered: on the non-pad inputs of the first 40 test
+        # games, through the model the SAE read (a random-init model's zeroed stream does not
+        # raise its loss: no loss to recover, None)
+        sae = S.load(path)
+        model = load_checkpoint(f"{tmp_path}/out/othello/{'model_random.pt' if kind == 'random' else 'model.pt'}")[0].eval()
+        tokens = val['tokens'][50:90, :60].long()
+        real = tokens[:, :-1] != val['pad_id']
+        with torch.no_grad():
+            resid = model.residual(tokens[:, :-1], sae.meta['layer'])  # (40, 59, d)
+        unsup, x_hat = metrics.sae_scores(sae, resid[real], reconstruction=True)
+        replaced = resid.clone()
+        replaced[real] = x_hat
+        ce = metrics.loss_recovered(model, tokens, sae.meta['layer'], replaced)
+        assert got['l0'] == pytest.approx(unsup['l0'], rel=1e-6)
+        assert got['explained_variance'] == pytest.approx(unsup['explained_variance'], abs=1e-6)
+        assert got['ce_loss_score'] == (None if math.isnan(ce) else pytest.approx(ce, abs=1e-6))
+        assert got['d_sae'] == sae.cfg['d_sae'] == 8 * 32  # the tiny preset: expansion 8 of width 32
+    # a split asked for beyond the labels falls back to the labelled games after the train split
+    ev = EV.Evaluation(EV.EvalConfig(n_train=30, n_test=1000, device='cpu', data_dir=f'{tmp_path}/data',
+                                     out_dir=f'{tmp_path}/out'),
+                       log=lambda _: None)
+    assert (ev.cfg.n_train, ev.cfg.n_test) == (30, 70)  # 100 labelled
+    assert ev.where['test'][0].min() == 30 and ev.where['test'][0].max() == 99
     # the rest in this process (the command lines above already ran as a user runs them)
     capsys.readouterr()
     EV.main(['--game=othello', '--feature=topk_k160:3', *dirs])  # k 160 of 256: it fires
