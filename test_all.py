@@ -3969,6 +3969,47 @@ def tiny_out(tmp_path_factory):
     return root
 
 
+def test_evaluate_on_a_short_context_skips_stale_saes_and_fits_probes_on_train(tiny_out, tmp_path, monkeypatch):
+    # a model of context 20 (the games are longer: only labels at inputs 0..19 count), one SAE at
+    # block 0 of 2 (the baselines read the SAEs' block, not the default 1), one trained on another
+    # model.pt and one control without model_random.pt (both skipped, each with a line)
+    import evaluate as EV
+    shutil.copytree(tiny_out / 'data', tmp_path / 'data')
+    out = tmp_path / 'out' / 'othello'
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=61, block_size=20, n_layer=2, n_head=2, n_embd=16, pad_id=60)).eval()
+    save_checkpoint(str(out / 'model.pt'), model, 'othello', {'iter': 5})
+    sae = S.make_sae('topk', 16, 32, k=4, total_steps=1)
+    for sub, name, digest in (('saes', 'topk_k4', D.file_digest(str(out / 'model.pt'))), ('saes', 'topk_old', 'another'),
+                              ('saes_random', 'topk_k4', 'any')):
+        S.save(sae, str(out / sub / f'{name}.pt'), {'name': name, 'game': 'othello', 'layer': 0, 'model': {'sha256': digest}})
+    fits, scored, fit = [], [], metrics.fit_linear_probe
+    monkeypatch.setattr(metrics, 'fit_linear_probe', lambda x, lab, **kw: fits.append((len(x), fit(x, lab, **kw))) or fits[-1][1])
+    probe_scores = metrics.probe_scores
+    monkeypatch.setattr(metrics, 'probe_scores', lambda logits, lab: scored.append(len(logits)) or probe_scores(logits, lab))
+    logs = []
+    rows = EV.evaluate(EV.EvalConfig(n_train=4, n_test=3, probe_steps=5, device='cpu', data_dir=str(tmp_path / 'data'),
+                                     out_dir=str(tmp_path / 'out')), log=logs.append)
+    skipped = [line for line in logs if line.startswith('skip ')]
+    assert len(skipped) == 2 and 'saes/topk_old.pt' in skipped[0] and 'saes_random/topk_k4.pt' in skipped[1]
+    assert [r['name'] for r in rows if r['arch'] == 'topk'] == ['topk_k4'] and all(r['layer'] == 0 for r in rows)
+    # the splits, from the labels (10 games): games 0..3 label the features and fit the probe,
+    # 4..6 score
+    labels = D.load_data('othello', 'labels', str(tmp_path / 'data'))
+    g, p = labels['game_idx'], labels['pos']
+    train, test = (g < 4) & (p < 20), (g >= 4) & (g < 7) & (p < 20)
+    assert [n for n, _ in fits] == [int(train.sum())] and set(scored) == {int(test.sum())} != {int(train.sum())}
+    # the probes as a dictionary: each element's probability (not its logit) as a feature, all
+    # 192 of them (mine/theirs, then legal) competing for each element of a set
+    tokens = D.load_data('othello', 'val', str(tmp_path / 'data'))['tokens'][:4, :20].long()
+    with torch.no_grad():
+        x_train = model.residual(tokens, 0)[g[train], p[train]]  # (P, 16)
+        probability = torch.sigmoid(fits[0][1](x_train))  # (P, 192)
+    assert list(labels['sets']) == ['mine_theirs', 'legal']
+    want = metrics.coverage(probability, labels['sets']['mine_theirs'][train])
+    assert next(r for r in rows if r['name'] == 'probe_dictionary')['coverage_mine_theirs'] == pytest.approx(want, abs=1e-9)
+
+
 def test_layer_and_resume_are_checked_against_the_checkpoint(tiny_out, monkeypatch, capsys):
     dirs = [f'--data_dir={tiny_out}/data', f'--out_dir={tiny_out}/out']
     before = files_under(tiny_out)
