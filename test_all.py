@@ -3969,6 +3969,21 @@ def tiny_out(tmp_path_factory):
     return root
 
 
+def test_the_best_row_per_architecture_is_the_best_mean_reconstruction():
+    # two TopK SAEs: A reconstructs the board better (0.8 and 0.6 against 0.3 and 0.5: mean 0.7
+    # against 0.4), B covers it better; the "Best" table keeps A, the full table both
+    import evaluate as EV
+    def row(name, rec, cov, model='trained'):
+        return {'name': name, 'arch': 'topk', 'model': model, 'l0': 10.0, 'explained_variance': 0.9,
+                'ce_loss_score': 0.9, 'dead_fraction': 0.0, 'coverage_board': cov, 'reconstruction_board': rec[0],
+                'coverage_legal': cov, 'reconstruction_legal': rec[1]}
+    rows = [row('topk_b', (0.3, 0.5), 0.9), row('topk_a', (0.8, 0.6), 0.1), row('topk_c', (0.5, 0.1), 0.5, 'random')]
+    text = EV.report(EV.EvalConfig(), rows, ['board', 'legal'], 1.0)
+    best = text.split('## Best per architecture')[1].split('## All')[0]
+    assert '| topk_a | trained |' in best and '| topk_b |' not in best and '| topk_c | random |' in best
+    assert all(f'| {n} |' in text.split('## All')[1] for n in ('topk_a', 'topk_b', 'topk_c'))
+
+
 def test_evaluate_on_a_short_context_skips_stale_saes_and_fits_probes_on_train(tiny_out, tmp_path, monkeypatch):
     # a model of context 20 (the games are longer: only labels at inputs 0..19 count), one SAE at
     # block 0 of 2 (the baselines read the SAEs' block, not the default 1), one trained on another
