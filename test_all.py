@@ -3565,6 +3565,66 @@ def test_the_bench_ceiling_is_the_best_size(gflops, want, monkeypatch):
     assert tried == sorted(gflops)  # each size up to the last the budget allows, none beyond
 
 
+def test_bench_figures_are_the_rates_of_their_times(monkeypatch, capsys):
+    # every step "takes" 2 microseconds (nothing runs), against ceilings of 1000 GFLOP/s (fp32)
+    # and 4000 (bf16): each printed figure, recomputed here from its documented FLOP count
+    import bench
+    import train as TR
+    seconds, ceilings = 2e-6, {'float32': 1000.0, 'bfloat16': 4000.0}
+    monkeypatch.setattr(bench, 'timed', lambda fn, *a, **kw: seconds)
+    monkeypatch.setattr(bench, 'first_call', lambda fn, device: 1.0)
+    monkeypatch.setattr(bench, 'bf16_known_slower', lambda *a: '')  # bf16 timed too
+    monkeypatch.setitem(bench.SHAPES, 'cpu', {'lm': (2, 2, 16, 8, 4), 'sae': (8, 256, 32)})
+    cfg = bench.BenchConfig(seconds=0.01)
+    number = lambda text: float(text.replace(',', ''))
+
+    def check(line, rate, flop, ceiling):  # "<rate> <unit>/s = <GFLOP/s> GFLOP/s, <%> of the ..."
+        m = re.search(r'([0-9,.]+) (?:tok|act)/s(?: through all \d+ SAEs \([0-9.]+M SAE-act/s\))? = +([0-9.]+) '
+                      r'GFLOP/s, +([0-9]+)% of the', line)
+        assert m, line
+        assert number(m[1]) == pytest.approx(rate, abs=0.5) and number(m[2]) == pytest.approx(rate * flop / 1e9, abs=0.05)
+        assert int(m[3]) == round(100 * rate * flop / 1e9 / ceiling), line
+
+    # the LM: tokens a step B x T (the inputs), FLOP a token 6 x parameters (no position
+    # embedding; the tied head once) + 12 x layers x width x context
+    bench.bench_lm(cfg, ceilings)
+    lines = capsys.readouterr().out.splitlines()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=33, block_size=8, n_layer=2, n_head=2, n_embd=16, pad_id=32))
+    n_params = sum(p.numel() for name, p in model.named_parameters() if 'wpe' not in name)
+    for line, dtype in zip(lines[1:], ('float32', 'bfloat16')):
+        check(line, 4 * 8 / seconds, 6 * n_params + 12 * 2 * 16 * 8, ceilings[dtype])
+    # an SAE: FLOP an activation 10 x d_in x d_sae, against its matmuls' precision's ceiling
+    bench.bench_sae(cfg, ceilings)
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 2 * len(S.ARCHS)
+    for line in lines:
+        check(line, 32 / seconds, 10 * 8 * 256, ceilings['bfloat16' if 'bfloat16' in line else 'float32'])
+    # the GPU's sweep (its branches run here): n SAEs, each doing the FLOP of one a step, against
+    # the bf16 ceiling; the host floor's cap and each architecture's 3 SAEs alike
+    monkeypatch.setattr(bench, 'on_gpu', lambda cfg: True)
+    monkeypatch.setattr(bench, 'choose_precision', lambda *a, **kw: ('bfloat16', ''))
+    monkeypatch.setitem(bench.SHAPES, 'cuda', {'lm': (2, 2, 16, 8, 4), 'sae': (8, 256, 32)})
+    monkeypatch.setattr(TR, 'SWEEP', {arch: TR.SWEEP[arch] for arch in ('standard', 'topk')})
+    bench.bench_sweep(cfg, ceilings)
+    out = capsys.readouterr().out
+    n, flop = 6, 10 * 8 * 256
+    cap = re.search(r'at most ([0-9,]+) act/s = ([0-9.]+) GFLOP/s, ([0-9]+)% of the bf16', out)
+    assert number(cap[1]) == pytest.approx(32 / seconds, abs=0.5)
+    assert number(cap[2]) == pytest.approx(n * 32 / seconds * flop / 1e9, abs=0.05)
+    assert int(cap[3]) == round(100 * n * 32 / seconds * flop / 1e9 / 4000)
+    for mode in ('eager', 'compiled', 'graphs'):
+        line = re.search(rf'the whole sweep, {mode}: .*', out)[0]
+        assert f'through all {n} SAEs' in line
+        check(line, 32 / seconds, n * flop, 4000)
+    for arch in ('standard', 'topk'):
+        figures = re.findall(r'\| \w+ +([0-9.]+) GFLOP/s, +([0-9]+)%', re.search(rf'  {arch} +x3 .*', out)[0])
+        assert len(figures) == 3
+        for gflops, share in figures:
+            assert float(gflops) == pytest.approx(3 * 32 / seconds * flop / 1e9, abs=0.05)
+            assert int(share) == round(100 * 3 * 32 / seconds * flop / 1e9 / 4000)
+
+
 def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
     # bench.py --device=cuda's branches (the compiled LM, the whole compiled sweep), run here on
     # the CPU at small shapes with dynamo's plain 'eager' backend standing in for the GPU's
