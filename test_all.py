@@ -3249,6 +3249,16 @@ def test_linear_probe_separable():
     assert 0 < sum(fp) + sum(fn)  # not a perfect probe: the counts above are not all trivial
 
 
+def test_linear_probe_starts_at_the_base_rate():
+    # zero weights and the base-rate bias: with no step taken, each element's probability is
+    # its frequency on the train set, at every input
+    g = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(200, 6, generator=g), torch.rand(200, 4, generator=g) < torch.tensor([0.1, 0.3, 0.5, 0.8])
+    probe = metrics.fit_linear_probe(x, labels, steps=0)
+    want = labels.float().mean(0).expand(50, 4)
+    torch.testing.assert_close(torch.sigmoid(probe(torch.randn(50, 6, generator=g))), want, rtol=0, atol=1e-6)
+
+
 def test_linear_probe_reaches_the_optimum_on_correlated_inputs():
     """Inputs mixed so that their scales span 300x (as a residual stream's directions do), labels
     drawn from a logistic model of the hidden factors: the default fit's train loss equals the
@@ -4518,6 +4528,26 @@ def test_ctrl_c_while_torch_loads_stops_quietly(script, tmp_path):
         p.kill()
     assert p.returncode == -signal.SIGINT and err == ''
     assert files_under(tmp_path) == []
+
+
+def test_a_set_interrupted_among_its_renames_shows_as_incomplete(tmp_path, monkeypatch):
+    # atomic_write of a set (data.py's train, val, labels): its last file goes before the renames,
+    # so Ctrl-C after the first rename leaves no old labels.pt to vouch for a mixed set
+    paths = [tmp_path / name for name in ('train.pt', 'val.pt', 'labels.pt')]
+    for path in paths:
+        path.write_text('old')
+    replace, renamed = os.replace, []
+
+    def interrupted(src, dst):
+        renamed.append(dst)
+        if len(renamed) == 2:
+            raise KeyboardInterrupt
+        replace(src, dst)
+    monkeypatch.setattr(os, 'replace', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        D.atomic_write({str(path): (lambda tmp: open(tmp, 'w').write('new')) for path in paths})
+    assert [p.read_text() if p.exists() else None for p in paths] == ['new', 'old', None]
+    assert files_under(tmp_path) == ['train.pt', 'val.pt']  # no temp file either
 
 
 def test_a_kill_while_writing_leaves_the_previous_file_and_no_temp(tmp_path):
