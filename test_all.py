@@ -1320,6 +1320,24 @@ def test_orthogonalize_keeps_the_singular_vectors_and_evens_the_values(shape):
     torch.testing.assert_close(orthogonalize(stack), torch.stack([orthogonalize(g) for g in stack]), rtol=1e-12, atol=1e-12)
 
 
+def test_muon_steps_follow_its_nesterov_formula():
+    # two steps on one matrix with chosen gradients, against the docstring's formula:
+    # buf = mu buf + g; u = g + mu buf; W <- W - lr wd W - lr 0.2 sqrt(max(m, n)) orthogonalize(u)
+    from model import Muon, orthogonalize
+    g = torch.Generator().manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(8, 4, generator=g))
+    grads = [torch.randn(8, 4, generator=g) for _ in range(2)]
+    lr, wd, mu = 0.01, 0.1, 0.95
+    optimizer = Muon([{'params': [W], 'muon': True, 'weight_decay': wd}], lr=lr, momentum=mu)
+    want, buf = W.detach().clone(), torch.zeros(8, 4)
+    for grad in grads:
+        W.grad = grad.clone()
+        optimizer.step()
+        buf = mu * buf + grad
+        want = want * (1 - lr * wd) - lr * 0.2 * math.sqrt(8) * orthogonalize((grad + mu * buf)[None])[0]
+    torch.testing.assert_close(W.detach(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_muon_is_adamw_off_the_blocks_and_takes_adamw_sized_steps_on_them():
     from model import GPT, GPTConfig, orthogonalize
     torch.manual_seed(0)
