@@ -3643,7 +3643,7 @@ def test_bench_figures_are_the_rates_of_their_times(monkeypatch, capsys):
     assert int(cap[3]) == round(100 * n * 32 / seconds * flop / 1e9 / 4000)
     for mode in ('eager', 'compiled', 'graphs'):
         line = re.search(rf'the whole sweep, {mode}: .*', out)[0]
-        assert f'through all {n} SAEs' in line
+        assert f'through all {n} SAEs ({n * 32 / seconds / 1e6:.2f}M SAE-act/s)' in line, line
         check(line, 32 / seconds, n * flop, 4000)
     for arch in ('standard', 'topk'):
         figures = re.findall(r'\| \w+ +([0-9.]+) GFLOP/s, +([0-9]+)%', re.search(rf'  {arch} +x3 .*', out)[0])
@@ -3651,6 +3651,10 @@ def test_bench_figures_are_the_rates_of_their_times(monkeypatch, capsys):
         for gflops, share in figures:
             assert float(gflops) == pytest.approx(3 * 32 / seconds * flop / 1e9, abs=0.05)
             assert int(share) == round(100 * 3 * 32 / seconds * flop / 1e9 / 4000)
+    # Othello: 20 naive games a call against 100,000 vectorised ones, each call the same seconds
+    bench.bench_othello(cfg, ceilings)
+    assert capsys.readouterr().out == (f'othello generation: vectorised {1e5 / seconds:,.0f} games/s, '
+                                       f'naive Python {20 / seconds:,.0f} games/s -> 5000x\n')
 
 
 def test_bench_gpu_set_runs_on_the_cpu_at_small_shapes(monkeypatch, capsys):
