@@ -2720,6 +2720,20 @@ def _assert_clear_error(path, game=None):
     return message
 
 
+def test_digests_read_every_byte(tmp_path):
+    # the digests a resume and evaluate.py compare: a difference in the last token of the last
+    # game, or in the last byte of a file past a few MiB (a model.pt is hundreds), is another digest
+    tokens = torch.zeros(100, 60, dtype=torch.uint8)
+    other = tokens.clone()
+    other[-1, -1] = 1
+    assert D.tokens_digest(tokens) != D.tokens_digest(other) and D.tokens_digest(tokens) == D.tokens_digest(tokens.clone())
+    data = bytearray(3 * 2 ** 20)
+    (tmp_path / 'a').write_bytes(bytes(data))
+    data[-1] = 1
+    (tmp_path / 'b').write_bytes(bytes(data))
+    assert D.file_digest(tmp_path / 'a') != D.file_digest(tmp_path / 'b')
+
+
 def test_load_errors_are_clear(tmp_path):
     _assert_clear_error(tmp_path / 'missing.pt')
     _assert_clear_error(tmp_path / 'missing.pt', game='chess')
@@ -2745,6 +2759,9 @@ def test_load_errors_are_clear(tmp_path):
     checkpoint['version'] = 0
     torch.save(checkpoint, wrong_version)
     assert 'version' in _assert_clear_error(wrong_version)
+    del checkpoint['version']  # none at all is not this code's version either
+    torch.save(checkpoint, wrong_version)
+    assert 'has format version None' in _assert_clear_error(wrong_version)
 
     truncated = tmp_path / 'truncated.pt'
     S.save(sae, str(truncated), {})
@@ -4022,6 +4039,7 @@ def assert_one_line(err, *needles):
     (D.main, ['--n_games=-5'], '--n_games=-5'),
     (D.main, ['--n_val=-3'], '--n_val=-3'),
     (D.main, ['--workers=0'], '--workers=0'),
+    (D.main, ['--n_label_games=0'], '--n_label_games=0'),
     (D.main, ['--game=chess', '--max_chars=1'], '--max_chars=1'),
     (EV.main, ['--n_train=0'], '--n_train=0'),
     (EV.main, ['--batch_size=-1'], '--batch_size=-1'),
@@ -4552,24 +4570,26 @@ def test_ctrl_c_while_torch_loads_stops_quietly(script, tmp_path):
     assert files_under(tmp_path) == []
 
 
-def test_a_set_interrupted_among_its_renames_shows_as_incomplete(tmp_path, monkeypatch):
-    # atomic_write of a set (data.py's train, val, labels): its last file goes before the renames,
-    # so Ctrl-C after the first rename leaves no old labels.pt to vouch for a mixed set
-    paths = [tmp_path / name for name in ('train.pt', 'val.pt', 'labels.pt')]
+@pytest.mark.parametrize('names', [('results.json', 'results.md'), ('train.pt', 'val.pt', 'labels.pt')])
+def test_a_set_interrupted_among_its_renames_shows_as_incomplete(names, tmp_path, monkeypatch):
+    # atomic_write of a set (data.py's train, val, labels; evaluate.py's results): its last file
+    # goes before the renames, so Ctrl-C after the first rename leaves no old last file to vouch
+    # for a mixed set
+    paths = [tmp_path / name for name in names]
     for path in paths:
         path.write_text('old')
     replace, renamed = os.replace, []
 
     def interrupted(src, dst):
         renamed.append(dst)
-        if len(renamed) == 2:
+        if len(renamed) == len(paths) - 1:
             raise KeyboardInterrupt
         replace(src, dst)
     monkeypatch.setattr(os, 'replace', interrupted)
     with pytest.raises(KeyboardInterrupt):
         D.atomic_write({str(path): (lambda tmp: open(tmp, 'w').write('new')) for path in paths})
-    assert [p.read_text() if p.exists() else None for p in paths] == ['new', 'old', None]
-    assert files_under(tmp_path) == ['train.pt', 'val.pt']  # no temp file either
+    assert [p.read_text() if p.exists() else None for p in paths] == ['new'] * (len(paths) - 2) + ['old', None]
+    assert files_under(tmp_path) == sorted(names[:-1])  # no temp file either
 
 
 def test_a_kill_while_writing_leaves_the_previous_file_and_no_temp(tmp_path):
