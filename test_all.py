@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import glob
+import hashlib
 import inspect
 import io
 import json
@@ -2718,6 +2719,34 @@ def _assert_clear_error(path, game=None):
     assert str(path) in message
     assert f'python train.py --game {game or "<game>"} --stage sae' in message
     return message
+
+
+def test_choose_device_refuses_a_device_this_machine_lacks(monkeypatch):
+    import model as M
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    assert M.choose_device('cuda') == 'cuda' and M.choose_device('cuda:0') == 'cuda:0'
+    with pytest.raises(D.UserError, match='has 1 CUDA device'):
+        M.choose_device('cuda:1')  # devices 0..count-1
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    for name in ('cuda', 'cuda:0'):
+        with pytest.raises(D.UserError, match='not available here'):
+            M.choose_device(name)
+
+
+def test_chess_game_seeds_differ_across_seed_and_game():
+    # the seed of game i of --seed s: sha256 of 'chess:s:i' (so seed 1's game 23 is not seed 12's game 3)
+    assert D.chess_game_seed(1337, 0) == int.from_bytes(hashlib.sha256(b'chess:1337:0').digest()[:8], 'little')
+    assert D.chess_game_seed(1, 23) != D.chess_game_seed(12, 3)
+
+
+def test_data_of_another_game_is_refused(tmp_path):
+    # an Othello set copied into data/chess/ is not chess data
+    D.prepare(D.DataConfig(game='othello', n_games=20, n_val=10, n_label_games=5, workers=1,
+                           data_dir=str(tmp_path / 'data')), log=lambda _: None)
+    shutil.copytree(tmp_path / 'data' / 'othello', tmp_path / 'data' / 'chess')
+    with pytest.raises(D.DataError, match='holds othello data, not chess'):
+        D.load_data('chess', 'train', str(tmp_path / 'data'))
 
 
 def test_digests_read_every_byte(tmp_path):
