@@ -247,21 +247,21 @@ def build_config(argv):
                           f"larger --anneal_start or --sae_steps, or --sae_minutes=0")
     if cfg.stage != 'sae' and not cfg.resume:  # else the checkpoint's n_layer and n_embd decide, once loaded
         check_layer(cfg, cfg.n_layer, f'--n_layer={cfg.n_layer}')
-        cfg.layer = resolved_layer(cfg, cfg.n_layer)
         if cfg.stage == 'all':  # an LM alone may be narrow: its SAEs' width is checked when they train
             check_width(cfg, cfg.n_embd, f'--n_embd={cfg.n_embd}')
     return cfg
 
 
 def check_layer(cfg, n_layer, source):
-    """--layer must name a block of the model the SAEs read: -1 or 0..n_layer-1."""
+    """--layer must name a block of the model the SAEs read: -1 or 0..n_layer-1. Then -1 becomes
+    that block (resolved_layer), so that the config printed and saved holds the block read."""
     if cfg.layer >= n_layer:
         raise D.UserError(f"train.py: --layer={cfg.layer} is not allowed: use -1 or 0..{n_layer - 1} ({source})")
+    cfg.layer = resolved_layer(cfg, n_layer)
 
 
 def resolved_layer(cfg, n_layer):
-    """The block the SAEs read: --layer, or for -1 the default depth of an n_layer model, which
-    the config printed and saved then holds."""
+    """The block the SAEs read: --layer, or for -1 the default depth of an n_layer model."""
     return cfg.layer if cfg.layer >= 0 else default_layer(n_layer)
 
 
@@ -1107,7 +1107,6 @@ def train_saes(cfg, log=print):
     model, ckpt = load_checkpoint(ckpt_path, cfg.game, cfg.device, D.dir_args(cfg.data_dir, cfg.out_dir))
     check_layer(cfg, model.config.n_layer, f"{ckpt_path} has {model.config.n_layer} layers")
     check_width(cfg, model.config.n_embd, f"{ckpt_path} has width {model.config.n_embd}")
-    cfg.layer = resolved_layer(cfg, model.config.n_layer)  # (--stage sae, --resume) files save the block read
     model_id = {'path': ckpt_path, 'iter': ckpt['iter'], 'sha256': D.file_digest(ckpt_path), 'random_init': False}
     sweep_path = sweep_checkpoint(cfg)
     saved = {'part': 'saes', 'state': None}
