@@ -104,9 +104,10 @@ def config_help(cfg, script):
     lines = ['\n\n'.join(doc[:2]), '', f'options of {script} with the values this command line gives them',
              '(--name=value or --name value; an unknown name is an error):']
     field = re.compile(r'    (\w+): [\w.]+ = .+?(?:\s+# ?(.*))?$')  # name: type = default  # comment
+    names = {f.name for f in dataclasses.fields(cfg)}
     for line in inspect.getsource(type(cfg)).splitlines()[1:]:
         m = field.match(line)
-        if m and m.group(1) in {f.name for f in dataclasses.fields(cfg)}:
+        if m and m.group(1) in names:
             option = f'  --{m.group(1)}={getattr(cfg, m.group(1))}'
             lines.append(f'{option:30s} {m.group(2) or ""}'.rstrip())
         elif line.startswith('    #'):  # a section
