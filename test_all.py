@@ -3468,12 +3468,16 @@ def recomputed_scores(root, game, sae_path, n_train, n_test):
     """One SAE's coverage and board reconstruction per BSP set, recomputed from the files alone:
     the residual stream of the SAE's model at each label's (game, pos) in the val games, games
     0..n_train-1 for train and the next n_test for test; a nested set is the mean over its
-    properties. Written from evaluate.py's docstring, not its code."""
+    properties. Then its L0, variance explained and loss recovered (None where zeroing the stream
+    does not raise the loss) on the non-pad inputs of the first min(200, n_test) test games
+    (evaluate.py's --n_unsup_games), through the same model. Written from evaluate.py's
+    docstring, not its code."""
     sae = S.load(sae_path)
     model_file = 'model_random.pt' if sae.meta['model']['random_init'] else 'model.pt'
     model = load_checkpoint(f'{root}/out/{game}/{model_file}', game)[0].eval()
     labels = D.load_data(game, 'labels', f'{root}/data')
-    tokens = D.load_data(game, 'val', f'{root}/data')['tokens'][:, :model.config.block_size].long()
+    val = D.load_data(game, 'val', f'{root}/data')
+    tokens = val['tokens'][:, :model.config.block_size].long()
     g, p = labels['game_idx'], labels['pos']
     feats = {}
     for split, (lo, hi) in (('train', (0, n_train)), ('test', (n_train, n_train + n_test))):
@@ -3489,6 +3493,16 @@ def recomputed_scores(root, game, sae_path, n_train, n_test):
         rec = [metrics.board_reconstruction(feats['train'], l[feats['train_rows']], feats['test'], l[feats['test_rows']])
                for l in props]
         out[f'coverage_{name}'], out[f'reconstruction_{name}'] = np.mean(cov), np.mean(rec)
+    games = val['tokens'][n_train:n_train + min(200, n_test), :model.config.block_size + 1].long()
+    real = games[:, :-1] != val['pad_id']  # (n, T) the inputs that are not pads
+    with torch.no_grad():
+        resid = model.residual(games[:, :-1], sae.meta['layer'])  # (n, T, d)
+    unsup, x_hat = metrics.sae_scores(sae, resid[real], reconstruction=True)
+    replaced = resid.clone()
+    replaced[real] = x_hat
+    ce = metrics.loss_recovered(model, games, sae.meta['layer'], replaced)
+    out.update(l0=unsup['l0'], explained_variance=unsup['explained_variance'],
+               ce_loss_score=None if math.isnan(ce) else ce)
     return out, feats['train']
 
 
@@ -3539,29 +3553,15 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     # evaluate lines activations up with labels: an off-by-one position or a train/test swap
     # changes these numbers
     assert (results['config']['n_train'], results['config']['n_test'], results['config']['n_unsup_games']) == (50, 40, 40)
-    val = D.load_data('othello', 'val', f'{tmp_path}/data')
     for sub, name, kind in (('saes', 'topk_k10', 'trained'), ('saes_random', 'batch_topk_k40', 'random')):
+        # the scores, L0, variance explained and loss recovered (None for the random-init model,
+        # whose zeroed stream does not raise its loss) through the model the SAE read
         path = f'{tmp_path}/out/othello/{sub}/{name}.pt'
         want = recomputed_scores(tmp_path, 'othello', path, 50, 40)[0]
         got = rows[f'{name}/{kind}']
+        assert {'l0', 'explained_variance', 'ce_loss_score'} < set(want)
         assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-6)
-        # L0, variance explained and loss recovered: on the non-pad inputs of the first 40 test
-        # games, through the model the SAE read (a random-init model's zeroed stream does not
-        # raise its loss: no loss to recover, None)
-        sae = S.load(path)
-        model = load_checkpoint(f"{tmp_path}/out/othello/{'model_random.pt' if kind == 'random' else 'model.pt'}")[0].eval()
-        tokens = val['tokens'][50:90, :60].long()
-        real = tokens[:, :-1] != val['pad_id']
-        with torch.no_grad():
-            resid = model.residual(tokens[:, :-1], sae.meta['layer'])  # (40, 59, d)
-        unsup, x_hat = metrics.sae_scores(sae, resid[real], reconstruction=True)
-        replaced = resid.clone()
-        replaced[real] = x_hat
-        ce = metrics.loss_recovered(model, tokens, sae.meta['layer'], replaced)
-        assert got['l0'] == pytest.approx(unsup['l0'], rel=1e-6)
-        assert got['explained_variance'] == pytest.approx(unsup['explained_variance'], abs=1e-6)
-        assert got['ce_loss_score'] == (None if math.isnan(ce) else pytest.approx(ce, abs=1e-6))
-        assert got['d_sae'] == sae.cfg['d_sae'] == 8 * 32  # the tiny preset: expansion 8 of width 32
+        assert got['d_sae'] == S.load(path).cfg['d_sae'] == 8 * 32  # the tiny preset: expansion 8 of width 32
     # a split asked for beyond the labels falls back to the labelled games after the train split
     ev = EV.Evaluation(EV.EvalConfig(n_train=30, n_test=1000, device='cpu', data_dir=f'{tmp_path}/data',
                                      out_dir=f'{tmp_path}/out'),
