@@ -1205,7 +1205,7 @@ def test_checkpoint_round_trip(tmp_path):
     # the right format tag over contents this code's GPT does not take (another version's, or
     # edited by hand): one line each, naming the file
     good = torch.load(path, weights_only=True)
-    for edit, message in ((lambda c: c.pop('model'), 'lacks model'),
+    for edit, message in ((lambda c: c.pop('model'), 'lacks model'), (lambda c: c.pop('iter'), 'lacks iter'),
                           (lambda c: c['model_config'].update(bias=False), "unexpected keyword argument 'bias'"),
                           (lambda c: c['model'].pop('wte.weight'), 'Missing key')):
         bad = copy.deepcopy(good)
@@ -1763,11 +1763,17 @@ def test_missing_and_corrupt_data_files(tmp_path):
     with pytest.raises(D.UserError, match='corrupt'):
         D.load_data('othello', 'train', str(tmp_path))
     # the right format tag without what the file holds: one line naming it
-    D.atomic_save({'format': 'boardgame-saes/labels', 'version': D.FORMAT_VERSION, 'game': 'othello',
-                   'names': {}, 'game_idx': torch.zeros(0), 'pos': torch.zeros(0), 'config': {}},
-                  str(tmp_path / 'othello' / 'labels.pt'))
-    with pytest.raises(D.UserError, match=r'labels.pt lacks sets, which a boardgame-saes/labels file holds: run `python data.py'):
-        D.load_data('othello', 'labels', str(tmp_path))
+    labels = {'format': 'boardgame-saes/labels', 'version': D.FORMAT_VERSION, 'game': 'othello', 'sets': {},
+              'names': {}, 'game_idx': torch.zeros(0), 'pos': torch.zeros(0), 'config': {}}
+    for missing in ('sets', 'config'):
+        D.atomic_save({k: v for k, v in labels.items() if k != missing}, str(tmp_path / 'othello' / 'labels.pt'))
+        with pytest.raises(D.UserError, match=f'labels.pt lacks {missing}, which a boardgame-saes/labels file holds: '
+                                              'run `python data.py'):
+            D.load_data('othello', 'labels', str(tmp_path))
+    # another of the project's files in its place (the labels as train.pt): named as what it is not
+    D.atomic_save(labels, str(tmp_path / 'othello' / 'train.pt'))
+    with pytest.raises(D.UserError, match=r'train.pt is not a boardgame-saes/data file: run `python data.py'):
+        D.load_data('othello', 'train', str(tmp_path))
 
 
 def test_resume_without_checkpoint_fails_cleanly(tmp_path, monkeypatch, capsys):
@@ -2801,6 +2807,14 @@ def test_load_errors_are_clear(tmp_path):
     S.save(sae, str(othello), {'game': 'othello'})
     assert S.load(str(othello), game='othello').meta['game'] == 'othello'
     assert 'is an SAE of a model of othello, not chess' in _assert_clear_error(othello, game='chess')
+    no_game = tmp_path / 'no_game.pt'  # one whose meta records no game: not taken for any game's
+    S.save(sae, str(no_game), {})
+    assert 'is an SAE of a model of None, not othello' in _assert_clear_error(no_game, game='othello')
+    # another of the project's files (a model checkpoint) given as an SAE: named as what it is not
+    model_file = tmp_path / 'gpt.pt'
+    save_checkpoint(str(model_file), GPT(GPTConfig(vocab_size=61, block_size=8, n_layer=1, n_head=1, n_embd=8)),
+                    'othello', {'iter': 1})
+    assert 'gpt.pt is not a boardgame-saes/sae file' in _assert_clear_error(model_file, game='othello')
 
     assert issubclass(S.SAEFileError, ValueError)
 
