@@ -1338,7 +1338,8 @@ def _prepare(cfg, log):
             n_train = min(n_train, len(games) - least_val)
             n_val = min(n_val, len(games) - n_train)
             if n_train < 1 or n_val < 1:
-                raise DataError(f"{cfg.source}: only {len(games)} usable games; need at least 2")
+                raise DataError(f"{cfg.source}: only {len(games)} usable game{'s' * (len(games) != 1)}; need at "
+                                "least 2 (one to train on, one to validate)")
             games = games[:n_train + n_val]  # val is tokens[n_train:]
         itos, pad_id = CHESS_ITOS, CHESS_PAD_ID
         tokens = encode_chess(games, cfg.max_chars, pad_id).to(torch.uint8)

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import chess
+import chess.pgn
 
 import data as D
 from data import (
@@ -412,16 +413,35 @@ def test_a_short_pgn_trains_on_n_games_and_validates_on_the_rest(tmp_path):
                                data_dir=d), log=lambda _: None)
         got = tuple(len(D.load_data('chess', split, d)['tokens']) for split in ('train', 'val'))
         assert got == want, (n_games, n_val)
+    one = tmp_path / 'one.pgn'  # a single game cannot both train and validate
+    one.write_text(PGN_GOOD_1)
+    with pytest.raises(DataError, match=r'one.pgn: only 1 usable game; need at least 2 \(one to train on, one to validate\)'):
+        D.prepare(D.DataConfig(game='chess', source=str(one), workers=1, data_dir=str(tmp_path / 'one')),
+                  log=lambda _: None)
+    assert not os.path.exists(tmp_path / 'one' / 'chess' / 'train.pt')
 
 
 def test_pgn_skips_fen_variant_and_empty(tmp_path):
     fen_game = '[Event "f"]\n[SetUp "1"]\n[FEN "4k3/8/8/8/8/8/4P3/4K3 w - - 0 1"]\n\n1. e4 Kd7 *\n'
     variant = '[Event "v"]\n[Variant "Crazyhouse"]\n\n1. e4 e5 *\n'
     empty = '[Event "e"]\n[Result "*"]\n\n*\n'
+    # the start pieces set up from a FEN: the game from the start position is taken; with Black
+    # to move (or without castling rights) it is another game, skipped
+    start = '[Event "s"]\n[SetUp "1"]\n[FEN "rnbqkbnr/pppppppp/8/8/8/8/PPPPPPPP/RNBQKBNR {} KQkq - 0 1"]\n\n{} *\n'
+    black_first = start.format('b', '1... e5 2. e4')
     path = tmp_path / 'mixed.pgn'
-    path.write_text('\n'.join([fen_game, variant, empty, PGN_GOOD_1]))
+    path.write_text('\n'.join([fen_game, variant, empty, PGN_GOOD_1, black_first, start.format('w', '1. d4 d5')]))
     games, skipped = pgn_games(str(path), 10, 256, progress=lambda s: None)
-    assert len(games) == 1 and skipped == 3
+    assert games == [';1.e4 e5 2.Bc4 Nc6 3.Qh5 Nf6 4.Qxf7#', ';1.d4 d5'] and skipped == 4
+    # text python-chess's parser raises on (an IndexError: a NAG after a variation's end), between
+    # two good games: counted as skipped, and the games after it are still read
+    raises = '[Event "r"]\n\n1. g5 ) ! *\n'
+    with pytest.raises(IndexError):
+        chess.pgn.read_game(io.StringIO(raises))
+    path.write_text('\n'.join([PGN_GOOD_1, raises, PGN_GOOD_2]))
+    lines = []
+    games, skipped = pgn_games(str(path), 10, 256, progress=lines.append)
+    assert len(games) == 2 and skipped == 1 and lines == [f'pgn: 2 games from {path}, 1 skipped']
 
 def test_pgn_errors_name_the_file(tmp_path):
     empty = tmp_path / 'empty.pgn'
@@ -853,10 +873,11 @@ def test_chess_soft_targets_kept_with_the_data(tmp_path):
     assert any('stale' in line for line in lines[-3:]) and not torch.equal(remade, counts)
     train_path = D.data_paths('chess', str(tmp_path))['train']
     obj = torch.load(train_path, weights_only=True)
-    obj['config']['source'] = 'stockfish'
-    torch.save(obj, train_path)
-    with pytest.raises(D.UserError, match='needs random games'):
-        D.load_chess_soft_targets(str(tmp_path), log=lambda s: None)
+    for source in ('stockfish', '/games/lichess.pgn'):  # a PGN file's games are not random either
+        obj['config']['source'] = source
+        torch.save(obj, train_path)
+        with pytest.raises(D.UserError, match=f"needs random games: .* holds games from '{source}'"):
+            D.load_chess_soft_targets(str(tmp_path), log=lambda s: None)
 
 
 def test_chess_next_char_distributions_match_brute_force_enumeration():
