@@ -3348,6 +3348,19 @@ def test_linear_probe_separable():
     assert 0 < sum(fp) + sum(fn)  # not a perfect probe: the counts above are not all trivial
 
 
+def test_linear_probe_does_not_depend_on_the_scale_of_its_inputs():
+    # whitening divides by each direction's standard deviation, floored relative to the largest:
+    # inputs 1e4 times smaller (every variance under 1e-6) give the same probe
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=g) @ torch.randn(8, 8, generator=g) + 3  # correlated, off-centre
+    labels = x[:, :4] + 0.5 * torch.randn(600, 4, generator=g) > 3
+    want = metrics.fit_linear_probe(x[:400], labels[:400])(x[400:])
+    small = x * 1e-4
+    assert small.var(0).max() < 1e-6
+    torch.testing.assert_close(metrics.fit_linear_probe(small[:400], labels[:400])(small[400:]), want,
+                               rtol=0, atol=1e-3)
+
+
 def test_linear_probe_starts_at_the_base_rate():
     # zero weights and the base-rate bias: with no step taken, each element's probability is
     # its frequency on the train set, at every input
@@ -3434,6 +3447,16 @@ def test_legal_move_rate_chess_known_answers():
     assert metrics.legal_move_rate(NaiveDecoding(oracle), 'chess', tokens) == 1.0
     spaces = FakeModel(33, block_size=120, pad_id=CHESS_PAD_ID, pick=torch.zeros_like)  # ' ' is id 0
     assert CHESS_CHARS[0] == ' ' and metrics.legal_move_rate(NaiveDecoding(spaces), 'chess', tokens) == 0.0
+    # a move written without its '+' or '#' is legal (as python-chess's parse_san takes it): an
+    # oracle that ends each move where the real one writes a check mark still scores 1
+    mate = ';1.e4 e5 2.Bc4 Nc6 3.Qh5 Nf6 4.Qxf7#'
+    checks = [g for g in (random_game(s, 300) for s in range(40)) if '+' in g[:112]][:3] + [mate]  # T - 8: 112
+    assert len(checks) == 4
+    tokens = encode_chess(checks, 121)
+    marks = torch.tensor([CHESS_CHARS.index('+'), CHESS_CHARS.index('#')])
+    no_marks = FakeModel(33, block_size=120, pad_id=CHESS_PAD_ID,
+                         pick=lambda x: peek_next(x).masked_fill(torch.isin(peek_next(x), marks), 0))
+    assert metrics.legal_move_rate(NaiveDecoding(no_marks), 'chess', tokens) == 1.0
 
 
 def test_the_legal_move_rate_of_a_compiled_lm_runs_its_plain_blocks():
@@ -4758,6 +4781,8 @@ def test_a_second_run_refuses_while_the_first_lives_and_not_once_it_is_killed(tm
             lock = D.lock_dir(str(out), 'out_dir')
             lock.__enter__()
             (out / f'model.pt.tmp{os.getpid()}').write_text('half')
+            os.makedirs(out / 'saes')  # and one in a folder under it (the SAE stage's files)
+            (out / 'saes' / f'topk.pt.tmp{os.getpid()}').write_text('half')
             os.write(ready_w, b'1')
             time.sleep(120)
         finally:
@@ -4775,16 +4800,38 @@ def test_a_second_run_refuses_while_the_first_lives_and_not_once_it_is_killed(tm
         os.kill(pid, signal.SIGKILL)  # no clean-up runs: the lock file and the temp file stay
         os.waitpid(pid, 0)
         os.close(ready)
-    assert sorted(os.listdir(out)) == ['.lock', f'model.pt.tmp{pid}'] and (out / '.lock').read_text() == f'{pid}\n'
+    assert files_under(out) == ['.lock', f'model.pt.tmp{pid}', f'saes/topk.pt.tmp{pid}']
+    assert (out / '.lock').read_text() == f'{pid}\n'
     (out / 'notes.tmp').write_text('a user file')  # not one of ours: kept
-    with D.lock_dir(str(out), 'out_dir'):  # the dead run does not block, and its temp file goes
+    with D.lock_dir(str(out), 'out_dir'):  # the dead run does not block, and its temp files go
         assert (out / '.lock').read_text() == f'{os.getpid()}\n'
-        assert sorted(os.listdir(out)) == ['.lock', 'notes.tmp']
-    assert os.listdir(out) == ['notes.tmp']
+        assert files_under(out) == ['.lock', 'notes.tmp']
+    assert files_under(out) == ['notes.tmp']
     with pytest.raises(D.UserError):  # an error inside releases the lock too, and the empty directory goes
         with D.lock_dir(str(tmp_path / 'other'), 'out_dir'):
             raise D.UserError('boom')
     assert not os.path.exists(tmp_path / 'other')
+
+
+def test_the_lock_is_taken_on_the_file_on_disk_when_its_last_owner_removed_it_meanwhile(tmp_path, monkeypatch):
+    # the last owner removes .lock as it leaves: a run that opened that file just before and locks
+    # it just after holds a lock no later run sees, so it must open the file on disk and lock that
+    import fcntl
+    flock, calls = fcntl.flock, []
+
+    def last_owner_leaves_first(f, op):
+        if not calls:  # between this run's open and its first flock
+            os.remove(tmp_path / '.lock')
+        calls.append(op)
+        return flock(f, op)
+
+    monkeypatch.setattr(fcntl, 'flock', last_owner_leaves_first)
+    with D.lock_dir(str(tmp_path), 'out_dir'):
+        assert len(calls) == 2 and (tmp_path / '.lock').read_text() == f'{os.getpid()}\n'
+        with open(tmp_path / '.lock') as other:  # another run (flock: another open file) is refused
+            with pytest.raises(BlockingIOError):
+                flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert os.listdir(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------------------------
