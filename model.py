@@ -132,14 +132,14 @@ class GPT(nn.Module):
     def n_params(self):
         return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
 
-    def flops_per_token(self, T=None):
-        """Training FLOP per token at context T (default block_size), as nanoGPT counts them:
+    def flops_per_token(self):
+        """Training FLOP per token at context T = block_size, as nanoGPT counts them:
         6 x parameters (each weight's multiply-add forward, twice that backward; the tied head
         counted once, the position embedding, a lookup, not at all: n_params) + 12 x layers x
         width x T (attention's two products, forward and backward).
         Model-FLOPs utilisation is tokens/s times this over the machine's matmul ceiling."""
         c = self.config
-        return 6 * self.n_params() + 12 * c.n_layer * c.n_embd * (T or c.block_size)
+        return 6 * self.n_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
     def embed(self, idx):
         T = idx.shape[1]

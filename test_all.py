@@ -241,6 +241,21 @@ def test_othello_states_handle_a_pass():
     assert found > 0
 
 
+def test_othello_states_after_the_game_repeat_its_final_board():
+    # games shorter than 60 moves (a side wiped out, or neither able to move): from the last
+    # move on every position holds the board it left, with no legal move
+    tokens = torch.from_numpy(D.othello_games(2000, seed=0)).long()
+    n_moves = (tokens != D.OTHELLO_PAD).sum(1)
+    short = (n_moves < 60).nonzero()[:, 0]
+    assert len(short) >= 3 and n_moves.min() < 20
+    states = D.othello_states(tokens[short])
+    for i, g in enumerate(short.tolist()):
+        last = n_moves[g].item() - 1
+        for k in ('mine', 'theirs'):
+            assert (states[k][i, last:] == states[k][i, last]).all(), (g, k)
+        assert not states['legal'][i, last:].any()
+
+
 def test_othello_states_reject_an_illegal_move():
     tokens = torch.full((1, 3), D.OTHELLO_PAD)
     tokens[0, 0] = D.OTHELLO_ITOS.index('a1')
@@ -735,6 +750,10 @@ def test_fork_and_pin_boards():
     # absolute pin: White knight on e4 between the black rook on e8 and the White king on e1
     assert _strategy('4r2k/8/8/8/4N3/8/8/4K3 w - - 0 1')['pin'][0]
     assert not _strategy('4r2k/8/8/8/4N3/8/8/3K4 w - - 0 1')['pin'][0]
+    # en passant (b5xc6) that would leave the rank between the king and the rook empty: not legal,
+    # so not available; with the king off that rank it is
+    assert not _strategy('8/8/8/KPp4r/8/8/8/7k w - c6 0 1')['en_passant'][0]
+    assert _strategy('8/8/8/1Pp4r/K7/8/8/7k w - c6 0 1')['en_passant'][0]
 
 # ---------------------------------------------------------------- tokenizer and legal moves
 
@@ -838,6 +857,29 @@ def test_san_bodies_match_python_chess():
                 san = board.san(move)
                 assert san in (body, body + '+', body + '#'), (board.fen(), san, body)
             board.push(rng.choice(moves))
+    # a move that needs its piece's file and rank: three queens, a1 on its file and c4 on its rank
+    # can also reach a2 (random games seldom have three)
+    board = chess.Board('7k/8/8/8/Q1Q5/8/8/Q6K w - - 0 1')
+    moves = list(board.legal_moves)
+    bodies = D.san_bodies(board, moves)
+    assert 'Qa4a2' in bodies and [board.san(m).rstrip('+#') for m in moves] == bodies
+
+
+def test_the_automatic_game_end_is_python_chess_s():
+    # mate, stalemate, a dead position, the 75-move rule (150 plies without a capture or a pawn
+    # move) and fivefold repetition end a game without a claim: python-chess's is_game_over()
+    fens = ['7k/8/8/8/8/8/8/R6K w - - 149 100', '7k/8/8/8/8/8/8/R6K w - - 150 100',
+            '7k/5Q2/6K1/8/8/8/8/8 b - - 0 1', 'R6k/8/6K1/8/8/8/8/8 b - - 0 1', 'k7/8/8/8/8/8/8/K1N5 w - - 0 1',
+            'k7/8/8/8/8/8/8/K1R5 w - - 0 1']
+    board = chess.Board()
+    for _ in range(4):  # knights out and back, four times: the start position a fifth time
+        for san in ('Nf3', 'Nf6', 'Ng1', 'Ng8'):
+            board.push_san(san)
+    ends = []
+    for b in [chess.Board(f) for f in fens] + [board]:
+        ends.append(D._game_over(b, list(b.legal_moves)))
+        assert ends[-1] == b.is_game_over(), b.fen()
+    assert ends == [False, True, True, True, True, False, True]
 
 
 def test_chess_next_char_counts_match_naive_definition():
@@ -1006,6 +1048,40 @@ def test_model_is_causal():
     assert model.lm_head.weight is model.wte.weight  # the head is the embedding, tied (as nanoGPT)
 
 
+def test_gpt_init_parameter_count_and_flops_per_token():
+    # GPT-2's init: every matrix N(0, 0.02), but the two that write into the residual stream (the
+    # attention's and the MLP's proj) N(0, 0.02 / sqrt(2 n_layer)); biases zero
+    torch.manual_seed(0)
+    L, d, V, T = 4, 128, 61, 59
+    model = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=4, n_embd=d))
+    proj = [name for name, _ in model.named_parameters() if name.endswith('proj.weight')]
+    assert len(proj) == 2 * L
+    for name, p in model.named_parameters():
+        if name.endswith('.bias'):
+            assert not p.any(), name
+        elif p.dim() == 2:
+            want = 0.02 / math.sqrt(2 * L) if name in proj else 0.02
+            assert p.std().item() == pytest.approx(want, rel=0.05), name
+    # parameters counted by hand (the head is the token embedding; the position embedding, a
+    # lookup, is left out): 2 LayerNorms, qkv, attention proj, MLP fc and proj per block, ln_f
+    per_block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    n = V * d + L * per_block + 2 * d
+    assert model.n_params() == n
+    assert model.flops_per_token() == 6 * n + 12 * L * d * T
+
+
+def test_dropout_is_off_in_eval_mode_and_the_context_is_checked():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.5))
+    x = torch.randint(0, 60, (2, 16))
+    with torch.no_grad():
+        assert not torch.equal(model(x)[0], model(x)[0])  # training: dropout draws anew
+        model.eval()
+        assert torch.equal(model(x)[0], model(x)[0])
+    with pytest.raises(AssertionError, match='sequence of 17 tokens exceeds the context 16'):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
 def test_residual_replacement_with_itself_is_exact_and_zero_changes_it():
     model = tiny_model().eval()
     x = torch.randint(0, 60, (3, 16))
@@ -1059,6 +1135,8 @@ def test_soft_target_loss_matches_hard_and_its_expectation():
     y = torch.randint(0, 60, (2, 16))
     one_hot = torch.nn.functional.one_hot(y, 61).float()
     assert torch.allclose(model(x, one_hot)[1], model(x, y)[1], atol=1e-6)  # a point mass is the hard loss
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # bf16 logits: both losses take them in fp32
+        assert torch.allclose(model(x, one_hot)[1], model(x, y)[1], atol=1e-6)
     # a distribution gives the expected hard loss over its tokens; all-zero rows are ignored
     soft = torch.zeros(2, 16, 61)
     soft[:, :, 3], soft[:, :, 7] = 0.25, 0.75
