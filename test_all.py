@@ -2144,6 +2144,19 @@ def test_decoder_rows_unit_norm_and_gradient_projection(arch):
     assert not torch.allclose(sae.W_dec.detach(), W_dec_before)  # it did train
 
 
+def test_the_decoder_gradient_projection_uses_unit_rows_whatever_their_norm():
+    # _W_dec() is W_dec in value, and passes back g - (g . r) r with r each row over its norm
+    sae = small_sae('standard')
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 3.0, D_SAE)[:, None])  # rows of norms 0.5 to 3
+    g = torch.randn_like(sae.W_dec)
+    W = sae._W_dec()
+    assert torch.equal(W, sae.W_dec)
+    (W * g).sum().backward()
+    r = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    torch.testing.assert_close(sae.W_dec.grad, g - (g * r).sum(1, keepdim=True) * r)
+
+
 @pytest.mark.parametrize('arch, dense', [(a, False) for a in ARCHS] + [('topk', True), ('batch_topk', True)])
 def test_compiled_loss_is_one_trace_with_no_host_reads_and_trains_as_eager(arch, dense, monkeypatch):
     # compile_loss with fullgraph=True fails on any graph break, and a graph break is where the
@@ -2409,6 +2422,9 @@ def test_topk_rows_with_fewer_than_k_positive_pre_activations():
     # x - x_hat: (0, -1, -2, -0.5) and (0, 0, -1, -3): squared, 5.25 and 10
     assert float(stats['mse']) == pytest.approx(7.625) and float(stats['l0']) == 1.5
     assert sae.tokens_since_fired.tolist() == [0, 0, 52, 52]
+    sae.eval()
+    sae.loss(x, 0)  # a loss in eval mode (a score): no training rows, so no counts move
+    assert sae.tokens_since_fired.tolist() == [0, 0, 52, 52]
 
 
 def test_topk_auxk_exact_on_a_hand_case():
@@ -2511,6 +2527,14 @@ def test_batch_topk_keeps_exactly_kB_per_batch_and_threshold_inference():
     sae.set_act_scale(x)
     f = sae.encode_batch(x)
     assert (f != 0).sum().item() == 4 * 64
+    # by its definition: the batch's k*B largest ReLU((x * act_scale - b_dec) W_enc + b_enc)
+    assert sae.act_scale.item() < 0.5  # raw x of scale 7: the normalisation matters
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        relu_pre = ((x * sae.act_scale - sae.b_dec) @ sae.W_enc + sae.b_enc).relu()  # (64, d_sae)
+    top = relu_pre.flatten().topk(4 * 64)
+    want = torch.zeros(relu_pre.numel()).index_put_((top.indices,), top.values).view_as(relu_pre)
+    torch.testing.assert_close(sae.encode_batch(x), want)
     assert (f != 0).sum(1).float().std() > 0  # rows share the budget, not k each
     sae.train()
     _, stats = sae.loss(x, 0)
@@ -2729,6 +2753,12 @@ def test_p_schedule(arch):
     assert sae.p == pytest.approx(0.2) and sae.n_anneal_done == 10
     coefs = [h['coef'] for h in history]
     assert len(set(coefs)) == 9  # initial + a rescale at each of the 8 updates that change p in training
+    # an anneal_start past the final step (0.99 of 10 steps rounds to step 10): every update falls
+    # on the final step 9, so training still ends with every update made, at p_end
+    late = small_sae(arch, total_steps=10, anneal_start=0.99)
+    assert [s for s, _ in late.p_schedule()] == [9] * 10
+    S.train_sae(late, (raw_batch(seed=s) for s in range(10)), lr=1e-3, warmup_steps=1)
+    assert late.p == pytest.approx(0.2) and late.n_anneal_done == 10
 
 
 def test_set_total_steps_moves_the_p_schedule_until_it_starts():
@@ -3059,6 +3089,10 @@ def test_coverage_matches_brute_force(seed):
     pure_random = torch.rand(50, 6) * (torch.rand(50, 6) < 0.4)
     assert metrics.coverage(pure_random, labels[:50]) == pytest.approx(
         bf_coverage(pure_random, labels[:50]), abs=1e-9)
+    # an activation at a threshold's edge: float32's 0.1 is 0.1000000015, above 0.1 x the max 1.0,
+    # so it fires at t = 0.1 (compared in float64): at t = 0.1 the feature is exact
+    acts, labels = torch.tensor([[1.0], [0.1], [0.05]]), torch.tensor([[True], [True], [False]])
+    assert metrics.coverage(acts, labels, thresholds=(0.0, 0.1)) == bf_coverage(acts, labels, (0.0, 0.1)) == 1.0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -3440,6 +3474,12 @@ def test_linear_probe_does_not_depend_on_the_scale_of_its_inputs():
                                rtol=0, atol=1e-3)
 
 
+def test_probe_scores_average_f1_over_the_elements_that_occur():
+    # element 0: predicted and true once (F1 1); element 1: never true, never predicted (left out)
+    scores = metrics.probe_scores(torch.tensor([[1.0, -1.0], [-1.0, -1.0]]), torch.tensor([[True, False], [False, False]]))
+    assert scores == {'f1_micro': 1.0, 'accuracy': 1.0, 'f1_mean': 1.0}
+
+
 def test_linear_probe_starts_at_the_base_rate():
     # zero weights and the base-rate bias: with no step taken, each element's probability is
     # its frequency on the train set, at every input
@@ -3536,6 +3576,24 @@ def test_legal_move_rate_chess_known_answers():
     no_marks = FakeModel(33, block_size=120, pad_id=CHESS_PAD_ID,
                          pick=lambda x: peek_next(x).masked_fill(torch.isin(peek_next(x), marks), 0))
     assert metrics.legal_move_rate(NaiveDecoding(no_marks), 'chess', tokens) == 1.0
+
+
+def test_chess_legal_move_rate_scores_every_move_begun_before_the_last_max_move_chars(monkeypatch):
+    # the moves of ';1.e4 e5 2.Nf3 Nc6 3.Bb5 a6' begin at characters 3, 6, 11, 15, 21, 25; with a
+    # context of 34 and 8 characters to write, those before 26 are scored: all six
+    text = ';1.e4 e5 2.Nf3 Nc6 3.Bb5 a6'
+    assert [i for i in range(1, len(text)) if text[i - 1] in '. ' and not text[i].isdigit()] == [3, 6, 11, 15, 21, 25]
+    checked = []
+    legal_move_text = D.legal_move_text
+
+    def counted(board, move_text, **kw):
+        checked.append(move_text)
+        return legal_move_text(board, move_text, **kw)
+
+    monkeypatch.setattr(D, 'legal_move_text', counted)
+    oracle = FakeModel(33, block_size=34, pad_id=CHESS_PAD_ID, pick=peek_next)
+    assert metrics.legal_move_rate(NaiveDecoding(oracle), 'chess', encode_chess([text], 35)) == 1.0
+    assert checked == ['e4', 'e5', 'Nf3', 'Nc6', 'Bb5', 'a6']
 
 
 def test_the_legal_move_rate_of_a_compiled_lm_runs_its_plain_blocks():
