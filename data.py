@@ -1337,9 +1337,8 @@ def _prepare(cfg, log):
             least_val = min(n_val, max(1, len(games) // 10)) if len(games) > 1 else 0
             n_train = min(n_train, len(games) - least_val)
             n_val = min(n_val, len(games) - n_train)
-            if n_train < 1 or n_val < 1:
-                raise DataError(f"{cfg.source}: only {len(games)} usable game{'s' * (len(games) != 1)}; need at "
-                                "least 2 (one to train on, one to validate)")
+            if n_train < 1 or n_val < 1:  # one game (two or more always leave one for each)
+                raise DataError(f"{cfg.source}: only 1 usable game; need at least 2 (one to train on, one to validate)")
             games = games[:n_train + n_val]  # val is tokens[n_train:]
         itos, pad_id = CHESS_ITOS, CHESS_PAD_ID
         tokens = encode_chess(games, cfg.max_chars, pad_id).to(torch.uint8)
