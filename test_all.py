@@ -431,7 +431,7 @@ def test_a_short_pgn_trains_on_n_games_and_validates_on_the_rest(tmp_path):
         assert got == want, (n_games, n_val)
     one = tmp_path / 'one.pgn'  # a single game cannot both train and validate
     one.write_text(PGN_GOOD_1)
-    with pytest.raises(DataError, match=r'one.pgn: only 1 usable game; need at least 2 \(one to train on, one to validate\)'):
+    with pytest.raises(DataError, match=r'one.pgn: only 1 usable game; need at least 2 \(one to train on, one to'):
         D.prepare(D.DataConfig(game='chess', source=str(one), workers=1, data_dir=str(tmp_path / 'one')),
                   log=lambda _: None)
     assert not os.path.exists(tmp_path / 'one' / 'chess' / 'train.pt')
@@ -3476,7 +3476,8 @@ def test_linear_probe_does_not_depend_on_the_scale_of_its_inputs():
 
 def test_probe_scores_average_f1_over_the_elements_that_occur():
     # element 0: predicted and true once (F1 1); element 1: never true, never predicted (left out)
-    scores = metrics.probe_scores(torch.tensor([[1.0, -1.0], [-1.0, -1.0]]), torch.tensor([[True, False], [False, False]]))
+    logits, labels = torch.tensor([[1.0, -1.0], [-1.0, -1.0]]), torch.tensor([[True, False], [False, False]])
+    scores = metrics.probe_scores(logits, labels)
     assert scores == {'f1_micro': 1.0, 'accuracy': 1.0, 'f1_mean': 1.0}
 
 
