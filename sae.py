@@ -71,7 +71,7 @@ def act_scale_for(x):
     """The scalar s with E||s * x||^2 = d_in, from a sample x (N, d_in). Computed in float64."""
     x = x.detach().to(torch.float64)
     mean_sq_norm = x.pow(2).sum(-1).mean().item()
-    if not mean_sq_norm > 0:
+    if not 0 < mean_sq_norm < math.inf:  # NaN fails both
         raise ValueError('act_scale_for: the activation sample is all zeros (or not finite)')
     return math.sqrt(x.shape[-1] / mean_sq_norm)
 

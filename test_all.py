@@ -677,6 +677,11 @@ def test_chess_make_labels_score_only_input_positions():
         dots = [i for i, c in enumerate(t) if c == '.' and i < T - 1][:20]
         assert lab['pos'][lab['game_idx'] == g].tolist() == dots
     assert T - 1 not in lab['pos'].tolist() and lab['sets']['piece'].shape == (len(lab['pos']), 768)
+    # a full context: the first 20 of each game's '.' (these games have more)
+    lab = D.make_labels('chess', D.encode_chess(transcripts, 256))
+    for g, t in enumerate(transcripts):
+        dots = [i for i, c in enumerate(t) if c == '.' and i < 255]
+        assert len(dots) > 20 and lab['pos'][lab['game_idx'] == g].tolist() == dots[:20]
 
 
 def test_labels_workers_identical():
@@ -1351,6 +1356,20 @@ def test_train_tiny_othello_then_resume(tmp_path, capsys):
     assert final['iter'] == 60
     # AdamW counts its steps on from the loaded state: 41 + 19, not 19
     assert {float(s['step']) for s in final['optimizer']['state'].values()} == {60.0}
+    # the final val loss: the mean over eval_iters batches of val games drawn from their own seed
+    # (seed + 1), in eval mode and fp32; the legal-move rate: the first legal_games val games, in
+    # the training's precision
+    cfg = TR.TrainConfig(**final['train_config'])
+    model = load_checkpoint(path, 'othello')[0].eval()
+    tokens = {split: D.load_data('othello', split, f'{tmp_path}/data')['tokens'][:, :cfg.block_size + 1]
+              for split in ('train', 'val')}
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    with torch.no_grad():
+        want = [model(*TR.lm_batch(tokens['val'], None, cfg, gen))[1].item() for _ in range(cfg.eval_iters)]
+    assert cfg.eval_iters > 1 and final['val_loss'] == pytest.approx(sum(want) / len(want), abs=1e-6)
+    with TR.autocast_for(cfg)():
+        rates = {split: metrics.legal_move_rate(model, 'othello', t[:cfg.legal_games]) for split, t in tokens.items()}
+    assert final['legal_move_rate'] == rates['val'] != rates['train']
 
 
 def test_a_run_resumes_only_on_the_data_it_began_on(tmp_path, monkeypatch, capsys):
@@ -2383,6 +2402,18 @@ def test_init_b_dec_in_normalised_space():
     sae.init_b_dec(outliers, method='geometric_median')
     median_raw = sae.b_dec.detach() / sae.act_scale
     assert (median_raw - x.mean(0)).norm() < 0.2 * (outliers.mean(0) - x.mean(0)).norm()
+    # the geometric median is the point of least total distance: no step from it lowers that
+    # (the sum is convex), and from a point off it one does
+    c = (sae.b_dec.detach() / sae.act_scale).double()
+    total = lambda p: (outliers.double() - p).norm(dim=1).sum().item()
+    steps = [1e-3 * e for e in torch.eye(D_IN, dtype=torch.float64)]
+    assert all(total(c + d) >= total(c) - 1e-9 and total(c - d) >= total(c) - 1e-9 for d in steps)
+    assert min(total(x.mean(0).double() + d * sign) for d in steps for sign in (1, -1)) < total(x.mean(0).double())
+    with pytest.raises(ValueError, match='median'):
+        sae.init_b_dec(x, method='median')
+    for bad in (torch.zeros(4, 3), torch.full((4, 3), float('nan')), torch.full((4, 3), float('inf'))):
+        with pytest.raises(ValueError, match='all zeros \\(or not finite\\)'):
+            S.act_scale_for(bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2573,6 +2604,9 @@ def test_gated_aux_loss_uses_detached_decoder():
 
 
 def test_jumprelu_threshold_learns_through_ste():
+    for theta in (0.1, 0.5):  # the thresholds start at init_threshold (kept as their log)
+        torch.testing.assert_close(small_sae('jumprelu', init_threshold=theta).log_threshold.exp(),
+                                   torch.full((D_SAE,), theta))
     torch.manual_seed(0)
     sae = small_sae('jumprelu', bandwidth=0.5, init_threshold=0.5)
     x = raw_batch(B=256)
@@ -2759,6 +2793,21 @@ def test_p_schedule(arch):
     assert [s for s, _ in late.p_schedule()] == [9] * 10
     S.train_sae(late, (raw_batch(seed=s) for s in range(10)), lr=1e-3, warmup_steps=1)
     assert late.p == pytest.approx(0.2) and late.n_anneal_done == 10
+
+
+def test_a_p_annealing_sae_rebuilt_inside_its_history_window_rescales_as_the_original():
+    # the update at step 19 rescales coef by the L_p of the batches of steps 15-18: an SAE rebuilt
+    # from to_dict after step 17 (a sweep checkpoint) keeps those it has seen
+    torch.manual_seed(0)
+    a = S.make_sae('p_anneal', 4, 8, total_steps=20, anneal_start=10, n_anneal_steps=2, history_len=5)
+    coef, opt, g = a.coef, S.make_optimizer(a, 1e-2), torch.Generator().manual_seed(0)
+    for step in range(18):
+        S.train_step(a, opt, torch.randn(64, 4, generator=g) * 3, step, 1e-2)
+    assert len(a.lp_history) == 3
+    b = S.from_dict(S.to_dict(a))
+    for sae in (a, b):
+        sae.after_optimizer_step(19)
+    assert a.p == b.p == pytest.approx(0.2) and a.coef != coef and b.coef == pytest.approx(a.coef, rel=1e-12)
 
 
 def test_set_total_steps_moves_the_p_schedule_until_it_starts():
