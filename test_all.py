@@ -752,6 +752,8 @@ def test_fork_and_pin_boards():
     assert not _strategy('nk6/4r3/8/8/4Q3/8/8/K7 w - - 0 1')['fork'][0]
     # ... with the king away too, both hang: a fork
     assert _strategy('n6k/4r3/8/8/4Q3/8/8/K7 w - - 0 1')['fork'][0]
+    # the king forks too: on e4 it attacks the undefended knights on d5 and f5
+    assert _strategy('7k/8/8/3n1n2/4K3/8/8/8 w - - 0 1')['fork'][0]
     # absolute pin: White knight on e4 between the black rook on e8 and the White king on e1
     assert _strategy('4r2k/8/8/8/4N3/8/8/4K3 w - - 0 1')['pin'][0]
     assert not _strategy('4r2k/8/8/8/4N3/8/8/3K4 w - - 0 1')['pin'][0]
@@ -876,15 +878,18 @@ def test_the_automatic_game_end_is_python_chess_s():
     fens = ['7k/8/8/8/8/8/8/R6K w - - 149 100', '7k/8/8/8/8/8/8/R6K w - - 150 100',
             '7k/5Q2/6K1/8/8/8/8/8 b - - 0 1', 'R6k/8/6K1/8/8/8/8/8 b - - 0 1', 'k7/8/8/8/8/8/8/K1N5 w - - 0 1',
             'k7/8/8/8/8/8/8/K1R5 w - - 0 1']
-    board = chess.Board()
-    for _ in range(4):  # knights out and back, four times: the start position a fifth time
-        for san in ('Nf3', 'Nf6', 'Ng1', 'Ng8'):
-            board.push_san(san)
+    boards = [chess.Board(f) for f in fens]
+    for repeats in (2, 4):  # knights out and back: the start position a third time (a draw to
+        board = chess.Board()  # claim, not an end), then a fifth
+        for _ in range(repeats):
+            for san in ('Nf3', 'Nf6', 'Ng1', 'Ng8'):
+                board.push_san(san)
+        boards.append(board)
     ends = []
-    for b in [chess.Board(f) for f in fens] + [board]:
+    for b in boards:
         ends.append(D._game_over(b, list(b.legal_moves)))
         assert ends[-1] == b.is_game_over(), b.fen()
-    assert ends == [False, True, True, True, True, False, True]
+    assert ends == [False, True, True, True, True, False, False, True]
 
 
 def test_chess_next_char_counts_match_naive_definition():
@@ -1572,6 +1577,27 @@ def test_train_saves_the_measured_precision_in_the_checkpoint(speedup, want, tmp
     ckpt = torch.load(f'{tmp_path}/out/othello/model.pt', weights_only=True)
     assert ckpt['precision']['dtype'] == ckpt['train_config']['dtype'] == want
     assert f'{speedup:.2f}x as fast in bf16' in ckpt['precision']['reason']
+
+
+def test_the_lm_trains_in_train_mode_after_each_eval(tmp_path, monkeypatch, capsys):
+    # the val loss is measured in eval mode (no dropout); training goes on in train mode
+    modes, lm_step = [], TR.lm_step
+
+    def recording(fwd, *args, **kw):
+        modes.append(fwd.training)
+        return lm_step(fwd, *args, **kw)
+
+    monkeypatch.setattr(TR, 'lm_step', recording)
+    TR.main(['--preset=tiny', '--stage=lm', '--n_layer=1', '--n_embd=16', '--batch_size=4', '--dropout=0.1',
+             '--max_iters=6', '--eval_interval=2', '--eval_iters=1', '--n_games=100', '--n_val=20',
+             '--n_label_games=5', '--workers=1', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out'])
+    assert 'val loss' in capsys.readouterr().out and modes == [True] * 6
+
+
+def test_sae_names_write_numbers_short():
+    assert TR.sae_name('jumprelu', {'coef': 2.0}) == 'jumprelu_coef2'
+    assert TR.sae_name('standard', {'coef': 0.292}) == 'standard_coef0.292'
+    assert TR.sae_name('topk', {'k': 160}) == 'topk_k160'
 
 
 def test_lr_schedule_follows_the_clock_when_it_is_ahead():
@@ -3013,8 +3039,24 @@ def test_a_new_architecture_is_one_class(tmp_path):
         base = S.StandardSAE(D_IN, D_SAE, coef=0.5)
         base.load_state_dict(sae.state_dict())
         assert sae.loss(x, 0)[1]['sparsity_loss'] == pytest.approx(2 * base.loss(x, 0)[1]['sparsity_loss'])
+        class Helper(S.StandardSAE):  # a subclass without an arch of its own registers nothing
+            pass
+        assert S.ARCHS['standard'] is S.StandardSAE and Helper not in S.ARCHS.values()
     finally:
         S.ARCHS.pop('doubled_l1_test', None)
+
+
+def test_to_dict_is_a_copy_and_train_sae_runs_total_steps():
+    sae = small_sae('standard', total_steps=3)
+    d = S.to_dict(sae)
+    before = d['state_dict']['W_enc'].clone()
+    with torch.no_grad():
+        sae.W_enc += 1  # training goes on: the saved dict keeps what it was given
+    assert torch.equal(d['state_dict']['W_enc'], before)
+    batches = [raw_batch(seed=s) for s in range(5)]
+    assert len(S.train_sae(sae, iter(batches), lr=1e-3, warmup_steps=1)) == 3  # the SAE's total_steps
+    assert len(S.train_sae(sae, iter(batches), lr=1e-3, warmup_steps=1, total_steps=2)) == 2
+    assert len(S.train_sae(small_sae('topk', total_steps=None), iter(batches), lr=1e-3, warmup_steps=1)) == 5
 
 
 def test_make_sae_unknown_arch():
@@ -3569,21 +3611,25 @@ def test_linear_probe_reaches_the_optimum_on_correlated_inputs():
 
 def test_single_feature_scores_match_brute_force():
     g = torch.Generator().manual_seed(5)
-    acts = torch.relu(torch.randn(80, generator=g))
+    raw = torch.randn(80, generator=g)
     labels = torch.rand(80, 4, generator=g) < 0.4
-    s = metrics.single_feature_scores(acts, labels)
-    mx = acts.max().item()
-    for e in range(4):
-        best = (-1, None)
-        for t in THRESHOLDS:
-            fires = [a > t * mx for a in acts.tolist()]
-            tp = sum(f and l for f, l in zip(fires, labels[:, e].tolist()))
-            nf, nt = sum(fires), int(labels[:, e].sum())
-            f1 = 2 * tp / (nf + nt) if nf + nt else 0.0
-            if f1 > best[0]:
-                best = (f1, t, tp / nf if nf else 0.0, tp / nt if nt else 0.0)
-        assert abs(s['f1'][e].item() - best[0]) < 1e-9 and s['threshold'][e].item() == best[1]
-        assert abs(s['precision'][e].item() - best[2]) < 1e-9 and abs(s['recall'][e].item() - best[3]) < 1e-9
+    for acts in (torch.relu(raw), raw):  # a feature's activations, and signed ones (a neuron's)
+        s = metrics.single_feature_scores(acts, labels)
+        mx = acts.max().item()
+        for e in range(4):
+            best = (-1, None)
+            for t in THRESHOLDS:
+                fires = [a > t * mx for a in acts.tolist()]
+                tp = sum(f and l for f, l in zip(fires, labels[:, e].tolist()))
+                nf, nt = sum(fires), int(labels[:, e].sum())
+                f1 = 2 * tp / (nf + nt) if nf + nt else 0.0
+                if f1 > best[0]:
+                    best = (f1, t, tp / nf if nf else 0.0, tp / nt if nt else 0.0)
+            assert abs(s['f1'][e].item() - best[0]) < 1e-9 and s['threshold'][e].item() == best[1]
+            assert abs(s['precision'][e].item() - best[2]) < 1e-9 and abs(s['recall'][e].item() - best[3]) < 1e-9
+    # by hand: max 1 (not |-2|), so 0.5 stops firing from t = 0.5 on, where F1 reaches 1
+    hand = metrics.single_feature_scores(torch.tensor([-2.0, 0.5, 1.0]), torch.tensor([[False], [False], [True]]))
+    assert hand['threshold'].item() == 0.5 and hand['f1'].item() == 1.0
     # 0/1 activations fire alike at every t: the tie goes to the lowest, 0
     binary = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
     assert (metrics.single_feature_scores(binary, (binary > 0)[:, None])['threshold'] == 0).all()
@@ -4191,6 +4237,17 @@ def test_pareto_png_is_written_and_a_failed_plot_keeps_the_results(tmp_path, mon
     log = []
     E.write_outputs(cfg, rows, sets, '# the table', log=log.append)
     assert (out / 'pareto.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and (out / 'pareto.png').stat().st_size > 10_000
+    # each panel holds its own model's SAEs: coverage on the trained model, then on the random one
+    plt, figures = E.pyplot(), []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, 'subplots', lambda *a, **k: figures.append(subplots(*a, **k)) or figures[-1])
+    E.plot_pareto(str(tmp_path / 'p.png'), rows, sets)
+    axes = figures[0][1]
+    for j, shift in ((0, 0.3), (1, 0.0)):
+        line = next(line for line in axes[0, j].get_lines() if line.get_label() == 'standard')
+        assert list(line.get_xdata()) == [5.0, 20.0, 80.0]
+        assert list(line.get_ydata()) == pytest.approx([shift, 0.1 + shift, 0.2 + shift])
+    monkeypatch.undo()
     assert json.loads((out / 'results.json').read_text())['rows'] == rows
 
     # a plot that fails leaves no pareto.png: not the last run's beside the new results
@@ -4354,17 +4411,25 @@ def tiny_out(tmp_path_factory):
 
 
 def test_the_best_row_per_architecture_is_the_best_mean_reconstruction():
-    # two TopK SAEs: A reconstructs the board better (0.8 and 0.6 against 0.3 and 0.5: mean 0.7
-    # against 0.4), B covers it better; the "Best" table keeps A, the full table both
+    # two TopK SAEs: A reconstructs the board better on average (0.8 and 0.6 against 0.9 and 0.1:
+    # mean 0.7 against 0.5), B covers it better; the "Best" table keeps A, the full table both; a
+    # standard SAE better still comes first
     import evaluate as EV
     def row(name, rec, cov, model='trained'):
         return {'name': name, 'arch': 'topk', 'model': model, 'l0': 10.0, 'explained_variance': 0.9,
                 'ce_loss_score': 0.9, 'dead_fraction': 0.0, 'coverage_board': cov, 'reconstruction_board': rec[0],
                 'coverage_legal': cov, 'reconstruction_legal': rec[1]}
-    rows = [row('topk_b', (0.3, 0.5), 0.9), row('topk_a', (0.8, 0.6), 0.1), row('topk_c', (0.5, 0.1), 0.5, 'random')]
+    rows = [row('topk_b', (0.9, 0.1), 0.9), row('topk_a', (0.8, 0.6), 0.1), row('topk_c', (0.5, 0.1), 0.5, 'random'),
+            dict(row('standard_a', (0.95, 0.95), 0.2), arch='standard', ce_loss_score=-12.345)]
     text = EV.report(EV.EvalConfig(), rows, ['board', 'legal'], 1.0)
     best = text.split('## Best per architecture')[1].split('## All')[0]
     assert '| topk_a | trained |' in best and '| topk_b |' not in best and '| topk_c | random |' in best
+    assert best.index('| standard_a |') < best.index('| topk_a |') < best.index('| topk_c |')
+    # a CE loss score far below 0 (a reconstruction worse than zeros): one decimal, as any number of 10 or more
+    assert '| standard_a | trained | 10.0 | 0.900 | -12.3 |' in best
+    assert [EV.fmt(v) for v in (-12.345, 12.345, 0.12345, None, 3)] == ['-12.3', '12.3', '0.123', '', '3']
+    assert EV.PAPER['othello'] in text and EV.PAPER['chess'] not in text
+    assert EV.PAPER['chess'] in EV.report(EV.EvalConfig(game='chess'), rows, ['board', 'legal'], 1.0)
     assert all(f'| {n} |' in text.split('## All')[1] for n in ('topk_a', 'topk_b', 'topk_c'))
 
 
