@@ -872,7 +872,7 @@ def test_san_bodies_match_python_chess():
     assert 'Qa4a2' in bodies and [board.san(m).rstrip('+#') for m in moves] == bodies
 
 
-def test_the_automatic_game_end_is_python_chess_s():
+def test_the_automatic_game_end_is_python_chess_is_game_over():
     # mate, stalemate, a dead position, the 75-move rule (150 plies without a capture or a pawn
     # move) and fivefold repetition end a game without a claim: python-chess's is_game_over()
     fens = ['7k/8/8/8/8/8/8/R6K w - - 149 100', '7k/8/8/8/8/8/8/R6K w - - 150 100',
