@@ -3895,6 +3895,25 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     table = open(f'{tmp_path}/out/othello/results.md').read()
     controls = [name[:-3] for name in os.listdir(f'{tmp_path}/out/othello/saes_random')]
     assert len(controls) > 3 and all(f'| {name} | random |' in table for name in controls)
+    # the control's model: the trained model's shape as initialised after seed + 1, never trained
+    trained, control = (torch.load(f'{tmp_path}/out/othello/{f}', weights_only=True) for f in ('model.pt', 'model_random.pt'))
+    torch.manual_seed(control['train_config']['seed'] + 1)
+    fresh = GPT(GPTConfig(**trained['model_config'])).state_dict()
+    assert fresh.keys() == control['model'].keys() and all(torch.equal(fresh[k], v) for k, v in control['model'].items())
+    assert not torch.equal(control['model']['wte.weight'], trained['model']['wte.weight'])
+    # the baselines alone: the control's probe is fitted on the random-init model's activations,
+    # and a probe row shows its micro-F1 and accuracy (scores stubbed, so that the row tells which)
+    fits, fit = [], metrics.fit_linear_probe
+    monkeypatch.setattr(metrics, 'fit_linear_probe', lambda x, *a, **k: fits.append(x) or fit(x, *a, **k))
+    monkeypatch.setattr(metrics, 'probe_scores', lambda *_: {'f1_micro': 0.25, 'accuracy': 0.5, 'f1_mean': 0.75})
+    rows = EV.evaluate(EV.EvalConfig(saes='none', device='cpu', data_dir=f'{tmp_path}/data', out_dir=f'{tmp_path}/out'),
+                       log=lambda _: None)
+    assert len(fits) == 2 and fits[0].shape == fits[1].shape and not torch.equal(fits[0], fits[1])
+    probes = [r for r in rows if r['arch'] == 'probe']
+    assert [r['name'] for r in probes] == ['linear_probe', 'linear_probe_random']
+    for r in probes:
+        assert {v for k, v in r.items() if k.startswith('reconstruction_')} == {0.25}
+        assert {v for k, v in r.items() if k.startswith('probe_accuracy_')} == {0.5}
 
 
 def compile_with_dynamo_eager(monkeypatch):
@@ -4408,6 +4427,13 @@ def tiny_out(tmp_path_factory):
     S.save(sae, str(root / 'out' / 'othello' / 'saes' / 'topk_k4.pt'),
            {'name': 'topk_k4', 'game': 'othello', 'layer': 0, 'model': {'sha256': D.file_digest(model_path)}})
     return root
+
+
+def test_evaluate_splits_fewer_labelled_games_than_asked_in_half(tiny_out):
+    import evaluate as EV  # 10 games labelled, 1000 + 1000 asked: 5 train, 5 test
+    ev = EV.Evaluation(EV.EvalConfig(device='cpu', data_dir=f'{tiny_out}/data', out_dir=f'{tiny_out}/out'),
+                       log=lambda _: None)
+    assert (ev.cfg.n_train, ev.cfg.n_test) == (5, 5)
 
 
 def test_the_best_row_per_architecture_is_the_best_mean_reconstruction():
