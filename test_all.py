@@ -1241,6 +1241,11 @@ def test_activation_stream_holds_the_residuals_of_real_positions_only(sae_batch)
     game_of_row = torch.arange(300)[:, None].expand(300, 16)[real]  # (n_real,)
     game = game_of_row[torch.cdist(batches[0], resid[real], **exact).argmin(1)]  # (sae_batch,)
     assert (game[1:] == game[:-1]).float().mean() < 0.2
+    # and its games drawn from all 300, not the first of the set in turn (a model pass reads
+    # max(64, sae_batch / 16) games)
+    per_pass = max(64, sae_batch // 16)
+    in_buffer = game_of_row[torch.cdist(stream.buffer, resid[real], **exact).argmin(1)]
+    assert (in_buffer >= per_pass).any() and (in_buffer < per_pass).any()
 
 
 def test_the_default_layer_is_the_papers_relative_depth_and_layer_0_stays():
