@@ -3889,6 +3889,13 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert D.file_digest(f'{tmp_path}/out/othello/model_random.pt') == random_digest
     topk = S.load(f"{tmp_path}/out/othello/saes/{tiny_middle_sae('topk')}.pt")
     assert topk.meta['train_config']['layer'] == 1  # --stage sae resolves --layer's -1 from model.pt's depth
+    # its saved scores ('final') are those of a held-out batch: activations of the val games
+    cfg = TR.TrainConfig(**topk.meta['train_config'])
+    model = load_checkpoint(f'{tmp_path}/out/othello/model.pt', 'othello')[0].eval()
+    val = D.load_data('othello', 'val', f'{tmp_path}/data')
+    held_out = next(TR.ActivationStream(model, val['tokens'][:, :model.config.block_size + 1], 1, val['pad_id'],
+                                        dataclasses.replace(cfg, sae_batch=8192, sae_buffer=8192), cfg.seed + 1))
+    assert topk.meta['final'] == pytest.approx(metrics.sae_scores(topk, held_out), rel=1e-4, abs=1e-6)
     EV.main(['--game=othello', *dirs])
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if 'skip' in line] == []
