@@ -3908,10 +3908,12 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     controls = [name[:-3] for name in os.listdir(f'{tmp_path}/out/othello/saes_random')]
     assert len(controls) > 3 and all(f'| {name} | random |' in table for name in controls)
     # the control's model: the trained model's shape as initialised after seed + 1, never trained
-    trained, control = (torch.load(f'{tmp_path}/out/othello/{f}', weights_only=True) for f in ('model.pt', 'model_random.pt'))
+    trained, control = (torch.load(f'{tmp_path}/out/othello/{f}', weights_only=True)
+                        for f in ('model.pt', 'model_random.pt'))
     torch.manual_seed(control['train_config']['seed'] + 1)
     fresh = GPT(GPTConfig(**trained['model_config'])).state_dict()
-    assert fresh.keys() == control['model'].keys() and all(torch.equal(fresh[k], v) for k, v in control['model'].items())
+    assert fresh.keys() == control['model'].keys()
+    assert all(torch.equal(fresh[k], v) for k, v in control['model'].items())
     assert not torch.equal(control['model']['wte.weight'], trained['model']['wte.weight'])
     # the baselines alone: the control's probe is fitted on the random-init model's activations,
     # and a probe row shows its micro-F1 and accuracy (scores stubbed, so that the row tells which)
