@@ -1334,11 +1334,11 @@ def _prepare(cfg, log):
                                        workers=cfg.workers, progress=log)
         if len(games) < n_train + n_val:  # a short PGN file: --n_games to train on (fewer where that
             # would leave under a tenth of the file, or --n_val if less), the rest to validate, up to --n_val
-            least_val = min(n_val, max(1, len(games) // 10)) if len(games) > 1 else 0
-            n_train = min(n_train, len(games) - least_val)
-            n_val = min(n_val, len(games) - n_train)
-            if n_train < 1 or n_val < 1:  # one game (two or more always leave one for each)
+            if len(games) < 2:
                 raise DataError(f"{cfg.source}: only 1 usable game; need at least 2 (one to train on, one to validate)")
+            least_val = min(n_val, max(1, len(games) // 10))
+            n_train = min(n_train, len(games) - least_val)  # at least 1, and so is n_val (least_val or more)
+            n_val = min(n_val, len(games) - n_train)
             games = games[:n_train + n_val]  # val is tokens[n_train:]
         itos, pad_id = CHESS_ITOS, CHESS_PAD_ID
         tokens = encode_chess(games, cfg.max_chars, pad_id).to(torch.uint8)
