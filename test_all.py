@@ -3760,6 +3760,14 @@ def test_chess_legal_move_rate_with_cache_equals_naive_decoding():
 # ------------------------------------------------------------------------------------------------
 # The whole pipeline, tiny
 
+def held_out_batch(model, val_tokens, layer, pad_id, cfg):
+    """The batch an SAE file's 'final' scores are of: the first 8192 activations at block `layer`
+    that an activation stream over the val games draws from seed + 1."""
+    import train as TR
+    return next(TR.ActivationStream(model, val_tokens, layer, pad_id,
+                                    dataclasses.replace(cfg, sae_batch=8192, sae_buffer=8192), cfg.seed + 1))
+
+
 def recomputed_scores(root, game, sae_path, n_train, n_test):
     """One SAE's coverage and board reconstruction per BSP set, recomputed from the files alone:
     the residual stream of the SAE's model at each label's (game, pos) in the val games, games
@@ -3893,8 +3901,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     cfg = TR.TrainConfig(**topk.meta['train_config'])
     model = load_checkpoint(f'{tmp_path}/out/othello/model.pt', 'othello')[0].eval()
     val = D.load_data('othello', 'val', f'{tmp_path}/data')
-    held_out = next(TR.ActivationStream(model, val['tokens'][:, :model.config.block_size + 1], 1, val['pad_id'],
-                                        dataclasses.replace(cfg, sae_batch=8192, sae_buffer=8192), cfg.seed + 1))
+    held_out = held_out_batch(model, val['tokens'][:, :model.config.block_size + 1], 1, val['pad_id'], cfg)
     assert topk.meta['final'] == pytest.approx(metrics.sae_scores(topk, held_out), rel=1e-4, abs=1e-6)
     EV.main(['--game=othello', *dirs])
     out = capsys.readouterr().out
@@ -3908,13 +3915,12 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     controls = [name[:-3] for name in os.listdir(f'{tmp_path}/out/othello/saes_random')]
     assert len(controls) > 3 and all(f'| {name} | random |' in table for name in controls)
     # the control's model: the trained model's shape as initialised after seed + 1, never trained
-    trained, control = (torch.load(f'{tmp_path}/out/othello/{f}', weights_only=True)
-                        for f in ('model.pt', 'model_random.pt'))
+    control = torch.load(f'{tmp_path}/out/othello/model_random.pt', weights_only=True)
     torch.manual_seed(control['train_config']['seed'] + 1)
-    fresh = GPT(GPTConfig(**trained['model_config'])).state_dict()
+    fresh = GPT(model.config).state_dict()  # model: model.pt's, loaded above
     assert fresh.keys() == control['model'].keys()
     assert all(torch.equal(fresh[k], v) for k, v in control['model'].items())
-    assert not torch.equal(control['model']['wte.weight'], trained['model']['wte.weight'])
+    assert not torch.equal(control['model']['wte.weight'], model.wte.weight)
     # the baselines alone: the control's probe is fitted on the random-init model's activations,
     # and a probe row shows its micro-F1 and accuracy (scores stubbed, so that the row tells which)
     fits, fit = [], metrics.fit_linear_probe
@@ -4537,8 +4543,7 @@ def test_a_bf16_sweep_scores_its_saes_as_evaluate_does_in_fp32(tiny_out, tmp_pat
     with torch_threads(1):
         TR.train_sae_sweep(cfg, model, {'random_init': True}, tokens, val_tokens, train['pad_id'], sweep,
                            str(tmp_path), log=lambda _: None)
-    held_out = next(TR.ActivationStream(model, val_tokens, TR.default_layer(2), train['pad_id'],
-                                        dataclasses.replace(cfg, sae_batch=8192, sae_buffer=8192), cfg.seed + 1))
+    held_out = held_out_batch(model, val_tokens, TR.default_layer(2), train['pad_id'], cfg)
     for arch, setting in sweep:
         sae = S.load(str(tmp_path / f'{TR.sae_name(arch, setting)}.pt'))
         assert sae.meta['layer'] == TR.default_layer(2)
